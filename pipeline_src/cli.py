@@ -1,0 +1,97 @@
+"""`python -m pipeline_src <stage> --profile <name>`: every stage of the DAG as
+a plain command, so it runs where neither Snakemake nor DVC is installed."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .config import PAPER_PROFILE, PROJECT_ROOT, ParamsError, load_params
+
+
+def _stage_data(params: dict, root: Path, args) -> None:
+    from .data.cifar import build_cache
+    from .paths import RunLayout
+
+    layout = RunLayout.of(params)
+    cache = build_cache(params["data"], root / layout.data_cache, root / layout.data_provenance, root)
+    note = cache.provenance["note"]
+    print(f"[data] {cache.provenance['source']}: {len(cache.train_y)} train / {len(cache.val_y)} val / "
+          f"{len(cache.test_y)} test images ({note})")
+
+
+def _stage_vanilla(params: dict, root: Path, args) -> None:
+    from .training.vanilla import train_vanilla
+
+    train_vanilla(params, root)
+
+
+def _stage_svd(params: dict, root: Path, args) -> None:
+    from .spectral.svd_export import export_svd
+
+    export_svd(params, root)
+
+
+def _export_dvc(params: dict, root: Path, args) -> None:
+    from .dag import write_dvc_yaml
+
+    for path in write_dvc_yaml(root, profiles=args.profiles):
+        print(f"[export-dvc] wrote {path}")
+
+
+def _check_params(params: dict, root: Path, args) -> None:
+    print(f"[check-params] profile '{params['profile']}': params valid")
+
+
+def _make_sample(params: dict, root: Path, args) -> None:
+    from .data.cifar import SAMPLE_ARCHIVE
+    from .data.sample import cut_sample
+
+    digest = cut_sample(Path(args.source), SAMPLE_ARCHIVE)
+    print(f"[make-sample] wrote {SAMPLE_ARCHIVE} sha256 {digest}; pin it in data/cifar.py SAMPLE_SHA256")
+
+
+STAGES = {
+    "data": (_stage_data, "build the CIFAR-10 cache (uint8 tensors, splits, provenance)"),
+    "vanilla": (_stage_vanilla, "pretrain the vanilla (guide) model with cross-entropy"),
+    "svd": (_stage_svd, "export the SVD factors and operator norms of the vanilla model"),
+}
+TOOLS = {
+    "check-params": (_check_params, "validate a profile's params against the schema"),
+    "export-dvc": (_export_dvc, "regenerate dvc.yaml files from the Snakemake workflow"),
+    "make-sample": (_make_sample, "cut the committed CIFAR-10 sample from a full image archive"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline_src", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (_, help_text) in {**STAGES, **TOOLS}.items():
+        cmd = sub.add_parser(name, help=help_text)
+        cmd.add_argument("--profile", default=PAPER_PROFILE,
+                         help="run profile: 'paper' (params.yaml) or profiles/<name>/params.yaml")
+        if name == "export-dvc":
+            cmd.add_argument("--profiles", nargs="+", default=None,
+                             help="profiles to export (default: paper and every profiles/*/params.yaml)")
+        if name == "make-sample":
+            cmd.add_argument("--source", required=True, help="full CIFAR-10 image archive")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {**STAGES, **TOOLS}[args.command][0]
+    root = PROJECT_ROOT
+    try:
+        params = load_params(args.profile, root)
+    except ParamsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from .data.cifar import DataError
+
+    try:
+        handler(params, root, args)
+    except (DataError, ParamsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

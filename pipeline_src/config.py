@@ -1,0 +1,100 @@
+"""Run profiles: `params.yaml` is the paper's configuration; a profile is an
+override file `profiles/<name>/params.yaml` merged on top of it.
+
+Kept free of torch so that the Snakefile can import it cheaply.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+BASE_PARAMS = "params.yaml"
+SCHEMA = "workflow/schemas/params.schema.yaml"
+PAPER_PROFILE = "paper"
+
+
+class ParamsError(ValueError):
+    """A params file or key is wrong; the message names the file and the key."""
+
+
+def profile_override_path(profile: str, root: Path = PROJECT_ROOT) -> Path | None:
+    """The override file of a profile; the paper profile is params.yaml alone."""
+    if profile == PAPER_PROFILE:
+        return None
+    return root / "profiles" / profile / "params.yaml"
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """Dicts merge key by key; any other value (lists included) is replaced."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML ({err})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: expected a mapping of params at the top level")
+    return data
+
+
+def load_schema(root: Path = PROJECT_ROOT) -> dict:
+    return yaml.safe_load((root / SCHEMA).read_text())
+
+
+def validate_params(params: dict, source: str = "params", root: Path = PROJECT_ROOT) -> None:
+    """Raise ParamsError naming the first offending key (dotted path)."""
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(load_schema(root))
+    errors = sorted(validator.iter_errors(params), key=lambda e: list(e.absolute_path))
+    if not errors:
+        return
+    err = errors[0]
+    key = ".".join(str(p) for p in err.absolute_path)
+    if err.validator == "additionalProperties":
+        # jsonschema reports the parent; name the unknown key itself.
+        unknown = sorted(set(err.instance) - set(err.schema.get("properties", {})))
+        key = ".".join(filter(None, [key, unknown[0] if unknown else ""]))
+        raise ParamsError(f"{source}: unknown key '{key}'")
+    raise ParamsError(f"{source}: key '{key or '<top>'}': {err.message}")
+
+
+def load_params(profile: str = PAPER_PROFILE, root: Path = PROJECT_ROOT,
+                base: str | Path = BASE_PARAMS) -> dict[str, Any]:
+    """The validated params of a profile: params.yaml, then the profile's overrides."""
+    base_path = Path(base) if Path(base).is_absolute() else root / base
+    params = _read_yaml(base_path)
+    source = str(base_path.name)
+    override = profile_override_path(profile, root)
+    if override is not None:
+        if not override.is_file():
+            known = sorted(p.parent.name for p in (root / "profiles").glob("*/params.yaml"))
+            raise ParamsError(
+                f"profile '{profile}': {override} not found (profiles: {', '.join([PAPER_PROFILE] + known)})")
+        params = deep_merge(params, _read_yaml(override))
+        source = f"{base_path.name} + {override.relative_to(root)}"
+    validate_params(params, source, root)
+    params["profile"] = profile
+    return params
+
+
+def run_dir(params: dict, root: Path | None = None) -> Path:
+    """Every output of a profile lives under results/<run.name>/."""
+    rel = Path("results") / params["run"]["name"]
+    return rel if root is None else root / rel

@@ -1,0 +1,5 @@
+from .activations import ClippedReLU, MaxMin, make_activation
+from .architectures import ARCHITECTURES, INPUT_SHAPE, NUM_CLASSES, CertifiableNet, WeightLayer, build_model
+
+__all__ = ["ARCHITECTURES", "INPUT_SHAPE", "NUM_CLASSES", "CertifiableNet", "ClippedReLU", "MaxMin",
+           "WeightLayer", "build_model", "make_activation"]

@@ -1,0 +1,61 @@
+"""Where each stage of a run reads and writes, relative to the project root.
+
+The one place that names the files: the stages, the Snakemake rules and the
+generated dvc.yaml all take their paths from here. Kept free of torch."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    root: str  # results/<run.name>
+
+    @classmethod
+    def of(cls, params: dict) -> "RunLayout":
+        return cls(f"results/{params['run']['name']}")
+
+    def _at(self, *parts: str) -> str:
+        return "/".join((self.root, *parts))
+
+    # data stage
+    @property
+    def data_cache(self) -> str:
+        return self._at("data", "cifar10.pt")
+
+    @property
+    def data_provenance(self) -> str:
+        return self._at("data", "provenance.json")
+
+    # vanilla pretraining stage
+    @property
+    def vanilla_model(self) -> str:
+        return self._at("vanilla", "model.pt")
+
+    @property
+    def vanilla_history(self) -> str:
+        return self._at("vanilla", "history.csv")
+
+    @property
+    def vanilla_metrics(self) -> str:
+        return self._at("vanilla", "metrics.json")
+
+    @property
+    def vanilla_checkpoint(self) -> str:
+        return self._at("vanilla", "checkpoint.pt")
+
+    # offline SVD export stage
+    @property
+    def svd_factors(self) -> str:
+        return self._at("svd", "factors.pt")
+
+    @property
+    def svd_summary(self) -> str:
+        return self._at("svd", "summary.json")
+
+    # runner bookkeeping
+    def log(self, stage: str) -> str:
+        return self._at("logs", f"{stage}.log")
+
+    def benchmark(self, stage: str) -> str:
+        return self._at("benchmarks", f"{stage}.tsv")

@@ -1,0 +1,90 @@
+"""The offline SVD export stage (Duet, section 4.3): the factors of every
+weight layer of the vanilla model, computed once so that training never takes
+an SVD of the vanilla weights.
+
+Per layer: the matrix view W (out x in for a dense layer, C_out x C_in*k*k for
+a conv), its full SVD W = U diag(S) V^T, the top-r factors for each rank in
+`svd.ranks`, and the spectral norm of the layer as an operator on its input
+(stride and padding included) as a power-iteration estimate and a guaranteed
+upper bound. Their product over the layers is the network's global Lipschitz
+bound (estimate and guaranteed).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from ..io import save_json, save_torch, sha256_file
+from ..models import build_model
+from ..paths import RunLayout
+from .operator_norm import matrix_view, operator_norm_upper_bound, power_iteration
+
+
+def load_vanilla(path: Path, model_params: dict) -> torch.nn.Module:
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state["model"]["arch"] != model_params["arch"]:
+        raise ValueError(f"{path}: a {state['model']['arch']} model, but model.arch is {model_params['arch']}")
+    model = build_model(state["model"])
+    model.load_state_dict(state["state_dict"])
+    return model.eval()
+
+
+def export_svd(params: dict, root: Path) -> dict:
+    layout = RunLayout.of(params)
+    cfg = params["svd"]
+    model_path = root / layout.vanilla_model
+    model = load_vanilla(model_path, params["model"])
+    generator = torch.Generator().manual_seed(params["run"]["seed"])
+    ranks = sorted(cfg["ranks"])
+
+    layers, summary_layers = [], []
+    for layer in model.weight_layers():
+        weight = matrix_view(layer.module).detach().to(torch.float64)
+        u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+        if ranks[-1] > len(s):
+            print(f"[svd] layer {layer.name}: rank {ranks[-1]} exceeds its {len(s)} singular values; "
+                  f"those ranks keep all {len(s)}")
+        estimate, _ = power_iteration(layer, cfg["power_iterations"], cfg["power_tolerance"],
+                                      generator=generator)
+        upper = operator_norm_upper_bound(layer)
+        energy = (s**2).cumsum(0) / (s**2).sum()
+        top = {r: {"U": u[:, :r].float().contiguous(), "S": s[:r].float().contiguous(),
+                   "V": vh[:r].t().float().contiguous()} for r in ranks}
+        layers.append({
+            "index": layer.index, "kind": layer.kind, "name": layer.name,
+            "input_shape": layer.input_shape, "output_shape": layer.output_shape,
+            "matrix_shape": tuple(weight.shape),
+            "U": u.float(), "S": s.float(), "V": vh.t().float().contiguous(),
+            "top": top,
+            "operator_norm_estimate": estimate, "operator_norm_upper_bound": upper,
+        })
+        summary_layers.append({
+            "index": layer.index, "name": layer.name, "kind": layer.kind,
+            "matrix_shape": list(weight.shape),
+            "sigma_max": s[0].item(), "sigma_min": s[-1].item(),
+            "energy_top_r": {str(r): energy[min(r, len(s)) - 1].item() for r in ranks},
+            "operator_norm_estimate": estimate,
+            "operator_norm_upper_bound": upper,
+            "upper_bound_over_estimate": upper / estimate,
+        })
+
+    lipschitz_estimate = math.prod(layer["operator_norm_estimate"] for layer in layers)
+    lipschitz_upper = math.prod(layer["operator_norm_upper_bound"] for layer in layers)
+    metadata = {"arch": params["model"]["arch"], "activation": params["model"]["activation"],
+                "ranks": ranks, "vanilla_sha256": sha256_file(model_path),
+                "operator_norm_method": {
+                    "estimate": f"power iteration on the operator (up to {cfg['power_iterations']} steps)",
+                    "upper_bound": "exact float64 SVD (dense) / polyphase circular-conv DFT bound (conv)"},
+                "lipschitz_estimate": lipschitz_estimate, "lipschitz_upper_bound": lipschitz_upper}
+    save_torch({"metadata": metadata, "layers": layers}, root / layout.svd_factors)
+    summary = {**metadata, "profile": params["profile"], "layers": summary_layers}
+    save_json(summary, root / layout.svd_summary)
+    print(f"[svd] {len(layers)} layers, Lipschitz bound {lipschitz_upper:.4g} "
+          f"(power-iteration estimate {lipschitz_estimate:.4g})")
+    return summary
+
+
+def load_factors(path: str | Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)

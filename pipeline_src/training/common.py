@@ -1,0 +1,132 @@
+"""What every training stage shares: device and seeding, learning-rate
+schedules, evaluation, per-epoch history, and resumable checkpoints."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import random
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+
+from ..io import atomic_path, save_torch
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("run.device: 'cuda' was asked for but no CUDA device is available")
+    return torch.device(name)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "cpu"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_generator(seed: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def learning_rate(params: dict, epoch_progress: float) -> float:
+    """lr at a (fractional) epoch: linear warm-up, then cosine / step / constant."""
+    base, warmup, epochs = params["lr"], params["warmup_epochs"], params["epochs"]
+    if epoch_progress < warmup:
+        return base * epoch_progress / warmup
+    if params["schedule"] == "cosine":
+        span = max(epochs - warmup, 1e-12)
+        return base * 0.5 * (1 + math.cos(math.pi * min((epoch_progress - warmup) / span, 1.0)))
+    if params["schedule"] == "step":
+        return base * params["step_gamma"] ** int(epoch_progress // params["step_size"])
+    return base
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: Iterable) -> dict[str, float]:
+    """Clean cross-entropy and accuracy (%) over all batches."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, count = 0.0, 0, 0
+    for x, y in batches:
+        logits = model(x)
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+        count += len(y)
+    model.train(was_training)
+    return {"loss": loss_sum / count, "accuracy": 100.0 * correct / count}
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated by tensors since the last reset; 0 on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return 0.0
+
+
+def params_fingerprint(*blocks: Any) -> str:
+    """A hash of the params that shape a run; a checkpoint from other params is not resumed."""
+    return hashlib.sha256(json.dumps(blocks, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def write_history(rows: list[dict], path: Path) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else [])
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+class Checkpoint:
+    """One file with everything needed to continue a run exactly where it stopped.
+
+    Written atomically after every epoch; removed once the stage has written its
+    outputs, so that a forced rerun trains anew."""
+
+    def __init__(self, path: Path, fingerprint: str):
+        self.path, self.fingerprint = Path(path), fingerprint
+
+    def save(self, *, epoch: int, model, optimizer, generator: torch.Generator, history: list[dict],
+             extra: dict | None = None) -> None:
+        save_torch({"fingerprint": self.fingerprint, "epoch": epoch, "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+                    "torch_rng": torch.get_rng_state(), "history": history, "extra": extra or {}},
+                   self.path)
+
+    def load(self, model, optimizer, generator: torch.Generator) -> tuple[int, list[dict], dict] | None:
+        """Restore state; returns (epochs done, history, extra), or None to start afresh."""
+        if not self.path.is_file():
+            return None
+        state = torch.load(self.path, map_location="cpu", weights_only=False)
+        if state.get("fingerprint") != self.fingerprint:
+            print(f"[resume] {self.path}: made with other params, starting afresh")
+            return None
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        print(f"[resume] {self.path}: continuing after epoch {state['epoch']}")
+        return state["epoch"], state["history"], state["extra"]
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)

@@ -1,0 +1,122 @@
+"""The vanilla pretraining stage: the guide model of Duet, trained with plain
+cross-entropy (paper: 90.06% clean accuracy on 6C2F).
+
+Random crop (zero padding) and horizontal flip run on the training device on
+uint8 tensors. The model is the last epoch's (no selection on any split); the
+validation split is reported per epoch, the test set once at the end.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..data.cifar import load_cache
+from ..data.loader import DeviceBatches
+from ..io import git_commit, save_json, save_torch
+from ..models import build_model
+from ..paths import RunLayout
+from .common import (Checkpoint, device_name, evaluate, learning_rate, make_generator,
+                     params_fingerprint, peak_memory_mb, reset_peak_memory, resolve_device,
+                     seed_everything, set_learning_rate, write_history)
+
+
+def make_optimizer(model: torch.nn.Module, params: dict) -> torch.optim.Optimizer:
+    if params["optimizer"] == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=params["lr"], momentum=params["momentum"],
+                               nesterov=params["nesterov"] and params["momentum"] > 0,
+                               weight_decay=params["weight_decay"])
+    return torch.optim.Adam(model.parameters(), lr=params["lr"], weight_decay=params["weight_decay"])
+
+
+def train_vanilla(params: dict, root: Path) -> dict:
+    layout = RunLayout.of(params)
+    cfg, seed = params["vanilla"], params["run"]["seed"]
+    device = resolve_device(params["run"]["device"])
+    seed_everything(seed)
+    data = load_cache(root / layout.data_cache)
+    model = build_model(params["model"]).to(device)
+    optimizer = make_optimizer(model, cfg)
+    generator = make_generator(seed, device)
+    train = DeviceBatches(data.train_x, data.train_y, cfg["batch_size"], device, shuffle=True,
+                          crop_padding=cfg["augment"]["crop_padding"], flip=cfg["augment"]["flip"],
+                          generator=generator)
+    val = DeviceBatches(data.val_x, data.val_y, cfg["eval_batch_size"], device)
+    test = DeviceBatches(data.test_x, data.test_y, cfg["eval_batch_size"], device)
+
+    checkpoint = Checkpoint(root / layout.vanilla_checkpoint,
+                            params_fingerprint(params["model"], cfg, seed, data.provenance["sha256"],
+                                               data.provenance["images"]))
+    resumed = checkpoint.load(model, optimizer, generator)
+    start_epoch, history = (resumed[0], resumed[1]) if resumed else (0, [])
+
+    steps = len(train)
+    for epoch in range(start_epoch, cfg["epochs"]):
+        model.train()
+        reset_peak_memory(device)
+        started = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        seen = 0
+        bar = tqdm(train, total=steps, desc=f"vanilla {epoch + 1}/{cfg['epochs']}", leave=False,
+                   mininterval=2.0, dynamic_ncols=True)
+        for step, (x, y) in enumerate(bar):
+            lr = learning_rate(cfg, epoch + step / steps)
+            set_learning_rate(optimizer, lr)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=cfg["label_smoothing"])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            model.clamp_parameters_()
+            # Accumulate on the device: no host sync per step.
+            loss_sum += loss.detach() * len(y)
+            correct += (logits.detach().argmax(1) == y).sum()
+            seen += len(y)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - started
+        val_metrics = evaluate(model, val) if len(data.val_y) else {"loss": float("nan"), "accuracy": float("nan")}
+        row = {"epoch": epoch + 1, "train_loss": loss_sum.item() / seen,
+               "train_accuracy": 100.0 * correct.item() / seen,
+               "val_loss": val_metrics["loss"], "val_accuracy": val_metrics["accuracy"],
+               "lr": lr, "seconds": seconds, "peak_memory_mb": peak_memory_mb(device)}
+        history.append(row)
+        print(f"[vanilla] epoch {row['epoch']}/{cfg['epochs']} train loss {row['train_loss']:.4f} "
+              f"acc {row['train_accuracy']:.2f}% | val acc {row['val_accuracy']:.2f}% | lr {lr:.4g} | "
+              f"{seconds:.1f}s", flush=True)
+        checkpoint.save(epoch=epoch + 1, model=model, optimizer=optimizer, generator=generator,
+                        history=history)
+
+    test_metrics = evaluate(model, test)
+    save_torch({"state_dict": model.state_dict(), "model": params["model"],
+                "data_sha256": data.provenance["sha256"]}, root / layout.vanilla_model)
+    write_history(history, root / layout.vanilla_history)
+    epoch_seconds = [row["seconds"] for row in history]
+    metrics = {
+        "stage": "vanilla",
+        "profile": params["profile"],
+        "arch": params["model"]["arch"],
+        "activation": params["model"]["activation"],
+        "epochs": cfg["epochs"],
+        "seed": seed,
+        "test_accuracy": test_metrics["accuracy"],
+        "test_loss": test_metrics["loss"],
+        "val_accuracy": history[-1]["val_accuracy"],
+        "train_accuracy": history[-1]["train_accuracy"],
+        "data": {key: data.provenance[key] for key in ("source", "sha256", "lossy_jpeg", "note", "images")},
+        # Wall-clock numbers differ between identical runs; kept apart from the accuracies.
+        "timing": {"device": device_name(device),
+                   "seconds_per_epoch_mean": sum(epoch_seconds) / len(epoch_seconds),
+                   "seconds_total": sum(epoch_seconds),
+                   "peak_memory_mb": max(row["peak_memory_mb"] for row in history)},
+        "git_commit": git_commit(root),
+    }
+    save_json(metrics, root / layout.vanilla_metrics)
+    checkpoint.remove()
+    print(f"[vanilla] test accuracy {metrics['test_accuracy']:.2f}% "
+          f"({data.provenance['source']}{', lossy JPEG copy' if data.provenance['lossy_jpeg'] else ''})")
+    return metrics
