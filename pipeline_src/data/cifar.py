@@ -1,0 +1,226 @@
+"""The data stage: CIFAR-10 from one of three sources into one cache of uint8
+tensors (N, 3, 32, 32), int64 labels, class names and provenance.
+
+Sources (`data.source`):
+  torchvision  the original CIFAR-10 python batches, downloaded when absent;
+  images       a folder or a .tar/.tar.gz archive laid out as
+               train/<class>/*.{png,jpg} and test/<class>/*, read in place
+               (an archive is streamed, never extracted to disk);
+  sample       the small real sample committed with the code.
+"""
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from ..io import save_json, save_torch, sha256_file
+
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
+           "dog", "frog", "horse", "ship", "truck")
+SPLITS = ("train", "test")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+SAMPLE_ARCHIVE = Path(__file__).resolve().parent / "sample" / "cifar10-sample.tar.gz"
+# sha256 of the committed sample, checked on every load of the `sample` source.
+SAMPLE_SHA256 = "43b5ef97964e6616ed51ba15165f757851f85b2f4b44bc69b09a03afd30c4024"
+
+
+class DataError(ValueError):
+    """Bad data input; the one-line message names the file and what was expected."""
+
+
+@dataclass
+class CifarSplits:
+    train_x: torch.Tensor  # uint8 (N, 3, 32, 32)
+    train_y: torch.Tensor  # int64 (N,)
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    classes: tuple[str, ...]
+    provenance: dict
+
+
+# ---------------------------------------------------------------- image trees
+def _entry_split_class(rel: PurePosixPath, where: str) -> tuple[str, str] | None:
+    """(split, class) of an image entry; None for entries that are not images."""
+    if rel.suffix.lower() not in IMAGE_SUFFIXES:
+        return None
+    parts = rel.parts
+    if len(parts) != 3 or parts[0] not in SPLITS:
+        raise DataError(f"{where}: expected train/<class>/<image> or test/<class>/<image>, "
+                        f"found '{rel}'")
+    if parts[1] not in CLASSES:
+        raise DataError(f"{where}: '{parts[0]}/{parts[1]}' is not a CIFAR-10 class folder "
+                        f"(expected one of {', '.join(CLASSES)})")
+    return parts[0], parts[1]
+
+
+def _iter_archive(path: Path) -> Iterator[tuple[PurePosixPath, bytes]]:
+    try:
+        with tarfile.open(path, mode="r:*") as tar:
+            for member in tar:
+                if member.isfile():
+                    rel = PurePosixPath(member.name.lstrip("./"))
+                    yield rel, tar.extractfile(member).read()
+    except (tarfile.TarError, EOFError, OSError) as err:
+        raise DataError(f"{path}: not a readable .tar/.tar.gz archive ({err})") from None
+
+
+def _iter_directory(path: Path) -> Iterator[tuple[PurePosixPath, bytes]]:
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        yield PurePosixPath(file.relative_to(path).as_posix()), file.read_bytes()
+
+
+def _decode(blob: bytes, where: str) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(blob)) as img:
+            img.load()
+            if img.size != (32, 32):
+                raise DataError(f"{where}: expected a 32x32 image, found {img.size[0]}x{img.size[1]}")
+            return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise DataError(f"{where}: corrupted or unreadable image ({err})") from None
+
+
+def read_image_tree(path: str | Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], set[str]]:
+    """({split: (images uint8 (N,3,32,32), labels int64)}, image suffixes seen),
+    files in (class, name) order."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: not found (expected a folder or .tar/.tar.gz of "
+                        f"train/<class>/*.jpg|png and test/<class>/*)")
+    entries = _iter_directory(path) if path.is_dir() else _iter_archive(path)
+    found: dict[str, list[tuple[str, str, np.ndarray]]] = {s: [] for s in SPLITS}
+    suffixes: set[str] = set()
+    for rel, blob in entries:
+        split_class = _entry_split_class(rel, str(path))
+        if split_class is None:
+            continue
+        split, cls = split_class
+        suffixes.add(rel.suffix.lower())
+        found[split].append((cls, rel.name, _decode(blob, f"{path}/{rel}")))
+    for split in SPLITS:
+        if not found[split]:
+            raise DataError(f"{path}: no images under '{split}/<class>/' (expected train/ and test/ "
+                            f"with one folder per CIFAR-10 class)")
+        missing = sorted(set(CLASSES) - {cls for cls, _, _ in found[split]})
+        if missing:
+            raise DataError(f"{path}: '{split}/' has no images of class(es) {', '.join(missing)}")
+    result = {}
+    for split, items in found.items():
+        items.sort(key=lambda item: (CLASSES.index(item[0]), item[1]))
+        images = np.stack([img for _, _, img in items]).transpose(0, 3, 1, 2)
+        labels = np.array([CLASSES.index(cls) for cls, _, _ in items], dtype=np.int64)
+        result[split] = (np.ascontiguousarray(images), labels)
+    return result, suffixes
+
+
+def tree_sha256(path: Path) -> str:
+    """sha256 of an archive file, or of a folder's sorted (path, sha256) listing."""
+    if path.is_file():
+        return sha256_file(path)
+    import hashlib
+
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f"{file.relative_to(path).as_posix()}\0{sha256_file(file)}\n".encode())
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- sources
+def _load_images(path: Path, expected_sha256: str | None, source: str) -> tuple[dict, dict]:
+    if not path.exists():
+        raise DataError(f"{path}: not found (data.path of source '{source}')")
+    digest = tree_sha256(path)
+    if expected_sha256 is not None and digest != expected_sha256:
+        raise DataError(f"{path}: sha256 {digest} does not match the expected {expected_sha256}")
+    splits, suffixes = read_image_tree(path)
+    lossy = bool(suffixes & {".jpg", ".jpeg"})
+    provenance = {
+        "source": source,
+        "path": str(path),
+        "sha256": digest,
+        "lossy_jpeg": lossy,
+        "note": ("JPEG images: a lossy copy of CIFAR-10, accuracies run below those on the "
+                 "original (about 1-2 points for the quality-75 copy)") if lossy
+                else "lossless images",
+    }
+    return splits, provenance
+
+
+def _load_torchvision(root: Path) -> tuple[dict, dict]:
+    import torchvision
+
+    splits = {}
+    for split in SPLITS:
+        try:
+            ds = torchvision.datasets.CIFAR10(str(root), train=split == "train", download=True)
+        except Exception as err:  # download or integrity failures of torchvision
+            raise DataError(f"{root}: torchvision could not load CIFAR-10 ({err}); without internet "
+                            f"use data.source: images with a local copy") from None
+        splits[split] = (np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)),
+                         np.asarray(ds.targets, dtype=np.int64))
+    archive = root / "cifar-10-python.tar.gz"
+    batches = root / "cifar-10-batches-py"
+    provenance = {
+        "source": "torchvision",
+        "path": str(root),
+        "sha256": sha256_file(archive) if archive.is_file() else tree_sha256(batches),
+        "lossy_jpeg": False,
+        "note": "original CIFAR-10 python batches (lossless)",
+    }
+    return splits, provenance
+
+
+def load_source(data_params: dict, root: Path) -> tuple[dict, dict]:
+    source = data_params["source"]
+    if source == "sample":
+        return _load_images(SAMPLE_ARCHIVE, SAMPLE_SHA256, "sample")
+    if data_params["path"] is None:
+        raise DataError(f"data.path: required for source '{source}'")
+    path = Path(os.path.expanduser(data_params["path"]))
+    path = path if path.is_absolute() else root / path
+    if source == "images":
+        return _load_images(path, data_params["sha256"], "images")
+    return _load_torchvision(path)
+
+
+# ---------------------------------------------------------------- cache
+def split_validation(n_train: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (train, val): a seeded random hold-out of `val_size` training images."""
+    if not 0 <= val_size < n_train:
+        raise DataError(f"data.val_size: {val_size} must be below the {n_train} training images")
+    perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed))
+    return perm[val_size:].sort().values, perm[:val_size].sort().values
+
+
+def build_cache(data_params: dict, cache_path: Path, provenance_path: Path, root: Path) -> CifarSplits:
+    splits, provenance = load_source(data_params, root)
+    train_x, train_y = (torch.from_numpy(a) for a in splits["train"])
+    test_x, test_y = (torch.from_numpy(a) for a in splits["test"])
+    train_idx, val_idx = split_validation(len(train_y), data_params["val_size"], data_params["split_seed"])
+    provenance.update({
+        "images": {"train_total": len(train_y), "train": len(train_idx), "val": len(val_idx),
+                   "test": len(test_y)},
+        "val_size": data_params["val_size"],
+        "split_seed": data_params["split_seed"],
+        "classes": list(CLASSES),
+    })
+    cache = CifarSplits(train_x[train_idx], train_y[train_idx], train_x[val_idx], train_y[val_idx],
+                        test_x, test_y, CLASSES, provenance)
+    save_torch(cache.__dict__, cache_path)
+    save_json(provenance, provenance_path)
+    return cache
+
+
+def load_cache(path: str | Path) -> CifarSplits:
+    return CifarSplits(**torch.load(path, weights_only=False))
