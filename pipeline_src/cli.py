@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=help_text)
         cmd.add_argument("--profile", default=PAPER_PROFILE,
                          help="run profile: 'paper' (params.yaml) or profiles/<name>/params.yaml")
+        cmd.add_argument("--log", default=None,
+                         help="also write everything the stage prints to this file")
         if name == "export-dvc":
             cmd.add_argument("--profiles", nargs="+", default=None,
                              help="profiles to export (default: paper and every profiles/*/params.yaml)")
@@ -78,8 +80,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Tee:
+    """Write to the terminal and a log file at once (the runners' `log:` files)."""
+
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for stream in self.streams:
+            stream.write(text)
+            stream.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        for stream in self.streams:
+            stream.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.log:
+        Path(args.log).parent.mkdir(parents=True, exist_ok=True)
+        log = open(args.log, "w")
+        sys.stdout, sys.stderr = _Tee(sys.__stdout__, log), _Tee(sys.__stderr__, log)
     handler = {**STAGES, **TOOLS}[args.command][0]
     root = PROJECT_ROOT
     try:

@@ -98,3 +98,8 @@ def run_dir(params: dict, root: Path | None = None) -> Path:
     """Every output of a profile lives under results/<run.name>/."""
     rel = Path("results") / params["run"]["name"]
     return rel if root is None else root / rel
+
+
+def read_base_params(root: Path = PROJECT_ROOT) -> dict:
+    """params.yaml as written, before any profile and unvalidated."""
+    return _read_yaml(root / BASE_PARAMS)

@@ -1,0 +1,41 @@
+# The Duet reproduction DAG. The paper's configuration is params.yaml; a run
+# profile overrides it: `snakemake --cores 1 all --config profile=smoke`.
+# dvc.yaml files are generated from this workflow (`python -m pipeline_src
+# export-dvc`); a test fails when they drift apart.
+import sys
+
+sys.path.insert(0, workflow.basedir)
+
+from snakemake.exceptions import WorkflowError
+
+from pipeline_src.config import ParamsError, load_params, read_base_params
+from pipeline_src.paths import RunLayout
+
+
+configfile: "params.yaml"
+
+
+PROFILE = config.get("profile", "paper")
+try:
+    # Stages read params from the files, never from --config: only `profile` may be set there.
+    extra = {k: v for k, v in config.items() if k != "profile" and read_base_params().get(k) != v}
+    if extra:
+        raise ParamsError(f"--config: set {', '.join(sorted(extra))} in params.yaml or a profile, "
+                          "not on the command line (only 'profile' is read from --config)")
+    P = load_params(PROFILE)
+except ParamsError as err:
+    raise WorkflowError(f"invalid params: {err}")
+LAYOUT = RunLayout.of(P)
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/vanilla.smk"
+include: "workflow/rules/svd.smk"
+
+
+rule all:
+    input:
+        rules.vanilla.output,
+        rules.svd.output,
+    default_target: True

@@ -1,0 +1,125 @@
+"""One DAG, two runners: dvc.yaml is generated from the Snakemake workflow.
+
+Each Snakemake rule (but `all`) becomes a DVC stage with the same command,
+the rule's inputs as deps, its outputs (and log) as outs, and its `params:`
+entries as params keys: a rule's params are named after the params.yaml
+blocks they carry, so `params: vanilla=P["vanilla"]` becomes the DVC param
+`vanilla`. The paper profile's stages go to ./dvc.yaml; another profile's to
+profiles/<name>/dvc.yaml, run from the project root (`wdir`), with the
+profile's override file as a second params file.
+
+`tests/test_dag.py` regenerates them and fails when the committed files drift.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .config import BASE_PARAMS, PAPER_PROFILE, PROJECT_ROOT, load_params, profile_override_path
+
+HEADER = ("# Generated from the Snakemake workflow by `python -m pipeline_src export-dvc`;\n"
+          "# do not edit: change workflow/rules/*.smk and regenerate.\n")
+# Small text outputs are kept in git, not in the DVC cache; metrics files and
+# per-epoch histories are declared as such for `dvc metrics` and `dvc plots`.
+UNCACHED_OUTS = ("summary.json", "provenance.json")
+METRICS = ("metrics.json",)
+PLOTS = ("history.csv",)
+
+
+@dataclass
+class Stage:
+    name: str
+    cmd: str
+    deps: list[str]
+    outs: list[str]
+    log: list[str]
+    params: list[str]
+
+
+def workflow_stages(profile: str = PAPER_PROFILE, root: Path = PROJECT_ROOT) -> list[Stage]:
+    """The rules of the Snakemake workflow, as loaded for `profile`."""
+    from snakemake.api import SnakemakeApi
+    from snakemake.settings.types import (ConfigSettings, OutputSettings, Quietness,
+                                          ResourceSettings, StorageSettings)
+
+    cwd = os.getcwd()
+    stages = []
+    try:
+        with SnakemakeApi(OutputSettings(quiet={Quietness.ALL})) as api:
+            workflow_api = api.workflow(resource_settings=ResourceSettings(cores=1),
+                                        config_settings=ConfigSettings(config={"profile": profile}),
+                                        storage_settings=StorageSettings(),
+                                        snakefile=root / "Snakefile", workdir=root)
+            for rule in workflow_api._workflow.rules:
+                if rule.name == "all":
+                    continue
+                if rule.has_wildcards():
+                    raise NotImplementedError(f"rule {rule.name}: rules with wildcards need a DVC "
+                                              f"`foreach` stage; extend pipeline_src/dag.py")
+                log = [str(f) for f in rule.log]
+                stages.append(Stage(
+                    name=rule.name,
+                    cmd=rule.shellcmd.strip().format(log=" ".join(log)),
+                    deps=[str(f) for f in rule.input],
+                    outs=[str(f) for f in rule.output],
+                    log=log,
+                    params=list(rule.params.keys()),
+                ))
+    finally:
+        os.chdir(cwd)
+    return stages
+
+
+def dvc_document(profile: str = PAPER_PROFILE, root: Path = PROJECT_ROOT) -> str:
+    params = load_params(profile, root)
+    override = profile_override_path(profile, root)
+    override_keys = set()
+    if override is not None:
+        override_keys = set(yaml.safe_load(override.read_text()) or {})
+    stages = {}
+    for stage in workflow_stages(profile, root):
+        unknown = [key for key in stage.params if key not in params]
+        if unknown:
+            raise ValueError(f"rule {stage.name}: params {unknown} are not params.yaml blocks; name "
+                             f"each rule param after the block it carries")
+        entry: dict = {}
+        if override is not None:
+            entry["wdir"] = "../.."
+        entry["cmd"] = stage.cmd
+        entry["deps"] = stage.deps
+        stage_params: list = [{BASE_PARAMS: sorted(stage.params)}]
+        in_override = sorted(set(stage.params) & override_keys)
+        if in_override:
+            stage_params.append({str(override.relative_to(root)): in_override})
+        entry["params"] = stage_params
+        uncached = lambda path: {path: {"cache": False}}  # noqa: E731
+        entry["outs"] = [uncached(out) if out.endswith(UNCACHED_OUTS) else out for out in stage.outs
+                         if not out.endswith(METRICS + PLOTS)] + [uncached(log) for log in stage.log]
+        for kind, suffixes in (("metrics", METRICS), ("plots", PLOTS)):
+            declared = [uncached(out) for out in stage.outs if out.endswith(suffixes)]
+            if declared:
+                entry[kind] = declared
+        stages[stage.name] = entry
+    title = f"# Profile '{profile}': `dvc repro{'' if override is None else ' ' + dvc_yaml_path(profile, root).relative_to(root).as_posix()}`.\n"
+    return HEADER + title + yaml.safe_dump({"stages": stages}, sort_keys=False, width=100)
+
+
+def dvc_yaml_path(profile: str, root: Path = PROJECT_ROOT) -> Path:
+    override = profile_override_path(profile, root)
+    return root / "dvc.yaml" if override is None else override.parent / "dvc.yaml"
+
+
+def known_profiles(root: Path = PROJECT_ROOT) -> list[str]:
+    return [PAPER_PROFILE] + sorted(p.parent.name for p in (root / "profiles").glob("*/params.yaml"))
+
+
+def write_dvc_yaml(root: Path = PROJECT_ROOT, profiles: list[str] | None = None) -> list[Path]:
+    written = []
+    for profile in profiles or known_profiles(root):
+        path = dvc_yaml_path(profile, root)
+        path.write_text(dvc_document(profile, root))
+        written.append(path)
+    return written

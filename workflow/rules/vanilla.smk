@@ -1,0 +1,23 @@
+rule vanilla:
+    """Cross-entropy pretraining of the vanilla (guide) model."""
+    input:
+        code=CODE["vanilla"],
+        cache=LAYOUT.data_cache,
+    output:
+        model=LAYOUT.vanilla_model,
+        history=LAYOUT.vanilla_history,
+        metrics=LAYOUT.vanilla_metrics,
+    params:
+        run=P["run"],
+        model=P["model"],
+        vanilla=P["vanilla"],
+    log:
+        LAYOUT.log("vanilla"),
+    benchmark:
+        LAYOUT.benchmark("vanilla")
+    resources:
+        gpu=1,
+        mem_mb=16000,
+        runtime=240,
+    shell:
+        stage_command("vanilla")
