@@ -39,37 +39,42 @@ class Stage:
     params: list[str]
 
 
-def workflow_stages(profile: str = PAPER_PROFILE, root: Path = PROJECT_ROOT) -> list[Stage]:
-    """The rules of the Snakemake workflow, as loaded for `profile`."""
+def workflow_rules(profile: str = PAPER_PROFILE, root: Path = PROJECT_ROOT) -> dict:
+    """The Snakemake rule objects of the workflow as loaded for `profile`, by name."""
     from snakemake.api import SnakemakeApi
     from snakemake.settings.types import (ConfigSettings, OutputSettings, Quietness,
                                           ResourceSettings, StorageSettings)
 
-    cwd = os.getcwd()
-    stages = []
+    cwd = os.getcwd()  # the workflow API changes into its workdir
     try:
         with SnakemakeApi(OutputSettings(quiet={Quietness.ALL})) as api:
             workflow_api = api.workflow(resource_settings=ResourceSettings(cores=1),
                                         config_settings=ConfigSettings(config={"profile": profile}),
                                         storage_settings=StorageSettings(),
                                         snakefile=root / "Snakefile", workdir=root)
-            for rule in workflow_api._workflow.rules:
-                if rule.name == "all":
-                    continue
-                if rule.has_wildcards():
-                    raise NotImplementedError(f"rule {rule.name}: rules with wildcards need a DVC "
-                                              f"`foreach` stage; extend pipeline_src/dag.py")
-                log = [str(f) for f in rule.log]
-                stages.append(Stage(
-                    name=rule.name,
-                    cmd=rule.shellcmd.strip().format(log=" ".join(log)),
-                    deps=[str(f) for f in rule.input],
-                    outs=[str(f) for f in rule.output],
-                    log=log,
-                    params=list(rule.params.keys()),
-                ))
+            return {rule.name: rule for rule in workflow_api._workflow.rules}
     finally:
         os.chdir(cwd)
+
+
+def workflow_stages(profile: str = PAPER_PROFILE, root: Path = PROJECT_ROOT) -> list[Stage]:
+    """The rules of the workflow (but `all`) as runner-neutral stages."""
+    stages = []
+    for rule in workflow_rules(profile, root).values():
+        if rule.name == "all":
+            continue
+        if rule.has_wildcards():
+            raise NotImplementedError(f"rule {rule.name}: rules with wildcards need a DVC "
+                                      f"`foreach` stage; extend pipeline_src/dag.py")
+        log = [str(f) for f in rule.log]
+        stages.append(Stage(
+            name=rule.name,
+            cmd=rule.shellcmd.strip().format(log=" ".join(log)),
+            deps=[str(f) for f in rule.input],
+            outs=[str(f) for f in rule.output],
+            log=log,
+            params=list(rule.params.keys()),
+        ))
     return stages
 
 

@@ -65,3 +65,16 @@ def git_commit(root: str | Path) -> str:
         return commit + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def state_dict_sha256(state_dict: dict) -> str:
+    """sha256 of a model's weights (names, dtypes, shapes, values): unlike the
+    hash of a torch.save file, it is the same for the same weights."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..io import save_json, save_torch, sha256_file
+from ..io import save_json, save_torch, state_dict_sha256
 from ..models import build_model
 from ..paths import RunLayout
 from .operator_norm import matrix_view, operator_norm_upper_bound, power_iteration
@@ -73,7 +73,7 @@ def export_svd(params: dict, root: Path) -> dict:
     lipschitz_estimate = math.prod(layer["operator_norm_estimate"] for layer in layers)
     lipschitz_upper = math.prod(layer["operator_norm_upper_bound"] for layer in layers)
     metadata = {"arch": params["model"]["arch"], "activation": params["model"]["activation"],
-                "ranks": ranks, "vanilla_sha256": sha256_file(model_path),
+                "ranks": ranks, "vanilla_weights_sha256": state_dict_sha256(model.state_dict()),
                 "operator_norm_method": {
                     "estimate": f"power iteration on the operator (up to {cfg['power_iterations']} steps)",
                     "upper_bound": "exact float64 SVD (dense) / polyphase circular-conv DFT bound (conv)"},

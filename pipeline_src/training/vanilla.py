@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from ..data.cifar import load_cache
 from ..data.loader import DeviceBatches
-from ..io import git_commit, save_json, save_torch
+from ..io import git_commit, save_json, save_torch, state_dict_sha256
 from ..models import build_model
 from ..paths import RunLayout
 from .common import (Checkpoint, device_name, evaluate, learning_rate, make_generator,
@@ -103,6 +103,7 @@ def train_vanilla(params: dict, root: Path) -> dict:
         "activation": params["model"]["activation"],
         "epochs": cfg["epochs"],
         "seed": seed,
+        "weights_sha256": state_dict_sha256(model.state_dict()),
         "test_accuracy": test_metrics["accuracy"],
         "test_loss": test_metrics["loss"],
         "val_accuracy": history[-1]["val_accuracy"],

@@ -1,0 +1,89 @@
+"""Params: profiles merge over params.yaml, and every bad key or value is
+stopped with a message that names it."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT
+from pipeline_src.cli import main
+from pipeline_src.config import ParamsError, deep_merge, load_params, run_dir
+
+
+def test_paper_profile_is_the_papers_configuration():
+    params = load_params("paper")
+    assert params["model"]["arch"] == "6C2F"
+    assert params["data"]["source"] == "torchvision" and params["data"]["val_size"] == 5000
+    assert run_dir(params).as_posix() == "results/paper"
+
+
+def test_smoke_overrides_only_its_keys():
+    paper, smoke = load_params("paper"), load_params("smoke")
+    assert smoke["data"]["source"] == "sample" and smoke["run"]["device"] == "cpu"
+    assert smoke["vanilla"]["optimizer"] == paper["vanilla"]["optimizer"]   # inherited
+    assert smoke["vanilla"]["epochs"] < paper["vanilla"]["epochs"]
+    assert run_dir(smoke) != run_dir(paper)
+
+
+def test_deep_merge_replaces_lists_and_leaves_inputs_alone():
+    base = {"a": {"b": 1, "c": [1, 2]}, "d": 0}
+    merged = deep_merge(base, {"a": {"c": [3]}})
+    assert merged == {"a": {"b": 1, "c": [3]}, "d": 0}
+    assert base["a"]["c"] == [1, 2]
+
+
+@pytest.fixture
+def params_root(tmp_path: Path) -> Path:
+    for name in ("params.yaml", "workflow/schemas/params.schema.yaml", "profiles/smoke/params.yaml"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / name, tmp_path / name)
+    return tmp_path
+
+
+def _edit(root: Path, path: str, change) -> None:
+    data = yaml.safe_load((root / path).read_text())
+    change(data)
+    (root / path).write_text(yaml.safe_dump(data))
+
+
+@pytest.mark.parametrize("change, key", [
+    (lambda p: p["vanilla"].update(epoch=3), "vanilla.epoch"),
+    (lambda p: p.update(trainig={}), "trainig"),
+    (lambda p: p["data"].update(val_size=-1), "data.val_size"),
+    (lambda p: p["model"].update(arch="7C2F"), "model.arch"),
+    (lambda p: p["svd"].update(ranks=[]), "svd.ranks"),
+    (lambda p: p["vanilla"]["augment"].update(flip="yes"), "vanilla.augment.flip"),
+    (lambda p: p["data"].update(sha256="abc"), "data.sha256"),
+    (lambda p: p["run"].pop("seed"), "run"),
+])
+def test_bad_params_name_the_key(params_root: Path, change, key: str):
+    _edit(params_root, "params.yaml", change)
+    with pytest.raises(ParamsError, match=rf"'{key}'") as err:
+        load_params("paper", params_root)
+    assert "params.yaml" in str(err.value)
+
+
+def test_bad_key_in_a_profile_names_the_profile_file(params_root: Path):
+    _edit(params_root, "profiles/smoke/params.yaml", lambda p: p["vanilla"].update(lr=-1))
+    with pytest.raises(ParamsError, match=r"profiles/smoke/params.yaml.*'vanilla.lr'"):
+        load_params("smoke", params_root)
+
+
+def test_unknown_profile_lists_the_known_ones(params_root: Path):
+    with pytest.raises(ParamsError, match="profiles: paper, smoke"):
+        load_params("smokey", params_root)
+
+
+def test_unreadable_params_file(params_root: Path):
+    (params_root / "params.yaml").write_text("run: [unclosed\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params("paper", params_root)
+
+
+def test_cli_reports_a_bad_profile_in_one_line(capsys):
+    assert main(["check-params", "--profile", "no-such-profile"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: profile 'no-such-profile'") and err.count("\n") == 1

@@ -1,0 +1,69 @@
+"""One DAG, two runners: the committed dvc.yaml files are what the Snakemake
+workflow generates, and every rule carries what the runners need."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT
+from pipeline_src.dag import dvc_document, dvc_yaml_path, known_profiles, workflow_rules, workflow_stages
+
+STAGE_MODULES = {
+    "data": "pipeline_src.data.cifar",
+    "vanilla": "pipeline_src.training.vanilla",
+    "svd": "pipeline_src.spectral.svd_export",
+}
+
+
+@pytest.mark.parametrize("profile", known_profiles())
+def test_committed_dvc_yaml_matches_the_workflow(profile: str):
+    path = dvc_yaml_path(profile)
+    assert path.is_file(), f"{path} missing: run `python -m pipeline_src export-dvc`"
+    assert path.read_text() == dvc_document(profile), (
+        f"{path.relative_to(ROOT)} drifted from workflow/rules/*.smk: "
+        f"run `python -m pipeline_src export-dvc` and commit the result")
+
+
+def test_dvc_stages_mirror_rules():
+    stages = {s.name: s for s in workflow_stages("smoke")}
+    document = yaml.safe_load(dvc_yaml_path("smoke").read_text())["stages"]
+    assert set(stages) == set(document) == set(STAGE_MODULES)
+    for name, stage in stages.items():
+        entry = document[name]
+        assert entry["cmd"] == stage.cmd and "--profile smoke" in entry["cmd"]
+        assert entry["deps"] == stage.deps
+        outs = [next(iter(o)) if isinstance(o, dict) else o
+                for key in ("outs", "metrics", "plots") for o in entry.get(key, [])]
+        assert set(outs) == set(stage.outs) | set(stage.log)
+        assert entry["params"][0]["params.yaml"] == sorted(stage.params)
+
+
+def test_every_rule_has_log_benchmark_and_resources():
+    rules = workflow_rules("smoke")
+    for name, rule in rules.items():
+        if name == "all":
+            continue
+        assert list(rule.log), f"rule {name} has no log:"
+        assert rule.benchmark, f"rule {name} has no benchmark:"
+        assert rule.resources["mem_mb"].value > 0 and rule.resources["runtime"].value > 0, name
+    assert rules["vanilla"].resources["gpu"].value == 1
+    assert "gpu" not in rules["data"].resources
+
+
+@pytest.mark.parametrize("stage, module", sorted(STAGE_MODULES.items()))
+def test_rule_inputs_list_all_the_code_the_stage_imports(stage: str, module: str):
+    script = (f"import sys, pipeline_src.cli, {module}\n"
+              "for name, mod in sorted(sys.modules.items()):\n"
+              "    if name.startswith('pipeline_src') and getattr(mod, '__file__', None):\n"
+              "        print(mod.__file__)")
+    files = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.split()
+    imported = {Path(f).resolve().relative_to(ROOT).as_posix() for f in files
+                if not f.endswith("__init__.py")}
+    declared = set(next(s for s in workflow_stages("smoke") if s.name == stage).deps)
+    missing = imported - declared
+    assert not missing, f"rule {stage} runs {sorted(missing)} but does not list them as inputs"

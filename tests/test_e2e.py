@@ -1,0 +1,162 @@
+"""The smoke profile end to end: through Snakemake, again for determinism,
+through `dvc repro`, and through a cluster executor for the resources."""
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import copy_project, run
+
+SMOKE = Path("results/smoke")
+
+
+def _metrics_without_timing(path: Path) -> dict:
+    metrics = json.loads(path.read_text())
+    metrics.pop("timing")
+    metrics.pop("git_commit")
+    return metrics
+
+
+def _check_smoke_outputs(project: Path) -> None:
+    params = yaml.safe_load((project / "profiles/smoke/params.yaml").read_text())
+    run_dir = project / SMOKE
+
+    provenance = json.loads((run_dir / "data/provenance.json").read_text())
+    assert provenance["source"] == "sample" and provenance["lossy_jpeg"] is True
+    assert provenance["images"] == {"train_total": 1000, "train": 900, "val": 100, "test": 500}
+    cache = torch.load(run_dir / "data/cifar10.pt", weights_only=False)
+    assert cache["train_x"].dtype == torch.uint8 and cache["train_x"].shape == (900, 3, 32, 32)
+
+    metrics = json.loads((run_dir / "vanilla/metrics.json").read_text())
+    assert metrics["arch"] == "6C2F" and metrics["epochs"] == params["vanilla"]["epochs"]
+    assert 0.0 <= metrics["test_accuracy"] <= 100.0
+    assert metrics["data"]["source"] == "sample" and metrics["data"]["lossy_jpeg"] is True
+    with open(run_dir / "vanilla/history.csv") as fh:
+        history = list(csv.DictReader(fh))
+    assert len(history) == params["vanilla"]["epochs"]
+    assert {"epoch", "train_loss", "train_accuracy", "val_accuracy", "lr", "seconds",
+            "peak_memory_mb"} <= set(history[0])
+    assert not (run_dir / "vanilla/checkpoint.pt").exists(), "a finished run leaves no checkpoint"
+
+    summary = json.loads((run_dir / "svd/summary.json").read_text())
+    assert len(summary["layers"]) == 8 and summary["ranks"] == params["svd"]["ranks"]
+    factors = torch.load(run_dir / "svd/factors.pt", weights_only=False)
+    model = torch.load(run_dir / "vanilla/model.pt", weights_only=False)["state_dict"]
+    weights = [v for k, v in model.items() if k.endswith("weight")]
+    for layer, weight in zip(factors["layers"], weights):
+        matrix = weight.reshape(weight.shape[0], -1)
+        rebuilt = layer["U"] @ torch.diag(layer["S"]) @ layer["V"].t()
+        torch.testing.assert_close(rebuilt, matrix, atol=1e-4, rtol=1e-4)
+    for stage in ("data", "vanilla", "svd"):
+        assert (run_dir / "logs" / f"{stage}.log").stat().st_size > 0
+    # The paper profile's folder is never touched by a smoke run.
+    assert not (project / "results/paper").exists()
+
+
+def test_snakemake_smoke_end_to_end_and_deterministic(project_copy: Path):
+    run(["snakemake", "--cores", "1", "all", "--config", "profile=smoke"], project_copy)
+    _check_smoke_outputs(project_copy)
+    for stage in ("data", "vanilla", "svd"):
+        assert (project_copy / SMOKE / "benchmarks" / f"{stage}.tsv").is_file()
+    first = _metrics_without_timing(project_copy / SMOKE / "vanilla/metrics.json")
+    first_svd = json.loads((project_copy / SMOKE / "svd/summary.json").read_text())
+
+    # Nothing to do when nothing changed.
+    dry = run(["snakemake", "--cores", "1", "all", "--config", "profile=smoke", "-n"], project_copy)
+    assert "Nothing to be done" in dry.stdout + dry.stderr
+
+    run(["snakemake", "--cores", "1", "all", "--config", "profile=smoke", "--forceall"], project_copy)
+    assert _metrics_without_timing(project_copy / SMOKE / "vanilla/metrics.json") == first
+    assert json.loads((project_copy / SMOKE / "svd/summary.json").read_text()) == first_svd
+
+
+def test_code_change_reruns_only_affected_stages(project_copy: Path):
+    run(["snakemake", "--cores", "1", "all", "--config", "profile=smoke"], project_copy)
+    svd_module = project_copy / "pipeline_src/spectral/svd_export.py"
+    svd_module.write_text(svd_module.read_text() + "\n# edited\n")
+    dry = run(["snakemake", "--cores", "1", "all", "--config", "profile=smoke", "-n"], project_copy)
+    text = dry.stdout + dry.stderr
+    assert "svd" in text and "rule vanilla" not in text and "rule data" not in text
+
+
+def test_dvc_repro_smoke(project_copy: Path):
+    run(["dvc", "repro", "profiles/smoke/dvc.yaml"], project_copy)
+    _check_smoke_outputs(project_copy)
+    status = run(["dvc", "status", "profiles/smoke/dvc.yaml"], project_copy)
+    assert "up to date" in status.stdout.lower()
+    metrics = run(["dvc", "metrics", "show", "profiles/smoke/dvc.yaml"], project_copy)
+    assert "test_accuracy" in metrics.stdout
+
+
+FAKE_SUBMIT = '''\
+import subprocess, sys
+log, args, jobscript = sys.argv[1], sys.argv[2:-1], sys.argv[-1]
+with open(log, "a") as fh:
+    fh.write(" ".join(args) + "\\n")
+# A cluster runs the job script elsewhere; here it runs at once, in place.
+subprocess.run(["bash", jobscript], check=True)
+print("424242")
+'''
+
+
+def test_cluster_executor_receives_resources(project_copy: Path, tmp_path: Path):
+    """The resources that the SLURM profile maps to sbatch reach a cluster submit command."""
+    submit = tmp_path / "fake_submit.py"
+    submit.write_text(FAKE_SUBMIT)
+    record = tmp_path / "submitted.txt"
+    profile = tmp_path / "cluster_profile"
+    profile.mkdir()
+    (profile / "config.yaml").write_text(yaml.safe_dump({
+        "executor": "cluster-generic",
+        "cluster-generic-submit-cmd": (f"{sys.executable} {submit} {record} "
+                                       "--job={rule} --gpus={resources.gpu} --mem={resources.mem_mb} "
+                                       "--time={resources.runtime}"),
+        "jobs": 1,
+        "latency-wait": 5,
+        "default-resources": ["gpu=0"],
+    }))
+    run(["snakemake", "--profile", str(profile), "all", "--config", "profile=smoke"], project_copy)
+    _check_smoke_outputs(project_copy)
+    submitted = {line.split()[0]: line.split() for line in record.read_text().splitlines()}
+    assert set(submitted) == {"--job=data", "--job=vanilla", "--job=svd"}
+    assert "--gpus=1" in submitted["--job=vanilla"]
+    assert "--gpus=0" in submitted["--job=data"] and "--gpus=0" in submitted["--job=svd"]
+    slurm = yaml.safe_load((project_copy / "profiles/slurm/config.yaml").read_text())
+    assert slurm["executor"] == "slurm"
+    for job in submitted.values():
+        assert any(arg.startswith("--mem=") and int(arg[6:]) > 0 for arg in job)
+        assert any(arg.startswith("--time=") and int(arg[7:]) > 0 for arg in job)
+
+
+@pytest.mark.parametrize("runner", ["snakemake", "cli"])
+def test_bad_params_stop_with_the_key_named(project_copy: Path, runner: str):
+    override = project_copy / "profiles/smoke/params.yaml"
+    override.write_text(override.read_text().replace("val_size: 100", "val_sise: 100"))
+    cmd = (["snakemake", "--cores", "1", "all", "--config", "profile=smoke", "-n"] if runner == "snakemake"
+           else ["python", "-m", "pipeline_src", "data", "--profile", "smoke"])
+    result = run(cmd, project_copy, check=False)
+    assert result.returncode != 0
+    assert "data.val_sise" in result.stdout + result.stderr
+
+
+def test_command_line_config_other_than_profile_is_refused(project_copy: Path):
+    result = run(["snakemake", "--cores", "1", "all", "-n", "--config", "profile=smoke", "seed=3"],
+                 project_copy, check=False)
+    assert result.returncode != 0 and "seed" in result.stdout + result.stderr
+
+
+def test_bad_data_stops_the_stage_with_the_file_named(project_copy: Path, tmp_path: Path):
+    missing = tmp_path / "no-such-cifar.tar.gz"
+    override = project_copy / "profiles/smoke/params.yaml"
+    override.write_text(override.read_text().replace("source: sample", "source: images")
+                        .replace("path: null", f"path: {missing}"))
+    result = run(["python", "-m", "pipeline_src", "data", "--profile", "smoke"], project_copy, check=False)
+    assert result.returncode == 2
+    assert str(missing) in result.stderr and result.stderr.count("\n") == 1
+    assert not (project_copy / SMOKE / "data/cifar10.pt").exists()

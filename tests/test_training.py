@@ -1,0 +1,134 @@
+"""Vanilla pretraining: schedules, and resuming an interrupted run."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline_src.config import load_params
+from pipeline_src.data.cifar import build_cache
+from pipeline_src.paths import RunLayout
+from pipeline_src.training import common
+from pipeline_src.training.common import learning_rate
+from pipeline_src.training.vanilla import train_vanilla
+
+
+def _schedule(**overrides) -> dict:
+    base = {"lr": 0.1, "warmup_epochs": 2, "epochs": 10, "schedule": "cosine",
+            "step_size": 3, "step_gamma": 0.5}
+    return {**base, **overrides}
+
+
+def test_warmup_then_cosine_to_zero():
+    cfg = _schedule()
+    assert learning_rate(cfg, 0.0) == 0.0
+    assert learning_rate(cfg, 1.0) == pytest.approx(0.05)
+    assert learning_rate(cfg, 2.0) == pytest.approx(0.1)
+    assert learning_rate(cfg, 6.0) == pytest.approx(0.05)
+    assert learning_rate(cfg, 10.0) == pytest.approx(0.0, abs=1e-12)
+    values = [learning_rate(cfg, e / 10) for e in range(20, 101)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_step_and_constant_schedules():
+    step = _schedule(schedule="step", warmup_epochs=0)
+    assert [learning_rate(step, e) for e in (0, 2.9, 3, 6.5)] == pytest.approx([0.1, 0.1, 0.05, 0.025])
+    assert learning_rate(_schedule(schedule="constant", warmup_epochs=0), 7.3) == 0.1
+
+
+@pytest.fixture
+def tiny_run(tmp_path: Path):
+    """Smoke params on a 200-image cut of the sample, written under a tmp root."""
+    params = load_params("smoke")
+    params["vanilla"] = {**params["vanilla"], "epochs": 3, "batch_size": 50, "eval_batch_size": 100}
+    layout = RunLayout.of(params)
+    cache = build_cache({**params["data"], "val_size": 100}, tmp_path / "full.pt",
+                        tmp_path / "full.json", tmp_path)
+    small = {**cache.__dict__, "train_x": cache.train_x[:200], "train_y": cache.train_y[:200]}
+    (tmp_path / layout.data_cache).parent.mkdir(parents=True)
+    torch.save(small, tmp_path / layout.data_cache)
+    return params, layout
+
+
+def _weights(root: Path, layout: RunLayout) -> dict:
+    return torch.load(root / layout.vanilla_model, weights_only=False)["state_dict"]
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tiny_run, tmp_path: Path, monkeypatch):
+    params, layout = tiny_run
+    straight = tmp_path / "straight"
+    (straight / layout.data_cache).parent.mkdir(parents=True)
+    (straight / layout.data_cache).write_bytes((tmp_path / layout.data_cache).read_bytes())
+    reference = train_vanilla(copy.deepcopy(params), straight)
+
+    # Kill the run right after the checkpoint of epoch 2.
+    original_save = common.Checkpoint.save
+
+    def save_then_die(self, **kwargs):
+        original_save(self, **kwargs)
+        if kwargs["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(common.Checkpoint, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_vanilla(copy.deepcopy(params), tmp_path)
+    assert (tmp_path / layout.vanilla_checkpoint).is_file()
+    assert not (tmp_path / layout.vanilla_model).exists()
+    monkeypatch.setattr(common.Checkpoint, "save", original_save)
+
+    resumed = train_vanilla(copy.deepcopy(params), tmp_path)
+    ref_w, res_w = _weights(straight, layout), _weights(tmp_path, layout)
+    assert ref_w.keys() == res_w.keys()
+    for name in ref_w:
+        assert torch.equal(ref_w[name], res_w[name]), name
+    assert resumed["weights_sha256"] == reference["weights_sha256"]
+    assert resumed["test_accuracy"] == reference["test_accuracy"]
+    history = (tmp_path / layout.vanilla_history).read_text().splitlines()
+    assert len(history) == 1 + params["vanilla"]["epochs"]
+    assert not (tmp_path / layout.vanilla_checkpoint).exists()
+
+
+def test_checkpoint_of_other_params_is_not_resumed(tiny_run, tmp_path: Path, monkeypatch, capsys):
+    params, layout = tiny_run
+    original_save = common.Checkpoint.save
+
+    def save_then_die(self, **kwargs):
+        original_save(self, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(common.Checkpoint, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_vanilla(copy.deepcopy(params), tmp_path)
+    monkeypatch.setattr(common.Checkpoint, "save", original_save)
+    changed = copy.deepcopy(params)
+    changed["vanilla"]["lr"] = 0.002
+    capsys.readouterr()
+    train_vanilla(copy.deepcopy(changed), tmp_path)
+    assert "starting afresh" in capsys.readouterr().out
+    fresh = tmp_path / "fresh"
+    (fresh / layout.data_cache).parent.mkdir(parents=True)
+    (fresh / layout.data_cache).write_bytes((tmp_path / layout.data_cache).read_bytes())
+    train_vanilla(copy.deepcopy(changed), fresh)
+    assert json.loads((tmp_path / layout.vanilla_metrics).read_text())["weights_sha256"] == \
+        json.loads((fresh / layout.vanilla_metrics).read_text())["weights_sha256"]
+
+
+def test_training_lowers_the_loss(tiny_run, tmp_path: Path):
+    params, layout = tiny_run
+    params["vanilla"].update(epochs=6, lr=0.01, warmup_epochs=0)
+    train_vanilla(params, tmp_path)
+    rows = (tmp_path / layout.vanilla_history).read_text().splitlines()[1:]
+    losses = [float(row.split(",")[1]) for row in rows]
+    assert losses[-1] < losses[0]
+
+
+def test_cuda_requested_without_gpu_is_a_clear_error(tiny_run, tmp_path: Path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    params, _ = tiny_run
+    params["run"]["device"] = "cuda"
+    with pytest.raises(RuntimeError, match="run.device"):
+        train_vanilla(params, tmp_path)
