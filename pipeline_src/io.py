@@ -55,12 +55,15 @@ def load_json(path: str | Path) -> Any:
 
 
 def git_commit(root: str | Path) -> str:
-    """The commit of the code that made an output ('+dirty' when the tree has
-    uncommitted changes), or 'unknown' outside a git checkout."""
+    """The commit of the code that made an output ('+dirty' when the code or
+    params have uncommitted changes), or 'unknown' outside a git checkout."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                                 text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        # Runner bookkeeping (dvc.lock, results) does not make the code dirty.
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                "pipeline_src", "workflow", "Snakefile", "params.yaml",
+                                ":(glob)profiles/*/params.yaml"], cwd=root,
                                capture_output=True, text=True, check=True).stdout.strip()
         return commit + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):

@@ -90,8 +90,10 @@ def test_dvc_repro_smoke(project_copy: Path):
     _check_smoke_outputs(project_copy)
     status = run(["dvc", "status", "profiles/smoke/dvc.yaml"], project_copy)
     assert "up to date" in status.stdout.lower()
-    metrics = run(["dvc", "metrics", "show", "profiles/smoke/dvc.yaml"], project_copy)
-    assert "test_accuracy" in metrics.stdout
+    metrics = run(["dvc", "metrics", "show"], project_copy).stdout
+    smoke_row = next(line for line in metrics.splitlines() if line.startswith("results/smoke/"))
+    assert "test_accuracy" in metrics and "sample" in smoke_row
+    assert "+dirty" not in smoke_row
 
 
 FAKE_SUBMIT = '''\

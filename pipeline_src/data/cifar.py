@@ -34,6 +34,10 @@ SAMPLE_SHA256 = "43b5ef97964e6616ed51ba15165f757851f85b2f4b44bc69b09a03afd30c402
 class DataError(ValueError):
     """Bad data input; the one-line message names the file and what was expected."""
 
+    def __init__(self, message: str):
+        # Errors of other libraries quoted in the message can span lines.
+        super().__init__("; ".join(line.strip() for line in str(message).splitlines() if line.strip()))
+
 
 @dataclass
 class CifarSplits:

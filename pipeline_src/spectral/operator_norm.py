@@ -2,8 +2,8 @@
 inputs (a convolution with its stride and padding, not its reshaped kernel).
 
 Two numbers per layer:
-  * `power_iteration`: an estimate from below (a Rayleigh quotient never
-    exceeds the true norm), the cheap number used during training;
+  * `power_iteration`: an estimate from below (||Av|| for a unit v, taken in
+    float64, never exceeds the true norm), the cheap number used in training;
   * `operator_norm_upper_bound`: a guaranteed upper bound, the number a
     certificate may use.
 For a dense layer the upper bound is the exact largest singular value
@@ -46,10 +46,11 @@ def apply_adjoint(layer: WeightLayer, y: torch.Tensor, weight: torch.Tensor | No
     """The transpose of `apply_operator`, landing exactly on the input shape."""
     module, weight = layer.module, layer.module.weight if weight is None else weight
     if isinstance(module, nn.Conv2d):
-        (stride, _), (padding, _), (kernel, _) = module.stride, module.padding, module.kernel_size
-        h_in = layer.input_shape[1]
-        # Inputs rows the strided conv never reaches are restored by output_padding.
-        extra = h_in - ((y.shape[-1] - 1) * stride - 2 * padding + kernel)
+        # Input rows/columns the strided conv never reaches come back as output_padding.
+        extra = tuple(size_in - ((size_out - 1) * stride - 2 * padding + kernel)
+                      for size_in, size_out, stride, padding, kernel
+                      in zip(layer.input_shape[1:], y.shape[-2:], module.stride, module.padding,
+                             module.kernel_size))
         return F.conv_transpose2d(y, weight, None, module.stride, module.padding, output_padding=extra)
     return F.linear(y, weight.t())
 
@@ -75,7 +76,10 @@ def power_iteration(layer: WeightLayer, iterations: int, tolerance: float = 0.0,
             sigma = new_sigma
             break
         sigma = new_sigma
-    sigma = apply_operator(layer, v, weight).norm().item()
+    # The reported value is ||A v|| for a unit v, in float64 so that float32
+    # rounding cannot lift it above the true norm (it is a Rayleigh quotient).
+    v64 = v.to(torch.float64)
+    sigma = apply_operator(layer, v64 / v64.norm(), weight.to(torch.float64)).norm().item()
     return sigma, v
 
 

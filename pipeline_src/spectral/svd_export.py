@@ -24,8 +24,10 @@ from .operator_norm import matrix_view, operator_norm_upper_bound, power_iterati
 
 def load_vanilla(path: Path, model_params: dict) -> torch.nn.Module:
     state = torch.load(path, map_location="cpu", weights_only=False)
-    if state["model"]["arch"] != model_params["arch"]:
-        raise ValueError(f"{path}: a {state['model']['arch']} model, but model.arch is {model_params['arch']}")
+    for key in ("arch", "activation"):
+        if state["model"][key] != model_params[key]:
+            raise ValueError(f"{path}: a model with {key} {state['model'][key]}, "
+                             f"but model.{key} is {model_params[key]}")
     model = build_model(state["model"])
     model.load_state_dict(state["state_dict"])
     return model.eval()
