@@ -32,10 +32,13 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/vanilla.smk"
 include: "workflow/rules/svd.smk"
+include: "workflow/rules/certified.smk"
 
 
 rule all:
     input:
         rules.vanilla.output,
         rules.svd.output,
+        expand(rules.certify.output.metrics, method=P["methods"]),
+        expand(rules.pgd.output.metrics, method=P["methods"]),
     default_target: True

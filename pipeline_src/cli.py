@@ -32,6 +32,24 @@ def _stage_svd(params: dict, root: Path, args) -> None:
     export_svd(params, root)
 
 
+def _stage_train(params: dict, root: Path, args) -> None:
+    from .training.certified import train_certified
+
+    train_certified(params, args.method, root)
+
+
+def _stage_certify(params: dict, root: Path, args) -> None:
+    from .certify.stage import certify_model
+
+    certify_model(params, args.method, root)
+
+
+def _stage_pgd(params: dict, root: Path, args) -> None:
+    from .certify.attack import attack_model
+
+    attack_model(params, args.method, root)
+
+
 def _export_dvc(params: dict, root: Path, args) -> None:
     from .dag import write_dvc_yaml
 
@@ -55,7 +73,11 @@ STAGES = {
     "data": (_stage_data, "build the CIFAR-10 cache (uint8 tensors, splits, provenance)"),
     "vanilla": (_stage_vanilla, "pretrain the vanilla (guide) model with cross-entropy"),
     "svd": (_stage_svd, "export the SVD factors and operator norms of the vanilla model"),
+    "train": (_stage_train, "certified training of one method (--method)"),
+    "certify": (_stage_certify, "certify the test set of one trained method (--method)"),
+    "pgd": (_stage_pgd, "attack one trained method and cross-check its certificates (--method)"),
 }
+METHOD_STAGES = ("train", "certify", "pgd")
 TOOLS = {
     "check-params": (_check_params, "validate a profile's params against the schema"),
     "export-dvc": (_export_dvc, "regenerate dvc.yaml files from the Snakemake workflow"),
@@ -72,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="run profile: 'paper' (params.yaml) or profiles/<name>/params.yaml")
         cmd.add_argument("--log", default=None,
                          help="also write everything the stage prints to this file")
+        if name in METHOD_STAGES:
+            cmd.add_argument("--method", required=True, help="a certified method, e.g. bcp")
         if name == "export-dvc":
             cmd.add_argument("--profiles", nargs="+", default=None,
                              help="profiles to export (default: paper and every profiles/*/params.yaml)")
@@ -113,11 +137,16 @@ def main(argv: list[str] | None = None) -> int:
     except ParamsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    from .certify.attack import UnsoundCertificateError
     from .data.cifar import DataError
 
+    if getattr(args, "method", None) and args.method not in params["methods"]:
+        print(f"error: --method {args.method}: not in the profile's methods {params['methods']}",
+              file=sys.stderr)
+        return 2
     try:
         handler(params, root, args)
-    except (DataError, ParamsError) as err:
+    except (DataError, ParamsError, UnsoundCertificateError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from itertools import product
+from types import SimpleNamespace
 from pathlib import Path
 
 import yaml
@@ -57,24 +59,39 @@ def workflow_rules(profile: str = PAPER_PROFILE, root: Path = PROJECT_ROOT) -> d
         os.chdir(cwd)
 
 
+# Where a wildcard's values come from: the DAG runs one job per value.
+WILDCARD_VALUES = {"method": lambda params: params["methods"]}
+
+
 def workflow_stages(profile: str = PAPER_PROFILE, root: Path = PROJECT_ROOT) -> list[Stage]:
-    """The rules of the workflow (but `all`) as runner-neutral stages."""
+    """The rules of the workflow (but `all`) as runner-neutral stages, one per
+    job: a rule with a {method} wildcard gives a stage per method (`train_bcp`)."""
+    from snakemake.io import apply_wildcards
+
+    params = load_params(profile, root)
     stages = []
     for rule in workflow_rules(profile, root).values():
         if rule.name == "all":
             continue
-        if rule.has_wildcards():
-            raise NotImplementedError(f"rule {rule.name}: rules with wildcards need a DVC "
-                                      f"`foreach` stage; extend pipeline_src/dag.py")
-        log = [str(f) for f in rule.log]
-        stages.append(Stage(
-            name=rule.name,
-            cmd=rule.shellcmd.strip().format(log=" ".join(log)),
-            deps=[str(f) for f in rule.input],
-            outs=[str(f) for f in rule.output],
-            log=log,
-            params=list(rule.params.keys()),
-        ))
+        names = sorted(rule.wildcard_names)
+        unknown = [n for n in names if n not in WILDCARD_VALUES]
+        if unknown:
+            raise NotImplementedError(f"rule {rule.name}: wildcard(s) {unknown} have no values in "
+                                      f"pipeline_src/dag.py WILDCARD_VALUES")
+        combos = [{}] if not names else [
+            dict(zip(names, values)) for values in product(*(WILDCARD_VALUES[n](params) for n in names))]
+        for wildcards in combos:
+            fill = lambda pattern: apply_wildcards(str(pattern), wildcards)  # noqa: E731
+            log = [fill(f) for f in rule.log]
+            stages.append(Stage(
+                name="_".join([rule.name, *(wildcards[n] for n in names)]),
+                cmd=rule.shellcmd.strip().format(log=" ".join(log), wildcards=SimpleNamespace(**wildcards)),
+                deps=[fill(f) for f in rule.input],
+                outs=[fill(f) for f in rule.output],
+                log=log,
+                # A param named after a wildcard carries the block of the wildcard's value.
+                params=[wildcards.get(key, key) for key in rule.params.keys()],
+            ))
     return stages
 
 

@@ -53,6 +53,20 @@ class RunLayout:
     def svd_summary(self) -> str:
         return self._at("svd", "summary.json")
 
+    # certified training stage, one folder per method
+    def train(self, method: str, name: str) -> str:
+        """model.pt (selected on validation), history.csv, metrics.json, checkpoint.pt"""
+        return self._at("train", method, name)
+
+    # certification and attack stages
+    def certify(self, method: str, name: str) -> str:
+        """metrics.json, certified.pt (per-example certificates)"""
+        return self._at("certify", method, name)
+
+    def attack(self, method: str, name: str) -> str:
+        """metrics.json (PGD accuracy and the cross-check)"""
+        return self._at("pgd", method, name)
+
     # runner bookkeeping
     def log(self, stage: str) -> str:
         return self._at("logs", f"{stage}.log")

@@ -16,7 +16,11 @@ STAGE_MODULES = {
     "data": "pipeline_src.data.cifar",
     "vanilla": "pipeline_src.training.vanilla",
     "svd": "pipeline_src.spectral.svd_export",
+    "train": "pipeline_src.training.certified",
+    "certify": "pipeline_src.certify.stage",
+    "pgd": "pipeline_src.certify.attack",
 }
+PER_METHOD = ("train", "certify", "pgd")
 
 
 @pytest.mark.parametrize("profile", known_profiles())
@@ -31,7 +35,10 @@ def test_committed_dvc_yaml_matches_the_workflow(profile: str):
 def test_dvc_stages_mirror_rules():
     stages = {s.name: s for s in workflow_stages("smoke")}
     document = yaml.safe_load(dvc_yaml_path("smoke").read_text())["stages"]
-    assert set(stages) == set(document) == set(STAGE_MODULES)
+    methods = yaml.safe_load((ROOT / "params.yaml").read_text())["methods"]
+    expected = {n for n in STAGE_MODULES if n not in PER_METHOD} | {
+        f"{n}_{m}" for n in PER_METHOD for m in methods}
+    assert set(stages) == set(document) == expected
     for name, stage in stages.items():
         entry = document[name]
         assert entry["cmd"] == stage.cmd and "--profile smoke" in entry["cmd"]
@@ -40,6 +47,9 @@ def test_dvc_stages_mirror_rules():
                 for key in ("outs", "metrics", "plots") for o in entry.get(key, [])]
         assert set(outs) == set(stage.outs) | set(stage.log)
         assert entry["params"][0]["params.yaml"] == sorted(stage.params)
+        if name.startswith("train_"):
+            method = name.split("_", 1)[1]
+            assert f"--method {method}" in entry["cmd"] and method in entry["params"][0]["params.yaml"]
 
 
 def test_every_rule_has_log_benchmark_and_resources():
@@ -50,7 +60,8 @@ def test_every_rule_has_log_benchmark_and_resources():
         assert list(rule.log), f"rule {name} has no log:"
         assert rule.benchmark, f"rule {name} has no benchmark:"
         assert rule.resources["mem_mb"].value > 0 and rule.resources["runtime"].value > 0, name
-    assert rules["vanilla"].resources["gpu"].value == 1
+    for name in ("vanilla", "train", "certify", "pgd"):
+        assert rules[name].resources["gpu"].value == 1, name
     assert "gpu" not in rules["data"].resources
 
 
@@ -64,6 +75,7 @@ def test_rule_inputs_list_all_the_code_the_stage_imports(stage: str, module: str
                            check=True).stdout.split()
     imported = {Path(f).resolve().relative_to(ROOT).as_posix() for f in files
                 if not f.endswith("__init__.py")}
-    declared = set(next(s for s in workflow_stages("smoke") if s.name == stage).deps)
+    declared = set(next(s for s in workflow_stages("smoke")
+                        if s.name == stage or s.name.startswith(f"{stage}_")).deps)
     missing = imported - declared
     assert not missing, f"rule {stage} runs {sorted(missing)} but does not list them as inputs"

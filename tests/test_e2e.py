@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from conftest import copy_project, run
+from pipeline_src.config import load_params
 
 SMOKE = Path("results/smoke")
 
@@ -24,7 +25,7 @@ def _metrics_without_timing(path: Path) -> dict:
 
 
 def _check_smoke_outputs(project: Path) -> None:
-    params = yaml.safe_load((project / "profiles/smoke/params.yaml").read_text())
+    params = load_params("smoke", project)
     run_dir = project / SMOKE
 
     provenance = json.loads((run_dir / "data/provenance.json").read_text())
@@ -53,18 +54,45 @@ def _check_smoke_outputs(project: Path) -> None:
         matrix = weight.reshape(weight.shape[0], -1)
         rebuilt = layer["U"] @ torch.diag(layer["S"]) @ layer["V"].t()
         torch.testing.assert_close(rebuilt, matrix, atol=1e-4, rtol=1e-4)
+    for method in load_params("smoke", project)["methods"]:
+        _check_method_outputs(run_dir, method)
     for stage in ("data", "vanilla", "svd"):
         assert (run_dir / "logs" / f"{stage}.log").stat().st_size > 0
     # The paper profile's folder is never touched by a smoke run.
     assert not (project / "results/paper").exists()
 
 
+def _check_method_outputs(run_dir: Path, method: str) -> None:
+    train = json.loads((run_dir / "train" / method / "metrics.json").read_text())
+    assert train["method"] == method and train["selected_epoch"] >= 1
+    with open(run_dir / "train" / method / "history.csv") as fh:
+        history = list(csv.DictReader(fh))
+    assert len(history) == train["epochs"]
+    assert {"clean_loss", "clean_accuracy", "robust_loss", "certified_accuracy", "lipschitz", "eps",
+            "kappa", "lr", "seconds", "peak_memory_mb", "val_certified_accuracy"} <= set(history[0])
+    assert float(history[0]["kappa"]) == 1.0 and float(history[-1]["eps"]) > 0
+    certify = json.loads((run_dir / "certify" / method / "metrics.json").read_text())
+    assert set(certify["certified_accuracy"]) == {"lipschitz", "bcp"}
+    assert certify["headline_certifier"] == {"lmt": "lipschitz", "bcp": "bcp"}[method]
+    curve = certify["radius_curve"]
+    assert curve["radii"][0] == 0 and curve["bcp"][0] == pytest.approx(certify["clean_accuracy"])
+    for name in ("lipschitz", "bcp"):
+        assert all(a >= b for a, b in zip(curve[name], curve[name][1:])), "curve must not rise"
+    spectral = certify["spectral_norms"]
+    assert all(u >= e for u, e in zip(spectral["upper"], spectral["estimate"]))
+    attack = json.loads((run_dir / "pgd" / method / "metrics.json").read_text())
+    assert attack["certified_points_broken"] == 0
+    assert attack["pgd_accuracy"] <= certify["clean_accuracy"] + 1e-9
+    assert attack["pgd_accuracy"] >= certify["certified_accuracy"][certify["headline_certifier"]] - 1e-9
+
+
 def test_snakemake_smoke_end_to_end_and_deterministic(project_copy: Path):
     run(["snakemake", "--cores", "1", "all", "--config", "profile=smoke"], project_copy)
     _check_smoke_outputs(project_copy)
-    for stage in ("data", "vanilla", "svd"):
+    for stage in ("data", "vanilla", "svd", "train_bcp", "certify_bcp", "pgd_bcp"):
         assert (project_copy / SMOKE / "benchmarks" / f"{stage}.tsv").is_file()
     first = _metrics_without_timing(project_copy / SMOKE / "vanilla/metrics.json")
+    first_bcp = _metrics_without_timing(project_copy / SMOKE / "train/bcp/metrics.json")
     first_svd = json.loads((project_copy / SMOKE / "svd/summary.json").read_text())
 
     # Nothing to do when nothing changed.
@@ -74,6 +102,7 @@ def test_snakemake_smoke_end_to_end_and_deterministic(project_copy: Path):
     run(["snakemake", "--cores", "1", "all", "--config", "profile=smoke", "--forceall"], project_copy)
     assert _metrics_without_timing(project_copy / SMOKE / "vanilla/metrics.json") == first
     assert json.loads((project_copy / SMOKE / "svd/summary.json").read_text()) == first_svd
+    assert _metrics_without_timing(project_copy / SMOKE / "train/bcp/metrics.json") == first_bcp
 
 
 def test_code_change_reruns_only_affected_stages(project_copy: Path):
@@ -83,6 +112,7 @@ def test_code_change_reruns_only_affected_stages(project_copy: Path):
     dry = run(["snakemake", "--cores", "1", "all", "--config", "profile=smoke", "-n"], project_copy)
     text = dry.stdout + dry.stderr
     assert "svd" in text and "rule vanilla" not in text and "rule data" not in text
+    assert "rule train" not in text
 
 
 def test_dvc_repro_smoke(project_copy: Path):
@@ -126,8 +156,10 @@ def test_cluster_executor_receives_resources(project_copy: Path, tmp_path: Path)
     run(["snakemake", "--profile", str(profile), "all", "--config", "profile=smoke"], project_copy)
     _check_smoke_outputs(project_copy)
     submitted = {line.split()[0]: line.split() for line in record.read_text().splitlines()}
-    assert set(submitted) == {"--job=data", "--job=vanilla", "--job=svd"}
-    assert "--gpus=1" in submitted["--job=vanilla"]
+    assert set(submitted) == {f"--job={rule}" for rule in
+                              ("data", "vanilla", "svd", "train", "certify", "pgd")}
+    for rule in ("vanilla", "train", "certify", "pgd"):
+        assert "--gpus=1" in submitted[f"--job={rule}"], rule
     assert "--gpus=0" in submitted["--job=data"] and "--gpus=0" in submitted["--job=svd"]
     slurm = yaml.safe_load((project_copy / "profiles/slurm/config.yaml").read_text())
     assert slurm["executor"] == "slurm"

@@ -132,3 +132,67 @@ def test_cuda_requested_without_gpu_is_a_clear_error(tiny_run, tmp_path: Path):
     params["run"]["device"] = "cuda"
     with pytest.raises(RuntimeError, match="run.device"):
         train_vanilla(params, tmp_path)
+
+
+# ---------------------------------------------------------------- certified training
+from pipeline_src.training import certified as certified_training  # noqa: E402
+from pipeline_src.training.certified import certified_learning_rate, eps_kappa, train_certified  # noqa: E402
+
+
+def _method_cfg(**overrides) -> dict:
+    base = {"epochs": 20, "warmup_epochs": 2, "ramp_epochs": 8, "eps_train": 0.2, "kappa_final": 0.0,
+            "lr": 1e-3, "lr_schedule": {"kind": "step", "step_epochs": 3, "gamma": 0.5, "final_lr": 1e-6}}
+    return {**base, **overrides}
+
+
+def test_eps_and_kappa_ramp_per_batch():
+    cfg = _method_cfg()
+    assert eps_kappa(cfg, 0.0) == (0.0, 1.0) and eps_kappa(cfg, 1.99) == (0.0, 1.0)
+    assert eps_kappa(cfg, 2.0) == (0.0, 1.0)
+    eps, kappa = eps_kappa(cfg, 6.0)
+    assert eps == pytest.approx(0.1) and kappa == pytest.approx(0.5)
+    assert eps_kappa(cfg, 2.5)[0] == pytest.approx(0.2 * 0.5 / 8)   # within an epoch, per batch
+    assert eps_kappa(cfg, 10.0) == pytest.approx((0.2, 0.0)) and eps_kappa(cfg, 15.0) == pytest.approx((0.2, 0.0))
+    assert eps_kappa(_method_cfg(kappa_final=0.5), 50.0)[1] == pytest.approx(0.5)
+
+
+def test_certified_lr_schedules():
+    step = _method_cfg()
+    assert [certified_learning_rate(step, e) for e in (0, 9, 10, 12, 13, 16)] == pytest.approx(
+        [1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4, 1.25e-4])
+    exp = _method_cfg(lr_schedule={"kind": "exponential", "step_epochs": 1, "gamma": 0.5, "final_lr": 1e-6})
+    assert certified_learning_rate(exp, 9) == 1e-3 and certified_learning_rate(exp, 10) == pytest.approx(1e-3)
+    assert certified_learning_rate(exp, 19) == pytest.approx(1e-6)
+    values = [certified_learning_rate(exp, e) for e in range(10, 20)]
+    assert all(a > b for a, b in zip(values, values[1:]))
+
+
+@pytest.mark.parametrize("method", ["lmt", "bcp"])
+def test_certified_run_resumes_to_the_same_weights(tiny_run, tmp_path: Path, monkeypatch, method):
+    params, layout = tiny_run
+    params[method] = {**params[method], "epochs": 3, "warmup_epochs": 1, "ramp_epochs": 1,
+                      "batch_size": 50}
+    params["certify"] = {**params["certify"], "batch_size": 100}
+    straight = tmp_path / "straight"
+    (straight / layout.data_cache).parent.mkdir(parents=True)
+    (straight / layout.data_cache).write_bytes((tmp_path / layout.data_cache).read_bytes())
+    reference = train_certified(copy.deepcopy(params), method, straight)
+
+    original_save = common.Checkpoint.save
+
+    def save_then_die(self, **kwargs):
+        original_save(self, **kwargs)
+        if kwargs["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(certified_training.Checkpoint, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_certified(copy.deepcopy(params), method, tmp_path)
+    monkeypatch.setattr(certified_training.Checkpoint, "save", original_save)
+    resumed = train_certified(copy.deepcopy(params), method, tmp_path)
+    assert resumed["weights_sha256"] == reference["weights_sha256"]
+    assert resumed["selected_epoch"] == reference["selected_epoch"]
+    ref_hist = (straight / layout.train(method, "history.csv")).read_text().splitlines()
+    res_hist = (tmp_path / layout.train(method, "history.csv")).read_text().splitlines()
+    drop_time = lambda rows: [",".join(r.split(",")[:-2]) for r in rows]  # noqa: E731 (seconds, memory)
+    assert drop_time(ref_hist) == drop_time(res_hist)

@@ -2,8 +2,9 @@
 
 # `python -m pipeline_src <stage>` for the selected profile; stdout and stderr
 # go to the terminal and to the rule's log.
-def stage_command(stage):
-    return f"python -m pipeline_src {stage} --profile {PROFILE} --log {{log}}"
+def stage_command(stage, method=False):
+    per_method = " --method {wildcards.method}" if method else ""
+    return f"python -m pipeline_src {stage} --profile {PROFILE}{per_method} --log {{log}}"
 
 
 # The package files each stage runs: editing one reruns the stages that use it.
@@ -32,3 +33,25 @@ CODE = {
         "pipeline_src/spectral/svd_export.py",
     ],
 }
+BOUND_CODE = MODEL_CODE + [
+    "pipeline_src/bounds/bcp.py",
+    "pipeline_src/bounds/ibp.py",
+    "pipeline_src/bounds/lipschitz.py",
+    "pipeline_src/spectral/operator_norm.py",
+    "pipeline_src/certify/certifiers.py",
+]
+METHOD_CODE = [
+    "pipeline_src/methods/__init__.py",
+    "pipeline_src/methods/base.py",
+    "pipeline_src/methods/bcp.py",
+    "pipeline_src/methods/lmt.py",
+]
+EVAL_CODE = CORE_CODE + BOUND_CODE + METHOD_CODE + [
+    "pipeline_src/data/cifar.py",
+    "pipeline_src/data/loader.py",
+    "pipeline_src/training/common.py",
+    "pipeline_src/certify/stage.py",
+]
+CODE["train"] = EVAL_CODE + ["pipeline_src/training/certified.py"]
+CODE["certify"] = EVAL_CODE
+CODE["pgd"] = EVAL_CODE + ["pipeline_src/certify/attack.py"]

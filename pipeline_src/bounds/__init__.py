@@ -1,0 +1,3 @@
+"""Bounds on a network's outputs over an l2 ball of inputs, one module per
+method (as auto_LiRPA keeps them): `ibp` (intervals), `lipschitz` (global
+Lipschitz margin), `bcp` (ball and box together, Lee et al. 2020)."""

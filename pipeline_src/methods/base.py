@@ -1,0 +1,56 @@
+"""One interface for every certified training method (as CTBench wraps them):
+a method turns a batch into worst-case logits z_hat at radius eps, may add a
+loss term, and may carry state across steps (persistent power-iteration
+vectors) that is checkpointed with the run. The training loop, schedules and
+model selection live in `training/certified.py`; certification is a separate
+stage (`certify/`). Adding a method is one module here and one params block."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..models.architectures import CertifiableNet
+
+METHODS: dict[str, type["CertifiedMethod"]] = {}
+
+
+def register(cls: type["CertifiedMethod"]) -> type["CertifiedMethod"]:
+    METHODS[cls.name] = cls
+    return cls
+
+
+@dataclass
+class StepBounds:
+    """What a method computed for one batch."""
+    worst_logits: torch.Tensor          # z_hat (B, C)
+    lipschitz: torch.Tensor             # product of the layer norms used (a scalar)
+    extra_loss: torch.Tensor | None = None
+    extras: dict = field(default_factory=dict)
+
+
+class CertifiedMethod:
+    name: str = ""
+    # The certifier whose result is this method's headline number.
+    certifier: str = ""
+
+    def __init__(self, model: CertifiableNet, cfg: dict, generator: torch.Generator):
+        self.model, self.cfg = model, cfg
+
+    def bounds(self, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor, eps: float) -> StepBounds:
+        raise NotImplementedError
+
+    def after_step(self) -> None:
+        self.model.clamp_parameters_()
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def build_method(name: str, model: CertifiableNet, cfg: dict, generator: torch.Generator) -> CertifiedMethod:
+    if name not in METHODS:
+        raise ValueError(f"unknown certified method '{name}' (known: {', '.join(sorted(METHODS))})")
+    return METHODS[name](model, cfg, generator)

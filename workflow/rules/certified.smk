@@ -1,0 +1,78 @@
+# Certified training, certification and the attack cross-check, one job per
+# method in `methods` (params.yaml). A rule param named after a wildcard carries
+# the params block of that wildcard's value (dvc.yaml maps it back to that key).
+
+
+rule train:
+    """Certified training of one method; model selected on validation."""
+    input:
+        code=CODE["train"],
+        cache=LAYOUT.data_cache,
+    output:
+        model=LAYOUT.train("{method}", "model.pt"),
+        history=LAYOUT.train("{method}", "history.csv"),
+        metrics=LAYOUT.train("{method}", "metrics.json"),
+    params:
+        method=lambda wildcards: P[wildcards.method],
+        run=P["run"],
+        model=P["model"],
+        certify=P["certify"],
+    log:
+        LAYOUT.log("train_{method}"),
+    benchmark:
+        LAYOUT.benchmark("train_{method}")
+    resources:
+        gpu=1,
+        mem_mb=16000,
+        runtime=600,
+    shell:
+        stage_command("train", method=True)
+
+
+rule certify:
+    """Sound certification of the test set with every certifier that applies."""
+    input:
+        code=CODE["certify"],
+        cache=LAYOUT.data_cache,
+        model=LAYOUT.train("{method}", "model.pt"),
+    output:
+        metrics=LAYOUT.certify("{method}", "metrics.json"),
+        certified=LAYOUT.certify("{method}", "certified.pt"),
+    params:
+        run=P["run"],
+        certify=P["certify"],
+    log:
+        LAYOUT.log("certify_{method}"),
+    benchmark:
+        LAYOUT.benchmark("certify_{method}")
+    resources:
+        gpu=1,
+        mem_mb=8000,
+        runtime=60,
+    shell:
+        stage_command("certify", method=True)
+
+
+rule pgd:
+    """l2 PGD and APGD; fails if an attack breaks a certified point."""
+    input:
+        code=CODE["pgd"],
+        cache=LAYOUT.data_cache,
+        model=LAYOUT.train("{method}", "model.pt"),
+        certified=LAYOUT.certify("{method}", "certified.pt"),
+    output:
+        metrics=LAYOUT.attack("{method}", "metrics.json"),
+    params:
+        run=P["run"],
+        certify=P["certify"],
+        pgd=P["pgd"],
+    log:
+        LAYOUT.log("pgd_{method}"),
+    benchmark:
+        LAYOUT.benchmark("pgd_{method}")
+    resources:
+        gpu=1,
+        mem_mb=8000,
+        runtime=120,
+    shell:
+        stage_command("pgd", method=True)
