@@ -167,11 +167,13 @@ def test_certified_lr_schedules():
     assert all(a > b for a, b in zip(values, values[1:]))
 
 
-@pytest.mark.parametrize("method", ["lmt", "bcp"])
+@pytest.mark.parametrize("method", ["lmt", "bcp", "localbcp"])
 def test_certified_run_resumes_to_the_same_weights(tiny_run, tmp_path: Path, monkeypatch, method):
     params, layout = tiny_run
     params[method] = {**params[method], "epochs": 3, "warmup_epochs": 1, "ramp_epochs": 1,
                       "batch_size": 50}
+    if method == "localbcp":  # the per-example vector cache is part of the resumed state
+        params[method]["vector_cache"] = True
     params["certify"] = {**params["certify"], "batch_size": 100}
     straight = tmp_path / "straight"
     (straight / layout.data_cache).parent.mkdir(parents=True)

@@ -66,16 +66,20 @@ def ball_box_activation(activation: nn.Module, state: BallBox) -> BallBox:
 
 
 def ball_box_bounds(model: CertifiableNet, x: torch.Tensor, eps: float,
-                    layer_norms: list[torch.Tensor | float]) -> tuple[BallBox, torch.Tensor]:
+                    layer_norms: list[torch.Tensor | float],
+                    pre_activation: list | None = None) -> tuple[BallBox, torch.Tensor]:
     """The ball and box at the input of the logit layer, and the clean logits.
 
     `layer_norms[l]` bounds sigma_max of layer l: power-iteration estimates in
-    training, guaranteed upper bounds for a certificate."""
+    training, guaranteed upper bounds for a certificate. If `pre_activation`
+    is a list, the box before each hidden activation is appended to it."""
     layers = model.weight_layers()
     state = BallBox(x, torch.full((x.shape[0],), float(eps), device=x.device, dtype=x.dtype),
                     x - eps, x + eps)
     for layer, sigma in zip(layers[:-1], layer_norms[:-1]):
         state = ball_box_linear(layer, state, sigma)
+        if pre_activation is not None:
+            pre_activation.append((state.lower, state.upper))
         state = ball_box_activation(layer.activation, state)
     last = layers[-1]
     state = BallBox(flatten_if_needed(last, state.centre), state.radius,
@@ -147,6 +151,12 @@ def bcp_worst_logits(model: CertifiableNet, x: torch.Tensor, y: torch.Tensor, ep
     translation_iterations=None computes the sound upper bound (certification);
     an int runs that many clip-and-rescale iterations (training)."""
     state, logits = ball_box_bounds(model, x, eps, layer_norms)
+    return translated_logits(model, state, logits, y, translation_iterations)
+
+
+def translated_logits(model: CertifiableNet, state: BallBox, logits: torch.Tensor, y: torch.Tensor,
+                      translation_iterations: int | None) -> torch.Tensor:
+    """z_hat from the ball and box at the input of the logit layer (see bcp_worst_logits)."""
     last = model.weight_layers()[-1].module
     c = _pairwise_directions(last, y)
     low = (state.lower - state.centre).unsqueeze(1)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..bounds.bcp import bcp_worst_logits
+from ..bounds.local import local_worst_logits
 from ..models.architectures import CertifiableNet
 from ..spectral.operator_norm import operator_norm_upper_bound, power_iteration
 
@@ -65,9 +66,12 @@ def layer_norms(model: CertifiableNet, power_iterations: int = 200, seed: int = 
 
 
 def certifiers_for(model: CertifiableNet) -> list[str]:
-    """Every certifier that applies to the model. (The local-Lipschitz certifier
-    of clipped-ReLU models arrives with LocalBCP; until then they get these two.)"""
-    return ["lipschitz", "bcp"]
+    """Every certifier that applies to the model: the local bound needs units
+    that can be fixed inside the ball (ReLU or clipped ReLU)."""
+    names = ["lipschitz", "bcp"]
+    if model.activation_name in ("relu", "clipped_relu"):
+        names.append("local")
+    return names
 
 
 def lipschitz_certified(logits: torch.Tensor, y: torch.Tensor, lipschitz: float, eps: float) -> torch.Tensor:
@@ -82,26 +86,43 @@ def certified_radius_lipschitz(logits: torch.Tensor, y: torch.Tensor, lipschitz:
     return ((true - others) / (math.sqrt(2.0) * lipschitz)).clamp_min(0.0)
 
 
-def bcp_certified(model: CertifiableNet, x: torch.Tensor, y: torch.Tensor, eps: float,
-                  norms: LayerNorms) -> torch.Tensor:
-    worst = bcp_worst_logits(model, x, y, eps, norms.upper, translation_iterations=None)
+def _margin_positive(worst: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     true = worst.gather(1, y[:, None]).squeeze(1)
     others = worst.scatter(1, y[:, None], float("-inf")).amax(1)
     return true > others
+
+
+def bcp_certified(model: CertifiableNet, x: torch.Tensor, y: torch.Tensor, eps: float,
+                  norms: LayerNorms) -> torch.Tensor:
+    return _margin_positive(bcp_worst_logits(model, x, y, eps, norms.upper, translation_iterations=None), y)
+
+
+def local_certified(model: CertifiableNet, x: torch.Tensor, y: torch.Tensor, eps: float,
+                    norms: LayerNorms) -> torch.Tensor:
+    worst, _ = local_worst_logits(model, x, y, eps, norms.upper, power=None, index=None,
+                                  power_iterations=0, translation_iterations=None)
+    return _margin_positive(worst, y)
+
+
+def certified_at(name: str, model: CertifiableNet, x: torch.Tensor, y: torch.Tensor,
+                 logits: torch.Tensor, radius: float, norms: LayerNorms) -> torch.Tensor:
+    """Bool per example: correctly classified and certified by `name` at `radius`."""
+    correct = logits.argmax(1) == y
+    if radius == 0:
+        return correct
+    if name == "lipschitz":
+        certified = lipschitz_certified(logits, y, norms.lipschitz_upper, radius)
+    elif name == "bcp":
+        certified = bcp_certified(model, x, y, radius, norms)
+    elif name == "local":
+        certified = local_certified(model, x, y, radius, norms)
+    else:
+        raise ValueError(f"unknown certifier '{name}'")
+    return certified & correct
 
 
 def certify_batch(model: CertifiableNet, x: torch.Tensor, y: torch.Tensor, eps: float,
                   norms: LayerNorms, certifiers: list[str]) -> dict[str, torch.Tensor]:
     """{certifier: certified (bool per example)}; correct predictions only."""
     logits = model(x)
-    out = {}
-    for name in certifiers:
-        if name == "lipschitz":
-            out[name] = lipschitz_certified(logits, y, norms.lipschitz_upper, eps)
-        elif name == "bcp":
-            out[name] = bcp_certified(model, x, y, eps, norms)
-        else:
-            raise ValueError(f"unknown certifier '{name}'")
-        correct = logits.argmax(1) == y
-        out[name] = out[name] & correct
-    return out
+    return {name: certified_at(name, model, x, y, logits, eps, norms) for name in certifiers}

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from ..data.cifar import load_cache
 from ..data.loader import DeviceBatches
@@ -18,8 +19,7 @@ from ..methods import METHODS
 from ..models import build_model
 from ..paths import RunLayout
 from ..training.common import device_name, resolve_device
-from .certifiers import (bcp_certified, certified_radius_lipschitz, certifiers_for, layer_norms,
-                         sound_numerics)
+from .certifiers import certified_at, certifiers_for, layer_norms, sound_numerics
 
 
 def evaluated_test_split(data, certify_cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,24 +44,25 @@ def certify_model(params: dict, method: str, root: Path) -> dict:
     test_x, test_y = evaluated_test_split(data, cfg)
     test = DeviceBatches(test_x, test_y, cfg["batch_size"], device)
     eps = cfg["eps"]
-    radii = torch.linspace(0.0, 2.0 * eps, cfg["radius_points"]).tolist()
+    steps = cfg["radius_points"] - 1
+    radii = [2.0 * eps * k / steps for k in range(steps + 1)]
     certifiers = certifiers_for(model)
     with sound_numerics(model):
         norms = layer_norms(model, cfg["power_iterations"], params["run"]["seed"])
+        # Every radius of the curve, and eps itself, evaluated once per certifier.
+        evaluated = sorted(set(radii) | {eps})
         correct, flags = [], {name: [] for name in certifiers}
-        curve = {name: torch.zeros(len(radii)) for name in certifiers}
-        for x, y in test:
+        counts = {name: torch.zeros(len(evaluated)) for name in certifiers}
+        for x, y in tqdm(test, desc=f"certify {method}", leave=False, mininterval=2.0):
             logits = model(x)
-            ok = logits.argmax(1) == y
-            correct.append(ok.cpu())
-            lip_radius = certified_radius_lipschitz(logits, y, norms.lipschitz_upper)
-            for k, radius in enumerate(radii):
-                lip = (lip_radius > radius) & ok if radius > 0 else ok
-                curve["lipschitz"][k] += lip.sum().item()
-                bcp = bcp_certified(model, x, y, radius, norms) & ok
-                curve["bcp"][k] += bcp.sum().item()
-            flags["lipschitz"].append(((lip_radius > eps) & ok).cpu())
-            flags["bcp"].append((bcp_certified(model, x, y, eps, norms) & ok).cpu())
+            correct.append((logits.argmax(1) == y).cpu())
+            for name in certifiers:
+                for k, radius in enumerate(evaluated):
+                    certified = certified_at(name, model, x, y, logits, radius, norms)
+                    counts[name][k] += certified.sum().item()
+                    if radius == eps:
+                        flags[name].append(certified.cpu())
+        curve = {name: torch.stack([c[evaluated.index(r)] for r in radii]) for name, c in counts.items()}
     n = len(test_y)
     flags = {name: torch.cat(v) for name, v in flags.items()}
     correct = torch.cat(correct)

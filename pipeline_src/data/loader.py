@@ -40,19 +40,22 @@ class DeviceBatches:
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, device: torch.device,
                  shuffle: bool = False, crop_padding: int = 0, flip: bool = False,
-                 generator: torch.Generator | None = None, drop_last: bool = False):
+                 generator: torch.Generator | None = None, drop_last: bool = False,
+                 with_indices: bool = False):
         if shuffle or crop_padding or flip:
             if generator is None:
                 raise ValueError("a generator is needed for shuffling or augmentation")
         self.images, self.labels = images.to(device), labels.to(device)
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
         self.crop_padding, self.flip, self.generator = crop_padding, flip, generator
+        self.with_indices = with_indices
 
     def __len__(self) -> int:
         n = len(self.labels)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        """(x, y), or (x, y, example indices) with `with_indices`."""
         n = len(self.labels)
         order = (torch.randperm(n, generator=self.generator, device=self.images.device)
                  if self.shuffle else torch.arange(n, device=self.images.device))
@@ -61,4 +64,7 @@ class DeviceBatches:
             x = self.images[idx]
             if self.crop_padding or self.flip:
                 x = random_crop_flip(x, self.crop_padding, self.flip, self.generator)
-            yield to_unit_float(x), self.labels[idx]
+            if self.with_indices:
+                yield to_unit_float(x), self.labels[idx], idx
+            else:
+                yield to_unit_float(x), self.labels[idx]

@@ -34,10 +34,13 @@ class CertifiedMethod:
     # The certifier whose result is this method's headline number.
     certifier: str = ""
 
-    def __init__(self, model: CertifiableNet, cfg: dict, generator: torch.Generator):
+    def __init__(self, model: CertifiableNet, cfg: dict, generator: torch.Generator, num_examples: int):
         self.model, self.cfg = model, cfg
 
-    def bounds(self, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor, eps: float) -> StepBounds:
+    def bounds(self, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor, eps: float,
+               index: torch.Tensor) -> StepBounds:
+        """Worst-case logits of the batch (`index`: the examples' positions in the
+        training set, for methods that keep per-example state)."""
         raise NotImplementedError
 
     def after_step(self) -> None:
@@ -50,7 +53,8 @@ class CertifiedMethod:
         pass
 
 
-def build_method(name: str, model: CertifiableNet, cfg: dict, generator: torch.Generator) -> CertifiedMethod:
+def build_method(name: str, model: CertifiableNet, cfg: dict, generator: torch.Generator,
+                 num_examples: int) -> CertifiedMethod:
     if name not in METHODS:
         raise ValueError(f"unknown certified method '{name}' (known: {', '.join(sorted(METHODS))})")
-    return METHODS[name](model, cfg, generator)
+    return METHODS[name](model, cfg, generator, num_examples)

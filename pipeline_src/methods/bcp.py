@@ -16,11 +16,11 @@ class BCP(CertifiedMethod):
     name = "bcp"
     certifier = "bcp"
 
-    def __init__(self, model, cfg, generator):
-        super().__init__(model, cfg, generator)
+    def __init__(self, model, cfg, generator, num_examples):
+        super().__init__(model, cfg, generator, num_examples)
         self.power = PersistentPowerIteration(model.weight_layers(), generator)
 
-    def bounds(self, x, y, logits, eps):
+    def bounds(self, x, y, logits, eps, index):
         sigmas = self.power.norms(self.model.weight_layers(), self.cfg["power_iterations"])
         worst = bcp_worst_logits(self.model, x, y, eps, sigmas, self.cfg["translation_iterations"])
         return StepBounds(worst, torch.stack(sigmas).prod().detach())

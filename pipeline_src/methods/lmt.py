@@ -14,11 +14,11 @@ class LMT(CertifiedMethod):
     name = "lmt"
     certifier = "lipschitz"
 
-    def __init__(self, model, cfg, generator):
-        super().__init__(model, cfg, generator)
+    def __init__(self, model, cfg, generator, num_examples):
+        super().__init__(model, cfg, generator, num_examples)
         self.power = PersistentPowerIteration(model.weight_layers(), generator)
 
-    def bounds(self, x, y, logits, eps):
+    def bounds(self, x, y, logits, eps, index):
         sigmas = self.power.norms(self.model.weight_layers(), self.cfg["power_iterations"])
         lipschitz = torch.stack(sigmas).prod()
         return StepBounds(lipschitz_worst_logits(logits, y, lipschitz, eps), lipschitz.detach())

@@ -78,11 +78,11 @@ def train_certified(params: dict, method_name: str, root: Path) -> dict:
     model_params = {**params["model"], **cfg.get("model", {})}
     model = build_model(model_params).to(device)
     generator = make_generator(seed, device)
-    method = build_method(method_name, model, cfg, generator)
+    method = build_method(method_name, model, cfg, generator, len(data.train_y))
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     train = DeviceBatches(data.train_x, data.train_y, cfg["batch_size"], device, shuffle=True,
                           crop_padding=cfg["augment"]["crop_padding"], flip=cfg["augment"]["flip"],
-                          generator=generator)
+                          generator=generator, with_indices=True)
     val = DeviceBatches(data.val_x, data.val_y, params["certify"]["batch_size"], device)
 
     checkpoint = Checkpoint(root / layout.train(method_name, "checkpoint.pt"),
@@ -106,13 +106,13 @@ def train_certified(params: dict, method_name: str, root: Path) -> dict:
         seen = bounded = 0
         bar = tqdm(train, total=steps, desc=f"{method_name} {epoch + 1}/{cfg['epochs']}", leave=False,
                    mininterval=2.0, dynamic_ncols=True)
-        for step, (x, y) in enumerate(bar):
+        for step, (x, y, index) in enumerate(bar):
             eps, kappa = eps_kappa(cfg, epoch + step / steps)
             logits = model(x)
             clean_loss = F.cross_entropy(logits, y)
             loss = clean_loss
             if kappa < 1.0:
-                bounds = method.bounds(x, y, logits, eps)
+                bounds = method.bounds(x, y, logits, eps, index)
                 robust_loss = F.cross_entropy(bounds.worst_logits, y)
                 loss = kappa * clean_loss + (1.0 - kappa) * robust_loss
                 if bounds.extra_loss is not None:

@@ -37,6 +37,7 @@ BOUND_CODE = MODEL_CODE + [
     "pipeline_src/bounds/bcp.py",
     "pipeline_src/bounds/ibp.py",
     "pipeline_src/bounds/lipschitz.py",
+    "pipeline_src/bounds/local.py",
     "pipeline_src/spectral/operator_norm.py",
     "pipeline_src/certify/certifiers.py",
 ]
@@ -45,6 +46,7 @@ METHOD_CODE = [
     "pipeline_src/methods/base.py",
     "pipeline_src/methods/bcp.py",
     "pipeline_src/methods/lmt.py",
+    "pipeline_src/methods/localbcp.py",
 ]
 EVAL_CODE = CORE_CODE + BOUND_CODE + METHOD_CODE + [
     "pipeline_src/data/cifar.py",

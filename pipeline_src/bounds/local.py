@@ -1,0 +1,174 @@
+"""Local Lipschitz bounds (Huang et al. 2021, "Training certifiably robust
+neural networks with efficient local Lipschitz bounds").
+
+Inside the input ball, a hidden unit whose BCP box is always off (u <= 0) or,
+for the clipped ReLU min(max(x, 0), theta), always saturated (l >= theta)
+gives the same output for every point: it contributes nothing to how far the
+layer's outputs can move. With M_l the 0/1 mask of the other ("varying")
+units before activation l, the layer map x -> act(W x + b) moves its output by
+at most ||M_l W_l M_{l-1}||_2 times the move of its input, so the activations
+before the logit layer stay in a ball of radius eps * prod_l ||M_l W_l M_{l-1}||,
+a per-example radius no larger than BCP's global one.
+
+Training estimates each masked norm by power iteration with one vector per
+layer *per training example*, cached between epochs. A certificate needs
+upper bounds: a dense layer's masked norm is computed exactly (float64
+eigenvalues of its Gram matrix); a convolution keeps its global guaranteed
+bound (the masked norm can only be smaller), so the certified local radius is
+sound but tighter only through the dense layers.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..models.activations import ClippedReLU
+from ..models.architectures import CertifiableNet, WeightLayer
+from ..spectral.operator_norm import apply_adjoint, apply_operator
+from .bcp import BallBox, ball_box_bounds, translated_logits
+
+FLOAT64_MARGIN = 1e-9
+
+
+def varying_unit_masks(model: CertifiableNet, boxes: list[tuple[torch.Tensor, torch.Tensor]]
+                       ) -> list[torch.Tensor]:
+    """0/1 masks of the units whose activation output can change inside the ball,
+    one per hidden layer, from the boxes before each activation."""
+    masks = []
+    for layer, (lower, upper) in zip(model.weight_layers()[:-1], boxes):
+        activation = layer.activation
+        fixed = upper <= 0
+        if isinstance(activation, ClippedReLU):
+            fixed = fixed | (lower >= activation.theta)
+        elif not isinstance(activation, nn.ReLU):
+            raise TypeError(f"local bounds need ReLU or clipped-ReLU activations, not "
+                            f"{type(activation).__name__}")
+        masks.append((~fixed).to(lower.dtype))
+    return masks
+
+
+def _input_mask(layer: WeightLayer, masks: list[torch.Tensor]) -> torch.Tensor | None:
+    if layer.index == 0:
+        return None  # every input pixel can move
+    mask = masks[layer.index - 1]
+    return mask.flatten(1) if layer.flatten_before else mask
+
+
+def masked_operator(layer: WeightLayer, v: torch.Tensor, mask_in, mask_out: torch.Tensor) -> torch.Tensor:
+    """M_out W M_in v, per example."""
+    return mask_out * apply_operator(layer, v if mask_in is None else mask_in * v)
+
+
+def masked_adjoint(layer: WeightLayer, u: torch.Tensor, mask_in, mask_out: torch.Tensor) -> torch.Tensor:
+    """M_in W^T M_out u, per example."""
+    v = apply_adjoint(layer, mask_out * u)
+    return v if mask_in is None else mask_in * v
+
+
+def _per_example_normalise(t: torch.Tensor) -> torch.Tensor:
+    return t / t.flatten(1).norm(dim=1).clamp_min(1e-30).view(-1, *([1] * (t.dim() - 1)))
+
+
+class PerExamplePowerIteration:
+    """Power iteration on each example's masked layer operators. With `cache`, the
+    right singular vectors are kept per training example (in host memory, as the
+    reference does) and continue from step to step; without, each step starts
+    from random vectors drawn from the run's generator."""
+
+    def __init__(self, layers: list[WeightLayer], num_examples: int, cache: bool,
+                 generator: torch.Generator):
+        self.generator = generator
+        self.cache = None
+        if cache:
+            host = torch.Generator().manual_seed(int(torch.randint(
+                0, 2**31 - 1, (1,), generator=generator, device=generator.device)))
+            pin = torch.cuda.is_available()
+            self.cache = [torch.randn((num_examples, *layer.input_shape), generator=host)
+                          for layer in layers[:-1]]
+            if pin:
+                self.cache = [c.pin_memory() for c in self.cache]
+
+    def norms(self, layers: list[WeightLayer], masks: list[torch.Tensor], index: torch.Tensor | None,
+              iterations: int) -> list[torch.Tensor]:
+        """Per-example ||M_l W_l M_{l-1}|| estimates, (B,) each; differentiable in W."""
+        sigmas = []
+        batch = masks[0].shape[0]
+        for layer in layers[:-1]:
+            mask_in, mask_out = _input_mask(layer, masks), masks[layer.index]
+            weight = layer.module.weight
+            if self.cache is not None and index is not None:
+                v = self.cache[layer.index][index.cpu()].to(weight.device, non_blocking=True)
+            else:
+                v = torch.randn((batch, *layer.input_shape), generator=self.generator,
+                                device=self.generator.device, dtype=weight.dtype).to(weight.device)
+            with torch.no_grad():
+                v = v if mask_in is None else mask_in * v
+                v = _per_example_normalise(v)
+                for _ in range(iterations):
+                    v = _per_example_normalise(
+                        masked_adjoint(layer, masked_operator(layer, v, mask_in, mask_out), mask_in, mask_out))
+            if self.cache is not None and index is not None:
+                self.cache[layer.index][index.cpu()] = v.cpu()
+            sigmas.append(masked_operator(layer, v, mask_in, mask_out).flatten(1).norm(dim=1))
+        return sigmas
+
+    def state_dict(self) -> dict:
+        return {"cache": None if self.cache is None else [c.cpu() for c in self.cache]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.cache is not None and state["cache"] is not None:
+            for current, saved in zip(self.cache, state["cache"]):
+                current.copy_(saved)
+
+
+@torch.no_grad()
+def masked_dense_norm_upper(layer: WeightLayer, mask_in: torch.Tensor | None,
+                            mask_out: torch.Tensor) -> torch.Tensor:
+    """Exact ||M_out W M_in|| per example for a dense layer (float64 eigenvalues of
+    the Gram matrix (M_out W M_in)(M_out W M_in)^T), widened for rounding."""
+    weight = layer.module.weight.double()
+    norms = []
+    for start in range(0, mask_out.shape[0], 32):  # chunks bound the memory of the Gram matrices
+        rows = mask_out[start:start + 32].double()[:, :, None] * weight
+        if mask_in is not None:
+            rows = rows * mask_in[start:start + 32].double()[:, None, :]
+        gram = rows @ rows.transpose(1, 2)
+        norms.append(torch.linalg.eigvalsh(gram)[:, -1].clamp_min(0.0).sqrt())
+    return (torch.cat(norms) * (1 + FLOAT64_MARGIN)).to(mask_out.dtype)
+
+
+def local_certified_state(model: CertifiableNet, x: torch.Tensor, eps: float,
+                          global_upper: list[float]) -> tuple[BallBox, torch.Tensor]:
+    """The BCP ball and box at the logit layer with the ball's radius tightened to
+    the sound local radius; all norms are guaranteed upper bounds."""
+    boxes: list = []
+    state, logits = ball_box_bounds(model, x, eps, global_upper, pre_activation=boxes)
+    masks = varying_unit_masks(model, boxes)
+    radius = torch.full_like(state.radius, float(eps))
+    for layer in model.weight_layers()[:-1]:
+        if isinstance(layer.module, nn.Linear):
+            radius = radius * masked_dense_norm_upper(layer, _input_mask(layer, masks), masks[layer.index])
+        else:
+            radius = radius * global_upper[layer.index]
+    return BallBox(state.centre, torch.minimum(radius, state.radius), state.lower, state.upper), logits
+
+
+def local_worst_logits(model: CertifiableNet, x: torch.Tensor, y: torch.Tensor, eps: float,
+                       global_norms: list, power: PerExamplePowerIteration | None,
+                       index: torch.Tensor | None, power_iterations: int,
+                       translation_iterations: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """LocalBCP's worst-case logits and the per-example local Lipschitz product.
+
+    Training (power given): masked norms by per-example power iteration, r_local =
+    eps * prod sigma_l, the BCP translation with r_local. Certification (power
+    None): the sound local radius of `local_certified_state`."""
+    if power is None:
+        state, logits = local_certified_state(model, x, eps, global_norms)
+        return translated_logits(model, state, logits, y, None), state.radius / max(eps, 1e-30)
+    boxes: list = []
+    state, logits = ball_box_bounds(model, x, eps, global_norms, pre_activation=boxes)
+    masks = [m.detach() for m in varying_unit_masks(model, boxes)]
+    sigmas = power.norms(model.weight_layers(), masks, index, power_iterations)
+    local_lipschitz = torch.stack(sigmas).prod(0)
+    state = BallBox(state.centre, eps * local_lipschitz, state.lower, state.upper)
+    return translated_logits(model, state, logits, y, translation_iterations), local_lipschitz
