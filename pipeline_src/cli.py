@@ -50,6 +50,12 @@ def _stage_pgd(params: dict, root: Path, args) -> None:
     attack_model(params, args.method, root)
 
 
+def _benchmark(params: dict, root: Path, args) -> None:
+    from .benchmark import benchmark
+
+    benchmark(params, root, args.methods or params["methods"], args.arch, args.warmup_steps, args.steps)
+
+
 def _export_dvc(params: dict, root: Path, args) -> None:
     from .dag import write_dvc_yaml
 
@@ -79,6 +85,7 @@ STAGES = {
 }
 METHOD_STAGES = ("train", "certify", "pgd")
 TOOLS = {
+    "benchmark": (_benchmark, "seconds per epoch and peak memory of each method beside the floor"),
     "check-params": (_check_params, "validate a profile's params against the schema"),
     "export-dvc": (_export_dvc, "regenerate dvc.yaml files from the Snakemake workflow"),
     "make-sample": (_make_sample, "cut the committed CIFAR-10 sample from a full image archive"),
@@ -99,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "export-dvc":
             cmd.add_argument("--profiles", nargs="+", default=None,
                              help="profiles to export (default: paper and every profiles/*/params.yaml)")
+        if name == "benchmark":
+            cmd.add_argument("--methods", nargs="+", default=None, help="default: the profile's methods")
+            cmd.add_argument("--arch", default=None, help="default: model.arch")
+            cmd.add_argument("--steps", type=int, default=20, help="timed steps per method")
+            cmd.add_argument("--warmup-steps", type=int, default=3, help="untimed steps first")
         if name == "make-sample":
             cmd.add_argument("--source", required=True, help="full CIFAR-10 image archive")
     return parser

@@ -113,7 +113,7 @@ class PerExamplePowerIteration:
         return sigmas
 
     def state_dict(self) -> dict:
-        return {"cache": None if self.cache is None else [c.cpu() for c in self.cache]}
+        return {"cache": None if self.cache is None else [c.detach().cpu().clone() for c in self.cache]}
 
     def load_state_dict(self, state: dict) -> None:
         if self.cache is not None and state["cache"] is not None:
@@ -134,7 +134,10 @@ def masked_dense_norm_upper(layer: WeightLayer, mask_in: torch.Tensor | None,
             rows = rows * mask_in[start:start + 32].double()[:, None, :]
         gram = rows @ rows.transpose(1, 2)
         norms.append(torch.linalg.eigvalsh(gram)[:, -1].clamp_min(0.0).sqrt())
-    return (torch.cat(norms) * (1 + FLOAT64_MARGIN)).to(mask_out.dtype)
+    upper = (torch.cat(norms) * (1 + FLOAT64_MARGIN)).to(mask_out.dtype)
+    # Casting to float32 rounds to nearest, possibly down: one ulp up keeps it an upper bound.
+    # (A zero norm, every unit fixed, is exact.)
+    return torch.where(upper > 0, torch.nextafter(upper, torch.full_like(upper, float("inf"))), upper)
 
 
 def local_certified_state(model: CertifiableNet, x: torch.Tensor, eps: float,

@@ -58,3 +58,23 @@ def build_method(name: str, model: CertifiableNet, cfg: dict, generator: torch.G
     if name not in METHODS:
         raise ValueError(f"unknown certified method '{name}' (known: {', '.join(sorted(METHODS))})")
     return METHODS[name](model, cfg, generator, num_examples)
+
+
+class GlobalNormMethod(CertifiedMethod):
+    """A method that tracks each layer's spectral norm by power iteration with
+    persistent vectors (`power_iterations` per step), checkpointed with the run."""
+
+    def __init__(self, model, cfg, generator, num_examples):
+        super().__init__(model, cfg, generator, num_examples)
+        from ..bounds.lipschitz import PersistentPowerIteration
+
+        self.power = PersistentPowerIteration(model.weight_layers(), generator)
+
+    def layer_norms(self) -> list[torch.Tensor]:
+        return self.power.norms(self.model.weight_layers(), self.cfg["power_iterations"])
+
+    def state_dict(self):
+        return {"power": self.power.state_dict()}
+
+    def load_state_dict(self, state):
+        self.power.load_state_dict(state["power"])

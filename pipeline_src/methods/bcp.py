@@ -7,26 +7,15 @@ from __future__ import annotations
 import torch
 
 from ..bounds.bcp import bcp_worst_logits
-from ..bounds.lipschitz import PersistentPowerIteration
-from .base import CertifiedMethod, StepBounds, register
+from .base import GlobalNormMethod, StepBounds, register
 
 
 @register
-class BCP(CertifiedMethod):
+class BCP(GlobalNormMethod):
     name = "bcp"
     certifier = "bcp"
 
-    def __init__(self, model, cfg, generator, num_examples):
-        super().__init__(model, cfg, generator, num_examples)
-        self.power = PersistentPowerIteration(model.weight_layers(), generator)
-
     def bounds(self, x, y, logits, eps, index):
-        sigmas = self.power.norms(self.model.weight_layers(), self.cfg["power_iterations"])
+        sigmas = self.layer_norms()
         worst = bcp_worst_logits(self.model, x, y, eps, sigmas, self.cfg["translation_iterations"])
         return StepBounds(worst, torch.stack(sigmas).prod().detach())
-
-    def state_dict(self):
-        return {"power": self.power.state_dict()}
-
-    def load_state_dict(self, state):
-        self.power.load_state_dict(state["power"])

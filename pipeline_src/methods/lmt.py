@@ -5,27 +5,15 @@ from __future__ import annotations
 
 import torch
 
-from ..bounds.lipschitz import PersistentPowerIteration, lipschitz_worst_logits
-from .base import CertifiedMethod, StepBounds, register
+from ..bounds.lipschitz import lipschitz_worst_logits
+from .base import GlobalNormMethod, StepBounds, register
 
 
 @register
-class LMT(CertifiedMethod):
+class LMT(GlobalNormMethod):
     name = "lmt"
     certifier = "lipschitz"
 
-    def __init__(self, model, cfg, generator, num_examples):
-        super().__init__(model, cfg, generator, num_examples)
-        self.power = PersistentPowerIteration(model.weight_layers(), generator)
-
     def bounds(self, x, y, logits, eps, index):
-        sigmas = self.power.norms(self.model.weight_layers(), self.cfg["power_iterations"])
-        lipschitz = torch.stack(sigmas).prod()
+        lipschitz = torch.stack(self.layer_norms()).prod()
         return StepBounds(lipschitz_worst_logits(logits, y, lipschitz, eps), lipschitz.detach())
-
-    def state_dict(self):
-        return {"power": self.power.state_dict()}
-
-    def load_state_dict(self, state):
-        self.power.load_state_dict(state["power"])
-

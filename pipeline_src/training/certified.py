@@ -26,13 +26,13 @@ from tqdm import tqdm
 from ..certify.certifiers import certify_batch, layer_norms, sound_numerics
 from ..data.cifar import load_cache
 from ..data.loader import DeviceBatches
-from ..io import git_commit, save_json, save_torch, state_dict_sha256
+from ..io import save_json, save_torch, state_dict_sha256
 from ..methods import build_method
 from ..models import build_model
 from ..paths import RunLayout
-from .common import (Checkpoint, device_name, make_generator, params_fingerprint, peak_memory_mb,
-                     reset_peak_memory, resolve_device, seed_everything, set_learning_rate,
-                     write_history)
+from .common import (Checkpoint, make_generator, params_fingerprint, peak_memory_mb,
+                     reset_peak_memory, resolve_device, run_provenance, seed_everything,
+                     set_learning_rate, write_history)
 
 
 def eps_kappa(cfg: dict, progress: float) -> tuple[float, float]:
@@ -164,19 +164,13 @@ def train_certified(params: dict, method_name: str, root: Path) -> dict:
                 "epoch": best["epoch"], "data_sha256": data.provenance["sha256"]},
                root / layout.train(method_name, "model.pt"))
     write_history(history, root / layout.train(method_name, "history.csv"))
-    seconds = [row["seconds"] for row in history]
     metrics = {
         "stage": "train", "method": method_name, "profile": params["profile"],
         "arch": model_params["arch"], "activation": model_params["activation"],
         "epochs": cfg["epochs"], "seed": seed, "eps_train": cfg["eps_train"], "eps_test": eps_test,
         "selected_epoch": best["epoch"], "val_certified_accuracy": best["val_certified"],
         "weights_sha256": state_dict_sha256(best["state_dict"]),
-        "data": {key: data.provenance[key] for key in ("source", "sha256", "lossy_jpeg", "note", "images")},
-        "timing": {"device": device_name(device),
-                   "seconds_per_epoch_mean": sum(seconds) / len(seconds),
-                   "seconds_total": sum(seconds),
-                   "peak_memory_mb": max(row["peak_memory_mb"] for row in history)},
-        "git_commit": git_commit(root),
+        **run_provenance(history, data.provenance, device, root),
     }
     save_json(metrics, root / layout.train(method_name, "metrics.json"))
     checkpoint.remove()

@@ -130,3 +130,20 @@ class Checkpoint:
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
+
+
+def run_provenance(history: list[dict], provenance: dict, device: torch.device, root: Path) -> dict:
+    """The part of a training metrics file that says where the numbers come from:
+    the data (lossy or not), the timing on the named device, the code version.
+    Wall-clock numbers differ between identical runs: they stay under `timing`."""
+    from ..io import git_commit
+
+    seconds = [row["seconds"] for row in history]
+    return {
+        "data": {key: provenance[key] for key in ("source", "sha256", "lossy_jpeg", "note", "images")},
+        "timing": {"device": device_name(device),
+                   "seconds_per_epoch_mean": sum(seconds) / len(seconds),
+                   "seconds_total": sum(seconds),
+                   "peak_memory_mb": max(row["peak_memory_mb"] for row in history)},
+        "git_commit": git_commit(root),
+    }

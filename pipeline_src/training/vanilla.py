@@ -16,11 +16,11 @@ from tqdm import tqdm
 
 from ..data.cifar import load_cache
 from ..data.loader import DeviceBatches
-from ..io import git_commit, save_json, save_torch, state_dict_sha256
+from ..io import save_json, save_torch, state_dict_sha256
 from ..models import build_model
 from ..paths import RunLayout
-from .common import (Checkpoint, device_name, evaluate, learning_rate, make_generator,
-                     params_fingerprint, peak_memory_mb, reset_peak_memory, resolve_device,
+from .common import (Checkpoint, evaluate, learning_rate, make_generator, params_fingerprint,
+                     peak_memory_mb, reset_peak_memory, resolve_device, run_provenance,
                      seed_everything, set_learning_rate, write_history)
 
 
@@ -95,7 +95,6 @@ def train_vanilla(params: dict, root: Path) -> dict:
     save_torch({"state_dict": model.state_dict(), "model": params["model"],
                 "data_sha256": data.provenance["sha256"]}, root / layout.vanilla_model)
     write_history(history, root / layout.vanilla_history)
-    epoch_seconds = [row["seconds"] for row in history]
     metrics = {
         "stage": "vanilla",
         "profile": params["profile"],
@@ -108,13 +107,7 @@ def train_vanilla(params: dict, root: Path) -> dict:
         "test_loss": test_metrics["loss"],
         "val_accuracy": history[-1]["val_accuracy"],
         "train_accuracy": history[-1]["train_accuracy"],
-        "data": {key: data.provenance[key] for key in ("source", "sha256", "lossy_jpeg", "note", "images")},
-        # Wall-clock numbers differ between identical runs; kept apart from the accuracies.
-        "timing": {"device": device_name(device),
-                   "seconds_per_epoch_mean": sum(epoch_seconds) / len(epoch_seconds),
-                   "seconds_total": sum(epoch_seconds),
-                   "peak_memory_mb": max(row["peak_memory_mb"] for row in history)},
-        "git_commit": git_commit(root),
+        **run_provenance(history, data.provenance, device, root),
     }
     save_json(metrics, root / layout.vanilla_metrics)
     checkpoint.remove()

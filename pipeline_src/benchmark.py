@@ -1,0 +1,130 @@
+"""`python -m pipeline_src benchmark`: seconds per training epoch and peak
+memory of each certified method, beside the floor (a plain cross-entropy
+epoch of the same network) on the same device, data already on the device.
+
+Each measurement runs `warmup_steps` untimed steps, then times `steps` steps
+(synchronising the device) and extrapolates to one epoch of the profile's
+training set at the method's batch size; the eps used is the method's
+eps_train (the full bound, as after the ramp). Numbers are only comparable
+within one run on one device; the output names the device. CPU numbers say
+nothing about a GPU.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .data.cifar import load_cache
+from .data.loader import DeviceBatches
+from .io import git_commit, save_json
+from .methods import build_method
+from .models import build_model
+from .paths import RunLayout
+from .training.common import device_name, make_generator, peak_memory_mb, reset_peak_memory, resolve_device
+
+
+def _time_steps(step, batches, warmup_steps: int, steps: int, device: torch.device) -> tuple[float, float]:
+    """(seconds per step, peak memory MB) of `step(x, y, index)` over the batches."""
+    iterator = iter(batches)
+    for _ in range(warmup_steps):
+        step(*next(iterator))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    reset_peak_memory(device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        step(*next(iterator))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - started) / steps, peak_memory_mb(device)
+
+
+def benchmark(params: dict, root: Path, methods: list[str], arch: str | None, warmup_steps: int,
+              steps: int) -> dict:
+    layout = RunLayout.of(params)
+    device = resolve_device(params["run"]["device"])
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    data = load_cache(root / layout.data_cache)
+    n_train = len(data.train_y)
+    arch = arch or params["model"]["arch"]
+    rows = []
+
+    def run(name: str, batch_size: int, model_params: dict, make_step) -> None:
+        generator = make_generator(params["run"]["seed"], device)
+        model = build_model({**model_params, "arch": arch}).to(device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        batches = DeviceBatches(data.train_x, data.train_y, batch_size, device, shuffle=True,
+                                crop_padding=4, flip=True, generator=generator, with_indices=True,
+                                drop_last=True)
+        needed = warmup_steps + steps
+        if len(batches) < needed:
+            raise ValueError(f"benchmark: {needed} steps need {needed * batch_size} training images, "
+                             f"the cache has {n_train}")
+        step = make_step(model, optimizer, generator)
+        per_step, memory = _time_steps(step, batches, warmup_steps, steps, device)
+        rows.append({"method": name, "arch": arch, "batch_size": batch_size,
+                     "seconds_per_step": per_step,
+                     "seconds_per_epoch": per_step * (n_train // batch_size),
+                     "peak_memory_mb": memory})
+        print(f"[benchmark] {name:9s} {arch} batch {batch_size}: {rows[-1]['seconds_per_epoch']:.2f} s/epoch, "
+              f"{memory:.0f} MB peak", flush=True)
+
+    def plain_step(model, optimizer, generator):
+        def step(x, y, index):
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        return step
+
+    floor_batch = params["bcp"]["batch_size"]
+    run("floor", floor_batch, params["model"], plain_step)
+    for name in methods:
+        cfg = params[name]
+
+        def method_step(model, optimizer, generator, name=name, cfg=cfg):
+            method = build_method(name, model, cfg, generator, n_train)
+
+            def step(x, y, index):
+                logits = model(x)
+                bounds = method.bounds(x, y, logits, cfg["eps_train"], index)
+                loss = F.cross_entropy(bounds.worst_logits, y)
+                if bounds.extra_loss is not None:
+                    loss = loss + bounds.extra_loss
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                method.after_step()
+            return step
+
+        run(name, cfg["batch_size"], {**params["model"], **cfg.get("model", {})}, method_step)
+
+    floor = rows[0]["seconds_per_epoch"]
+    bcp = next((r["seconds_per_epoch"] for r in rows if r["method"] == "bcp"), None)
+    for row in rows:
+        row["ratio_to_floor"] = row["seconds_per_epoch"] / floor
+        row["ratio_to_bcp"] = row["seconds_per_epoch"] / bcp if bcp else None
+    result = {"device": device_name(device), "torch": torch.__version__, "arch": arch,
+              "train_images": n_train, "warmup_steps": warmup_steps, "timed_steps": steps,
+              "note": "seconds per epoch extrapolated from the timed steps; TF32 off",
+              "rows": rows, "git_commit": git_commit(root)}
+    out = root / layout.root / "benchmark" / f"benchmark_{arch}.json"
+    save_json(result, out)
+    print(markdown_table(result))
+    print(f"[benchmark] wrote {out}")
+    return result
+
+
+def markdown_table(result: dict) -> str:
+    lines = [f"Device: {result['device']} (torch {result['torch']}), {result['arch']}, "
+             f"{result['train_images']} training images, {result['timed_steps']} timed steps",
+             "", "| method | batch | s / epoch | peak memory (MB) | x floor | x BCP |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for row in result["rows"]:
+        to_bcp = "" if row["ratio_to_bcp"] is None else f"{row['ratio_to_bcp']:.2f}"
+        lines.append(f"| {row['method']} | {row['batch_size']} | {row['seconds_per_epoch']:.2f} | "
+                     f"{row['peak_memory_mb']:.0f} | {row['ratio_to_floor']:.2f} | {to_bcp} |")
+    return "\n".join(lines)

@@ -1,0 +1,28 @@
+"""The benchmark command: one row per method beside the floor, ratios, the device named."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pipeline_src.benchmark import benchmark, markdown_table
+from pipeline_src.config import load_params
+from pipeline_src.data.cifar import build_cache
+from pipeline_src.paths import RunLayout
+
+
+def test_benchmark_measures_every_method_against_the_floor(tmp_path: Path):
+    params = load_params("smoke")
+    layout = RunLayout.of(params)
+    build_cache(params["data"], tmp_path / layout.data_cache, tmp_path / layout.data_provenance, tmp_path)
+    result = benchmark(params, tmp_path, ["lmt", "bcp"], None, warmup_steps=1, steps=1)
+    assert [row["method"] for row in result["rows"]] == ["floor", "lmt", "bcp"]
+    assert result["device"] == "cpu" and result["arch"] == params["model"]["arch"]
+    floor, lmt, bcp = result["rows"]
+    assert floor["ratio_to_floor"] == 1.0 and bcp["ratio_to_bcp"] == 1.0
+    for row in result["rows"]:
+        assert row["seconds_per_epoch"] > 0
+        assert row["seconds_per_epoch"] == row["seconds_per_step"] * (900 // row["batch_size"])
+    saved = json.loads((tmp_path / layout.root / "benchmark" / "benchmark_6C2F.json").read_text())
+    assert saved["rows"] == result["rows"]
+    table = markdown_table(result)
+    assert "| bcp |" in table and "cpu" in table
