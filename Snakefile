@@ -41,4 +41,5 @@ rule all:
         rules.svd.output,
         expand(rules.certify.output.metrics, method=P["methods"]),
         expand(rules.pgd.output.metrics, method=P["methods"]),
+        expand(rules.similarity.output.metrics, method=P["methods"]),
     default_target: True

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .data.cifar import load_cache
 from .data.loader import DeviceBatches
 from .io import git_commit, save_json
-from .methods import build_method
+from .methods import build_method, method_context
 from .models import build_model
 from .paths import RunLayout
 from .training.common import device_name, make_generator, peak_memory_mb, reset_peak_memory, resolve_device
@@ -86,14 +86,16 @@ def benchmark(params: dict, root: Path, methods: list[str], arch: str | None, wa
         cfg = params[name]
 
         def method_step(model, optimizer, generator, name=name, cfg=cfg):
-            method = build_method(name, model, cfg, generator, n_train)
+            method = build_method(name, model, cfg, generator, n_train,
+                                  method_context(name, root, layout, device))
 
             def step(x, y, index):
-                logits = model(x)
+                logits = method.forward(x)  # the order of a training step
+                regulariser = method.regulariser(x, y, logits)
                 bounds = method.bounds(x, y, logits, cfg["eps_train"], index)
                 loss = F.cross_entropy(bounds.worst_logits, y)
-                if bounds.extra_loss is not None:
-                    loss = loss + bounds.extra_loss
+                if regulariser is not None:
+                    loss = loss + regulariser
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

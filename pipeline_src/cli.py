@@ -56,6 +56,12 @@ def _benchmark(params: dict, root: Path, args) -> None:
     benchmark(params, root, args.methods or params["methods"], args.arch, args.warmup_steps, args.steps)
 
 
+def _stage_similarity(params: dict, root: Path, args) -> None:
+    from .certify.similarity import similarity_metrics
+
+    similarity_metrics(params, args.method, root)
+
+
 def _export_dvc(params: dict, root: Path, args) -> None:
     from .dag import write_dvc_yaml
 
@@ -82,8 +88,9 @@ STAGES = {
     "train": (_stage_train, "certified training of one method (--method)"),
     "certify": (_stage_certify, "certify the test set of one trained method (--method)"),
     "pgd": (_stage_pgd, "attack one trained method and cross-check its certificates (--method)"),
+    "similarity": (_stage_similarity, "rotation similarity of one trained method to the vanilla model"),
 }
-METHOD_STAGES = ("train", "certify", "pgd")
+METHOD_STAGES = ("train", "certify", "pgd", "similarity")
 TOOLS = {
     "benchmark": (_benchmark, "seconds per epoch and peak memory of each method beside the floor"),
     "check-params": (_check_params, "validate a profile's params against the schema"),

@@ -86,13 +86,29 @@ def workflow_stages(profile: str = PAPER_PROFILE, root: Path = PROJECT_ROOT) -> 
             stages.append(Stage(
                 name="_".join([rule.name, *(wildcards[n] for n in names)]),
                 cmd=rule.shellcmd.strip().format(log=" ".join(log), wildcards=SimpleNamespace(**wildcards)),
-                deps=[fill(f) for f in rule.input],
+                deps=[fill(f) for f in _expand_inputs(rule.input, wildcards)],
                 outs=[fill(f) for f in rule.output],
                 log=log,
                 # A param named after a wildcard carries the block of the wildcard's value.
                 params=[wildcards.get(key, key) for key in rule.params.keys()],
             ))
     return stages
+
+
+def _expand_inputs(inputs, wildcards: dict) -> list[str]:
+    """A rule's input files for one job: input functions (plain or unpack()ed)
+    are called with the job's wildcards."""
+    files = []
+    for item in inputs:
+        if item.is_callable():  # snakemake wraps input functions in its file type
+            value = item._file.callable(SimpleNamespace(**wildcards))
+            values = value.values() if isinstance(value, dict) else (
+                value if isinstance(value, (list, tuple)) else [value])
+            for v in values:
+                files.extend(v if isinstance(v, (list, tuple)) else [v])
+        else:
+            files.append(item)
+    return [str(f) for f in files]
 
 
 def dvc_document(profile: str = PAPER_PROFILE, root: Path = PROJECT_ROOT) -> str:

@@ -67,6 +67,10 @@ class RunLayout:
         """metrics.json (PGD accuracy and the cross-check)"""
         return self._at("pgd", method, name)
 
+    def similarity(self, method: str, name: str) -> str:
+        """metrics.json (rotation similarity to the vanilla model, Lipschitz product)"""
+        return self._at("similarity", method, name)
+
     # runner bookkeeping
     def log(self, stage: str) -> str:
         return self._at("logs", f"{stage}.log")

@@ -19,8 +19,9 @@ STAGE_MODULES = {
     "train": "pipeline_src.training.certified",
     "certify": "pipeline_src.certify.stage",
     "pgd": "pipeline_src.certify.attack",
+    "similarity": "pipeline_src.certify.similarity",
 }
-PER_METHOD = ("train", "certify", "pgd")
+PER_METHOD = ("train", "certify", "pgd", "similarity")
 
 
 @pytest.mark.parametrize("profile", known_profiles())

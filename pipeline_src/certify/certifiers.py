@@ -66,10 +66,13 @@ def layer_norms(model: CertifiableNet, power_iterations: int = 200, seed: int = 
 
 
 def certifiers_for(model: CertifiableNet) -> list[str]:
-    """Every certifier that applies to the model: the local bound needs units
-    that can be fixed inside the ball (ReLU or clipped ReLU)."""
+    """The certifiers reported for a model: the Lipschitz margin and BCP for all;
+    the local bound for clipped-ReLU models (the LocalBCP architecture). It is
+    sound for plain ReLU too (`certified_at(..., "local", ...)`), but its
+    per-example exact masked norms are the costliest certificate, so it is
+    spent where the model was trained for it."""
     names = ["lipschitz", "bcp"]
-    if model.activation_name in ("relu", "clipped_relu"):
+    if model.activation_name == "clipped_relu":
         names.append("local")
     return names
 

@@ -6,7 +6,7 @@ model selection live in `training/certified.py`; certification is a separate
 stage (`certify/`). Adding a method is one module here and one params block."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -25,8 +25,6 @@ class StepBounds:
     """What a method computed for one batch."""
     worst_logits: torch.Tensor          # z_hat (B, C)
     lipschitz: torch.Tensor             # product of the layer norms used (a scalar)
-    extra_loss: torch.Tensor | None = None
-    extras: dict = field(default_factory=dict)
 
 
 class CertifiedMethod:
@@ -34,8 +32,19 @@ class CertifiedMethod:
     # The certifier whose result is this method's headline number.
     certifier: str = ""
 
-    def __init__(self, model: CertifiableNet, cfg: dict, generator: torch.Generator, num_examples: int):
+    def __init__(self, model: CertifiableNet, cfg: dict, generator: torch.Generator, num_examples: int,
+                 context: dict | None = None):
+        """`context`: the run around the method (root, layout, device) for methods
+        that read other stages' outputs (Duet reads the vanilla model)."""
         self.model, self.cfg = model, cfg
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The clean logits of the batch (a method may keep intermediate values)."""
+        return self.model(x)
+
+    def regulariser(self, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor) -> torch.Tensor | None:
+        """A loss term added at every step, warm-up included; None for none."""
+        return None
 
     def bounds(self, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor, eps: float,
                index: torch.Tensor) -> StepBounds:
@@ -54,18 +63,18 @@ class CertifiedMethod:
 
 
 def build_method(name: str, model: CertifiableNet, cfg: dict, generator: torch.Generator,
-                 num_examples: int) -> CertifiedMethod:
+                 num_examples: int, context: dict | None = None) -> CertifiedMethod:
     if name not in METHODS:
         raise ValueError(f"unknown certified method '{name}' (known: {', '.join(sorted(METHODS))})")
-    return METHODS[name](model, cfg, generator, num_examples)
+    return METHODS[name](model, cfg, generator, num_examples, context)
 
 
 class GlobalNormMethod(CertifiedMethod):
     """A method that tracks each layer's spectral norm by power iteration with
     persistent vectors (`power_iterations` per step), checkpointed with the run."""
 
-    def __init__(self, model, cfg, generator, num_examples):
-        super().__init__(model, cfg, generator, num_examples)
+    def __init__(self, model, cfg, generator, num_examples, context=None):
+        super().__init__(model, cfg, generator, num_examples, context)
         from ..bounds.lipschitz import PersistentPowerIteration
 
         self.power = PersistentPowerIteration(model.weight_layers(), generator)

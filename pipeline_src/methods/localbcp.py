@@ -13,8 +13,8 @@ class LocalBCP(GlobalNormMethod):
     name = "localbcp"
     certifier = "local"
 
-    def __init__(self, model, cfg, generator, num_examples):
-        super().__init__(model, cfg, generator, num_examples)
+    def __init__(self, model, cfg, generator, num_examples, context=None):
+        super().__init__(model, cfg, generator, num_examples, context)
         self.local_power = PerExamplePowerIteration(model.weight_layers(), num_examples,
                                                     cfg["vector_cache"], generator)
 

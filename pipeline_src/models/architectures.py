@@ -101,6 +101,18 @@ class CertifiableNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
 
+    def forward_with_layer_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The logits and the input of every weight layer (flattened where the layer is dense)."""
+        inputs, h = [], x
+        for layer in self.weight_layers():
+            if layer.flatten_before:
+                h = h.flatten(1)
+            inputs.append(h)
+            h = layer.module(h)
+            if layer.activation is not None:
+                h = layer.activation(h)
+        return h, inputs
+
     def weight_layers(self) -> list[WeightLayer]:
         return [WeightLayer(i, self.body[w], in_shape, out_shape,
                             None if a is None else self.body[a], flatten)

@@ -4,7 +4,8 @@ Schedule (per method, from its params block), with t = epoch + batch/steps:
   * warm-up, t < warmup_epochs: plain cross-entropy (eps = 0, kappa = 1);
   * ramp over ramp_epochs: eps = p * eps_train and kappa = 1 - p * (1 - kappa_final),
     p = (t - warmup) / ramp, interpolated per batch;
-  * loss = kappa * CE(z, y) + (1 - kappa) * CE(z_hat, y) (+ the method's extra term),
+  * loss = kappa * CE(z, y) + (1 - kappa) * CE(z_hat, y) (+ the method's regulariser,
+    applied at every step, warm-up included),
     z_hat the method's worst-case logits; Adam;
   * learning rate: constant through warm-up and ramp, then the reference's
     decay: `step` (x gamma every step_epochs) or `exponential` (to final_lr at
@@ -27,11 +28,11 @@ from ..certify.certifiers import certify_batch, layer_norms, sound_numerics
 from ..data.cifar import load_cache
 from ..data.loader import DeviceBatches
 from ..io import save_json, save_torch, state_dict_sha256
-from ..methods import build_method
+from ..methods import build_method, method_context
 from ..models import build_model
 from ..paths import RunLayout
 from .common import (Checkpoint, make_generator, params_fingerprint, peak_memory_mb,
-                     reset_peak_memory, resolve_device, run_provenance, seed_everything,
+                     reset_peak_memory, resolve_device, run_provenance, seed_everything, stage_seed,
                      set_learning_rate, write_history)
 
 
@@ -73,12 +74,13 @@ def train_certified(params: dict, method_name: str, root: Path) -> dict:
     cfg, seed = params[method_name], params["run"]["seed"]
     eps_test = params["certify"]["eps"]
     device = resolve_device(params["run"]["device"])
-    seed_everything(seed)
+    seed_everything(stage_seed(seed, "train", method_name))
     data = load_cache(root / layout.data_cache)
     model_params = {**params["model"], **cfg.get("model", {})}
     model = build_model(model_params).to(device)
-    generator = make_generator(seed, device)
-    method = build_method(method_name, model, cfg, generator, len(data.train_y))
+    generator = make_generator(stage_seed(seed, "train", method_name, "data"), device)
+    method = build_method(method_name, model, cfg, generator, len(data.train_y),
+                          method_context(method_name, root, layout, device))
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     train = DeviceBatches(data.train_x, data.train_y, cfg["batch_size"], device, shuffle=True,
                           crop_padding=cfg["augment"]["crop_padding"], flip=cfg["augment"]["flip"],
@@ -101,22 +103,22 @@ def train_certified(params: dict, method_name: str, root: Path) -> dict:
         set_learning_rate(optimizer, lr)
         reset_peak_memory(device)
         started = time.perf_counter()
-        sums = {k: torch.zeros((), device=device) for k in ("clean_loss", "robust_loss", "lipschitz")}
+        sums = {k: torch.zeros((), device=device)
+                for k in ("clean_loss", "robust_loss", "lipschitz", "regulariser")}
         counts = {k: torch.zeros((), device=device, dtype=torch.long) for k in ("correct", "certified")}
         seen = bounded = 0
         bar = tqdm(train, total=steps, desc=f"{method_name} {epoch + 1}/{cfg['epochs']}", leave=False,
                    mininterval=2.0, dynamic_ncols=True)
         for step, (x, y, index) in enumerate(bar):
             eps, kappa = eps_kappa(cfg, epoch + step / steps)
-            logits = model(x)
+            logits = method.forward(x)
             clean_loss = F.cross_entropy(logits, y)
             loss = clean_loss
+            regulariser = method.regulariser(x, y, logits)
             if kappa < 1.0:
                 bounds = method.bounds(x, y, logits, eps, index)
                 robust_loss = F.cross_entropy(bounds.worst_logits, y)
                 loss = kappa * clean_loss + (1.0 - kappa) * robust_loss
-                if bounds.extra_loss is not None:
-                    loss = loss + bounds.extra_loss
                 worst = bounds.worst_logits.detach()
                 margin_ok = worst.gather(1, y[:, None]).squeeze(1) > \
                     worst.scatter(1, y[:, None], float("-inf")).amax(1)
@@ -124,6 +126,9 @@ def train_certified(params: dict, method_name: str, root: Path) -> dict:
                 sums["lipschitz"] += bounds.lipschitz * len(y)
                 counts["certified"] += (margin_ok & (logits.argmax(1) == y)).sum()
                 bounded += len(y)
+            if regulariser is not None:
+                loss = loss + regulariser
+                sums["regulariser"] += regulariser.detach() * len(y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -142,6 +147,7 @@ def train_certified(params: dict, method_name: str, root: Path) -> dict:
                "robust_loss": sums["robust_loss"].item() / bounded if bounded else nan,
                "certified_accuracy": 100.0 * counts["certified"].item() / bounded if bounded else nan,
                "lipschitz": sums["lipschitz"].item() / bounded if bounded else nan,
+               "regulariser": sums["regulariser"].item() / seen,
                "eps": eps, "kappa": kappa, "lr": lr,
                "val_clean_accuracy": val_clean, "val_certified_accuracy": val_certified,
                "seconds": seconds, "peak_memory_mb": peak_memory_mb(device)}

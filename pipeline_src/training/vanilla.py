@@ -21,7 +21,7 @@ from ..models import build_model
 from ..paths import RunLayout
 from .common import (Checkpoint, evaluate, learning_rate, make_generator, params_fingerprint,
                      peak_memory_mb, reset_peak_memory, resolve_device, run_provenance,
-                     seed_everything, set_learning_rate, write_history)
+                     seed_everything, stage_seed, set_learning_rate, write_history)
 
 
 def make_optimizer(model: torch.nn.Module, params: dict) -> torch.optim.Optimizer:
@@ -36,11 +36,11 @@ def train_vanilla(params: dict, root: Path) -> dict:
     layout = RunLayout.of(params)
     cfg, seed = params["vanilla"], params["run"]["seed"]
     device = resolve_device(params["run"]["device"])
-    seed_everything(seed)
+    seed_everything(stage_seed(seed, "vanilla"))
     data = load_cache(root / layout.data_cache)
     model = build_model(params["model"]).to(device)
     optimizer = make_optimizer(model, cfg)
-    generator = make_generator(seed, device)
+    generator = make_generator(stage_seed(seed, "vanilla", "data"), device)
     train = DeviceBatches(data.train_x, data.train_y, cfg["batch_size"], device, shuffle=True,
                           crop_padding=cfg["augment"]["crop_padding"], flip=cfg["augment"]["flip"],
                           generator=generator)

@@ -3,11 +3,18 @@
 # the params block of that wildcard's value (dvc.yaml maps it back to that key).
 
 
+def train_inputs(wildcards):
+    """Duet also reads the vanilla model and its SVD factors."""
+    inputs = {"code": CODE["train"], "cache": LAYOUT.data_cache}
+    if wildcards.method == "duet":
+        inputs.update(vanilla=LAYOUT.vanilla_model, factors=LAYOUT.svd_factors)
+    return inputs
+
+
 rule train:
     """Certified training of one method; model selected on validation."""
     input:
-        code=CODE["train"],
-        cache=LAYOUT.data_cache,
+        unpack(train_inputs),
     output:
         model=LAYOUT.train("{method}", "model.pt"),
         history=LAYOUT.train("{method}", "history.csv"),
@@ -76,3 +83,26 @@ rule pgd:
         runtime=120,
     shell:
         stage_command("pgd", method=True)
+
+
+rule similarity:
+    """Rotation similarity to the vanilla model and Lipschitz product (Table 1)."""
+    input:
+        code=CODE["similarity"],
+        model=LAYOUT.train("{method}", "model.pt"),
+        vanilla=LAYOUT.vanilla_model,
+    output:
+        metrics=LAYOUT.similarity("{method}", "metrics.json"),
+    params:
+        run=P["run"],
+        duet=P["duet"],
+        certify=P["certify"],
+    log:
+        LAYOUT.log("similarity_{method}"),
+    benchmark:
+        LAYOUT.benchmark("similarity_{method}")
+    resources:
+        mem_mb=8000,
+        runtime=30,
+    shell:
+        stage_command("similarity", method=True)

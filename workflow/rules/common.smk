@@ -40,11 +40,14 @@ BOUND_CODE = MODEL_CODE + [
     "pipeline_src/bounds/local.py",
     "pipeline_src/spectral/operator_norm.py",
     "pipeline_src/certify/certifiers.py",
+    "pipeline_src/spectral/rotation.py",
+    "pipeline_src/spectral/svd_export.py",
 ]
 METHOD_CODE = [
     "pipeline_src/methods/__init__.py",
     "pipeline_src/methods/base.py",
     "pipeline_src/methods/bcp.py",
+    "pipeline_src/methods/duet.py",
     "pipeline_src/methods/lmt.py",
     "pipeline_src/methods/localbcp.py",
 ]
@@ -57,3 +60,4 @@ EVAL_CODE = CORE_CODE + BOUND_CODE + METHOD_CODE + [
 CODE["train"] = EVAL_CODE + ["pipeline_src/training/certified.py"]
 CODE["certify"] = EVAL_CODE
 CODE["pgd"] = EVAL_CODE + ["pipeline_src/certify/attack.py"]
+CODE["similarity"] = EVAL_CODE + ["pipeline_src/certify/similarity.py"]
