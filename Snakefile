@@ -8,7 +8,7 @@ sys.path.insert(0, workflow.basedir)
 
 from snakemake.exceptions import WorkflowError
 
-from pipeline_src.config import ParamsError, load_params, read_base_params
+from pipeline_src.config import ParamsError, load_params, method_runs, read_base_params
 from pipeline_src.paths import RunLayout
 
 
@@ -26,6 +26,7 @@ try:
 except ParamsError as err:
     raise WorkflowError(f"invalid params: {err}")
 LAYOUT = RunLayout.of(P)
+RUNS = method_runs(P)  # {run name: (method, params block)}
 
 
 include: "workflow/rules/common.smk"
@@ -39,7 +40,7 @@ rule all:
     input:
         rules.vanilla.output,
         rules.svd.output,
-        expand(rules.certify.output.metrics, method=P["methods"]),
-        expand(rules.pgd.output.metrics, method=P["methods"]),
-        expand(rules.similarity.output.metrics, method=P["methods"]),
+        expand(rules.certify.output.metrics, method=RUNS),
+        expand(rules.pgd.output.metrics, method=RUNS),
+        expand(rules.similarity.output.metrics, method=RUNS),
     default_target: True

@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--log", default=None,
                          help="also write everything the stage prints to this file")
         if name in METHOD_STAGES:
-            cmd.add_argument("--method", required=True, help="a certified method, e.g. bcp")
+            cmd.add_argument("--method", required=True,
+                             help="a certified training run: a method (bcp) or a Duet grid point")
         if name == "export-dvc":
             cmd.add_argument("--profiles", nargs="+", default=None,
                              help="profiles to export (default: paper and every profiles/*/params.yaml)")
@@ -159,9 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     from .certify.attack import UnsoundCertificateError
     from .data.cifar import DataError
 
-    if getattr(args, "method", None) and args.method not in params["methods"]:
-        print(f"error: --method {args.method}: not in the profile's methods {params['methods']}",
-              file=sys.stderr)
+    from .config import method_runs
+
+    if getattr(args, "method", None) and args.method not in method_runs(params):
+        print(f"error: --method {args.method}: not a run of this profile "
+              f"({', '.join(method_runs(params))})", file=sys.stderr)
         return 2
     try:
         handler(params, root, args)

@@ -103,3 +103,39 @@ def run_dir(params: dict, root: Path | None = None) -> Path:
 def read_base_params(root: Path = PROJECT_ROOT) -> dict:
     """params.yaml as written, before any profile and unvalidated."""
     return _read_yaml(root / BASE_PARAMS)
+
+
+# Duet's ablation grid: each list given in the duet block adds runs that differ
+# from the base `duet` run in that key.
+DUET_GRID = {"ranks": "rank", "lambdas": "lambda", "sim_forms": "sim_form"}
+
+
+def _grid_value_name(key: str, value) -> str:
+    text = f"{value:g}" if isinstance(value, float) else str(value)
+    prefix = {"rank": "r", "lambda": "l", "sim_form": ""}[key]
+    return prefix + text.replace(".", "p").replace("-", "m").replace("+", "")
+
+
+def method_runs(params: dict) -> dict[str, tuple[str, dict]]:
+    """{run name: (method, its params block)} for every certified training run.
+
+    Every method in `methods` runs once under its own name; Duet also runs once
+    per point of its ablation grid (`duet.ranks` x `duet.lambdas` x
+    `duet.sim_forms`, a missing list meaning the base value) other than the
+    base point, named e.g. `duet-r4-l0p1-direction`."""
+    import itertools
+
+    runs = {}
+    for method in params["methods"]:
+        cfg = params[method]
+        runs[method] = (method, cfg)
+        if method != "duet":
+            continue
+        axes = {key: cfg.get(grid) or [cfg[key]] for grid, key in DUET_GRID.items()}
+        for values in itertools.product(*axes.values()):
+            point = dict(zip(axes, values))
+            if all(point[k] == cfg[k] for k in point):
+                continue
+            name = "-".join(["duet"] + [_grid_value_name(k, v) for k, v in point.items()])
+            runs[name] = (method, {**cfg, **point})
+    return runs

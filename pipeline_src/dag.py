@@ -20,7 +20,8 @@ from pathlib import Path
 
 import yaml
 
-from .config import BASE_PARAMS, PAPER_PROFILE, PROJECT_ROOT, load_params, profile_override_path
+from .config import (BASE_PARAMS, PAPER_PROFILE, PROJECT_ROOT, load_params, method_runs,
+                     profile_override_path)
 
 HEADER = ("# Generated from the Snakemake workflow by `python -m pipeline_src export-dvc`;\n"
           "# do not edit: change workflow/rules/*.smk and regenerate.\n")
@@ -60,7 +61,7 @@ def workflow_rules(profile: str = PAPER_PROFILE, root: Path = PROJECT_ROOT) -> d
 
 
 # Where a wildcard's values come from: the DAG runs one job per value.
-WILDCARD_VALUES = {"method": lambda params: params["methods"]}
+WILDCARD_VALUES = {"method": lambda params: list(method_runs(params))}
 
 
 def workflow_stages(profile: str = PAPER_PROFILE, root: Path = PROJECT_ROOT) -> list[Stage]:
@@ -89,8 +90,9 @@ def workflow_stages(profile: str = PAPER_PROFILE, root: Path = PROJECT_ROOT) -> 
                 deps=[fill(f) for f in _expand_inputs(rule.input, wildcards)],
                 outs=[fill(f) for f in rule.output],
                 log=log,
-                # A param named after a wildcard carries the block of the wildcard's value.
-                params=[wildcards.get(key, key) for key in rule.params.keys()],
+                # A param named `method` carries the params block of the run's method.
+                params=[method_runs(params)[wildcards["method"]][0] if key == "method" else key
+                        for key in rule.params.keys()],
             ))
     return stages
 

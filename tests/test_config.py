@@ -10,7 +10,7 @@ import yaml
 
 from conftest import ROOT
 from pipeline_src.cli import main
-from pipeline_src.config import ParamsError, deep_merge, load_params, run_dir
+from pipeline_src.config import ParamsError, deep_merge, load_params, method_runs, run_dir
 
 
 def test_paper_profile_is_the_papers_configuration():
@@ -87,3 +87,23 @@ def test_cli_reports_a_bad_profile_in_one_line(capsys):
     assert main(["check-params", "--profile", "no-such-profile"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: profile 'no-such-profile'") and err.count("\n") == 1
+
+
+def test_duet_grid_adds_runs_beside_the_base_run():
+    params = load_params("paper")
+    assert list(method_runs(params)) == params["methods"]        # no grid: one run per method
+    params["duet"].update(ranks=[1, 8, "full"], lambdas=[0.1, 1.0], sim_forms=None)
+    runs = method_runs(params)
+    duet_runs = [name for name in runs if name.startswith("duet")]
+    assert duet_runs[0] == "duet" and len(duet_runs) == 6          # 3 x 2 points, the base once
+    assert "duet-r8-l1-paper" not in runs                          # the base point is `duet`
+    method, cfg = runs["duet-r1-l0p1-paper"]
+    assert method == "duet" and cfg["rank"] == 1 and cfg["lambda"] == 0.1
+    assert runs["duet-rfull-l1-paper"][1]["rank"] == "full"
+    assert all(set(name) <= set("abcdefghijklmnopqrstuvwxyz0123456789-") for name in runs)
+    assert params["duet"]["rank"] == 8                             # the params are not changed
+
+
+def test_smoke_profile_runs_two_duet_ranks():
+    ranks = {cfg["rank"] for method, cfg in method_runs(load_params("smoke")).values() if method == "duet"}
+    assert len(ranks) >= 2

@@ -12,11 +12,10 @@ from pathlib import Path
 
 import torch
 
-from ..io import git_commit, save_json
+from ..io import git_commit, load_json, save_json
 from ..paths import RunLayout
 from ..spectral.rotation import exact_rotation, layer_matrix, rotation_cosine
 from ..training.common import resolve_device
-from .certifiers import layer_norms, sound_numerics
 from .stage import load_trained
 
 
@@ -42,18 +41,18 @@ def similarity_metrics(params: dict, method: str, root: Path) -> dict:
     rank = params["duet"]["rank"]
     similarity = rotation_similarity(model, vanilla, [rank, "full"])
     at_rank, full = similarity[rank], similarity["full"]
-    with sound_numerics(model):
-        norms = layer_norms(model, params["certify"]["power_iterations"], params["run"]["seed"])
+    # The Lipschitz column: the certification stage's guaranteed norms, not recomputed.
+    norms = load_json(root / layout.certify(method, "metrics.json"))["spectral_norms"]
     metrics = {
         "stage": "similarity", "method": method, "profile": params["profile"],
         "rank": rank,
         "similarity_per_layer": at_rank, "similarity_mean": sum(at_rank) / len(at_rank),
         "similarity_full_rank_per_layer": full, "similarity_full_rank_mean": sum(full) / len(full),
-        "lipschitz_upper": norms.lipschitz_upper,
-        "lipschitz_estimate": norms.report()["lipschitz_estimate"],
+        "lipschitz_upper": norms["lipschitz_upper"],
+        "lipschitz_estimate": norms["lipschitz_estimate"],
         "git_commit": git_commit(root),
     }
     save_json(metrics, root / layout.similarity(method, "metrics.json"))
     print(f"[similarity] {method}: {metrics['similarity_mean']:.1f}% at rank {rank}, "
-          f"{metrics['similarity_full_rank_mean']:.1f}% at full rank; Lipschitz {norms.lipschitz_upper:.4g}")
+          f"{metrics['similarity_full_rank_mean']:.1f}% at full rank; Lipschitz {norms['lipschitz_upper']:.4g}")
     return metrics

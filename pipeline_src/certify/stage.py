@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from ..data.cifar import load_cache
 from ..data.loader import DeviceBatches
+from ..config import method_runs
 from ..io import git_commit, save_json, save_torch
 from ..methods import METHODS
 from ..models import build_model
@@ -66,7 +67,7 @@ def certify_model(params: dict, method: str, root: Path) -> dict:
     n = len(test_y)
     flags = {name: torch.cat(v) for name, v in flags.items()}
     correct = torch.cat(correct)
-    own = METHODS[method].certifier
+    own = METHODS[method_runs(params)[method][0]].certifier
     metrics = {
         "stage": "certify", "method": method, "profile": params["profile"], "eps": eps,
         "test_images": n,

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..config import method_runs
 from ..certify.certifiers import certify_batch, layer_norms, sound_numerics
 from ..data.cifar import load_cache
 from ..data.loader import DeviceBatches
@@ -69,9 +70,11 @@ def sound_certified_accuracy(model, batches, eps: float, certifier: str) -> tupl
     return 100.0 * correct / count, 100.0 * certified / count
 
 
-def train_certified(params: dict, method_name: str, root: Path) -> dict:
+def train_certified(params: dict, run_name: str, root: Path) -> dict:
+    """Train one run of `method_runs(params)` (a method, or a point of Duet's grid)."""
     layout = RunLayout.of(params)
-    cfg, seed = params[method_name], params["run"]["seed"]
+    method_name, cfg = method_runs(params)[run_name]
+    seed = params["run"]["seed"]
     eps_test = params["certify"]["eps"]
     device = resolve_device(params["run"]["device"])
     seed_everything(stage_seed(seed, "train", method_name))
@@ -87,8 +90,8 @@ def train_certified(params: dict, method_name: str, root: Path) -> dict:
                           generator=generator, with_indices=True)
     val = DeviceBatches(data.val_x, data.val_y, params["certify"]["batch_size"], device)
 
-    checkpoint = Checkpoint(root / layout.train(method_name, "checkpoint.pt"),
-                            params_fingerprint(method_name, model_params, cfg, seed, eps_test,
+    checkpoint = Checkpoint(root / layout.train(run_name, "checkpoint.pt"),
+                            params_fingerprint(run_name, model_params, cfg, seed, eps_test,
                                                data.provenance["sha256"], data.provenance["images"]))
     resumed = checkpoint.load(model, optimizer, generator)
     start_epoch, history, extra = resumed if resumed else (0, [], {})
@@ -107,7 +110,7 @@ def train_certified(params: dict, method_name: str, root: Path) -> dict:
                 for k in ("clean_loss", "robust_loss", "lipschitz", "regulariser")}
         counts = {k: torch.zeros((), device=device, dtype=torch.long) for k in ("correct", "certified")}
         seen = bounded = 0
-        bar = tqdm(train, total=steps, desc=f"{method_name} {epoch + 1}/{cfg['epochs']}", leave=False,
+        bar = tqdm(train, total=steps, desc=f"{run_name} {epoch + 1}/{cfg['epochs']}", leave=False,
                    mininterval=2.0, dynamic_ncols=True)
         for step, (x, y, index) in enumerate(bar):
             eps, kappa = eps_kappa(cfg, epoch + step / steps)
@@ -156,7 +159,7 @@ def train_certified(params: dict, method_name: str, root: Path) -> dict:
         if epoch + 1 > cfg["warmup_epochs"] and val_certified > best["val_certified"]:
             best = {"val_certified": val_certified, "epoch": epoch + 1,
                     "state_dict": copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})}
-        print(f"[{method_name}] epoch {row['epoch']}/{cfg['epochs']} eps {eps:.4f} kappa {kappa:.2f} | "
+        print(f"[{run_name}] epoch {row['epoch']}/{cfg['epochs']} eps {eps:.4f} kappa {kappa:.2f} | "
               f"train clean {row['clean_accuracy']:.1f}% cert {row['certified_accuracy']:.1f}% | "
               f"val clean {val_clean:.1f}% cert {val_certified:.1f}% | lr {lr:.3g} | {seconds:.1f}s",
               flush=True)
@@ -168,16 +171,17 @@ def train_certified(params: dict, method_name: str, root: Path) -> dict:
                 "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
     save_torch({"state_dict": best["state_dict"], "model": model_params, "method": method_name,
                 "epoch": best["epoch"], "data_sha256": data.provenance["sha256"]},
-               root / layout.train(method_name, "model.pt"))
-    write_history(history, root / layout.train(method_name, "history.csv"))
+               root / layout.train(run_name, "model.pt"))
+    write_history(history, root / layout.train(run_name, "history.csv"))
     metrics = {
-        "stage": "train", "method": method_name, "profile": params["profile"],
+        "stage": "train", "run": run_name, "method": method_name, "config": cfg,
+        "profile": params["profile"],
         "arch": model_params["arch"], "activation": model_params["activation"],
         "epochs": cfg["epochs"], "seed": seed, "eps_train": cfg["eps_train"], "eps_test": eps_test,
         "selected_epoch": best["epoch"], "val_certified_accuracy": best["val_certified"],
         "weights_sha256": state_dict_sha256(best["state_dict"]),
         **run_provenance(history, data.provenance, device, root),
     }
-    save_json(metrics, root / layout.train(method_name, "metrics.json"))
+    save_json(metrics, root / layout.train(run_name, "metrics.json"))
     checkpoint.remove()
     return metrics

@@ -1,12 +1,13 @@
-# Certified training, certification and the attack cross-check, one job per
-# method in `methods` (params.yaml). A rule param named after a wildcard carries
-# the params block of that wildcard's value (dvc.yaml maps it back to that key).
+# Certified training, certification, the attack cross-check and the rotation
+# similarity, one job per run of RUNS: every method in `methods`, and every
+# point of Duet's ablation grid (config.method_runs). The rule param `method`
+# carries the run's params block (dvc.yaml maps it to the method's key).
 
 
 def train_inputs(wildcards):
     """Duet also reads the vanilla model and its SVD factors."""
     inputs = {"code": CODE["train"], "cache": LAYOUT.data_cache}
-    if wildcards.method == "duet":
+    if RUNS[wildcards.method][0] == "duet":
         inputs.update(vanilla=LAYOUT.vanilla_model, factors=LAYOUT.svd_factors)
     return inputs
 
@@ -20,7 +21,7 @@ rule train:
         history=LAYOUT.train("{method}", "history.csv"),
         metrics=LAYOUT.train("{method}", "metrics.json"),
     params:
-        method=lambda wildcards: P[wildcards.method],
+        method=lambda wildcards: RUNS[wildcards.method][1],
         run=P["run"],
         model=P["model"],
         certify=P["certify"],
@@ -91,12 +92,12 @@ rule similarity:
         code=CODE["similarity"],
         model=LAYOUT.train("{method}", "model.pt"),
         vanilla=LAYOUT.vanilla_model,
+        certified=LAYOUT.certify("{method}", "metrics.json"),
     output:
         metrics=LAYOUT.similarity("{method}", "metrics.json"),
     params:
         run=P["run"],
         duet=P["duet"],
-        certify=P["certify"],
     log:
         LAYOUT.log("similarity_{method}"),
     benchmark:
