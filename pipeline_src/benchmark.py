@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from .data.cifar import load_cache
 from .data.loader import DeviceBatches
+from .config import method_runs
 from .io import git_commit, save_json
 from .methods import build_method, method_context
 from .models import build_model
@@ -43,7 +44,9 @@ def _time_steps(step, batches, warmup_steps: int, steps: int, device: torch.devi
 
 
 def benchmark(params: dict, root: Path, methods: list[str], arch: str | None, warmup_steps: int,
-              steps: int) -> dict:
+              steps: int, duet_ranks: list | None = None) -> dict:
+    """`methods`: run names of `method_runs` (a method, or a Duet grid point);
+    `duet_ranks`: also time Duet at each of these ranks (its cost against r)."""
     layout = RunLayout.of(params)
     device = resolve_device(params["run"]["device"])
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
@@ -80,14 +83,20 @@ def benchmark(params: dict, root: Path, methods: list[str], arch: str | None, wa
             optimizer.step()
         return step
 
+    runs = method_runs(params)
+    unknown = [name for name in methods if name not in runs]
+    if unknown:
+        raise ValueError(f"benchmark: {unknown} are not runs of this profile ({', '.join(runs)})")
+    timed = [(name, *runs[name]) for name in methods]
+    for rank in duet_ranks or []:
+        timed.append((f"duet-r{rank}", "duet", {**params["duet"], "rank": rank if rank == "full" else int(rank)}))
     floor_batch = params["bcp"]["batch_size"]
     run("floor", floor_batch, params["model"], plain_step)
-    for name in methods:
-        cfg = params[name]
+    for name, method_name, cfg in timed:
 
-        def method_step(model, optimizer, generator, name=name, cfg=cfg):
-            method = build_method(name, model, cfg, generator, n_train,
-                                  method_context(name, root, layout, device))
+        def method_step(model, optimizer, generator, method_name=method_name, cfg=cfg):
+            method = build_method(method_name, model, cfg, generator, n_train,
+                                  method_context(method_name, root, layout, device))
 
             def step(x, y, index):
                 logits = method.forward(x)  # the order of a training step

@@ -53,7 +53,8 @@ def _stage_pgd(params: dict, root: Path, args) -> None:
 def _benchmark(params: dict, root: Path, args) -> None:
     from .benchmark import benchmark
 
-    benchmark(params, root, args.methods or params["methods"], args.arch, args.warmup_steps, args.steps)
+    benchmark(params, root, args.methods or params["methods"], args.arch, args.warmup_steps, args.steps,
+              args.duet_ranks)
 
 
 def _stage_similarity(params: dict, root: Path, args) -> None:
@@ -115,7 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--profiles", nargs="+", default=None,
                              help="profiles to export (default: paper and every profiles/*/params.yaml)")
         if name == "benchmark":
-            cmd.add_argument("--methods", nargs="+", default=None, help="default: the profile's methods")
+            cmd.add_argument("--methods", nargs="+", default=None,
+                             help="runs to time (default: the profile's methods)")
+            cmd.add_argument("--duet-ranks", nargs="+", default=None,
+                             help="also time Duet at these ranks (ints or 'full')")
             cmd.add_argument("--arch", default=None, help="default: model.arch")
             cmd.add_argument("--steps", type=int, default=20, help="timed steps per method")
             cmd.add_argument("--warmup-steps", type=int, default=3, help="untimed steps first")

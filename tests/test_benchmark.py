@@ -26,3 +26,25 @@ def test_benchmark_measures_every_method_against_the_floor(tmp_path: Path):
     assert saved["rows"] == result["rows"]
     table = markdown_table(result)
     assert "| bcp |" in table and "cpu" in table
+
+
+def test_benchmark_times_duet_at_each_rank(tmp_path: Path):
+    """Duet's cost against its rank; Duet reads the vanilla model and its SVD export."""
+    import pytest
+    import torch
+
+    from pipeline_src.models import build_model
+    from pipeline_src.spectral.svd_export import export_svd
+
+    params = load_params("smoke")
+    layout = RunLayout.of(params)
+    build_cache(params["data"], tmp_path / layout.data_cache, tmp_path / layout.data_provenance, tmp_path)
+    (tmp_path / layout.vanilla_model).parent.mkdir(parents=True)
+    torch.save({"state_dict": build_model(params["model"]).state_dict(), "model": params["model"],
+                "data_sha256": "test"}, tmp_path / layout.vanilla_model)
+    export_svd(params, tmp_path)
+    result = benchmark(params, tmp_path, ["bcp"], None, warmup_steps=1, steps=1, duet_ranks=[1, "full"])
+    assert [row["method"] for row in result["rows"]] == ["floor", "bcp", "duet-r1", "duet-rfull"]
+    assert all(row["ratio_to_bcp"] > 0 for row in result["rows"])
+    with pytest.raises(ValueError, match="not runs of this profile"):
+        benchmark(params, tmp_path, ["nope"], None, warmup_steps=1, steps=1)

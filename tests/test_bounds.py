@@ -15,9 +15,7 @@ are patched only while one is built (the model keeps its layout afterwards).
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
-from unittest import mock
 
 import pytest
 import torch
@@ -33,88 +31,21 @@ from pipeline_src.bounds.ibp import flatten_if_needed, interval_activation, inte
 from pipeline_src.bounds.lipschitz import (PersistentPowerIteration, guaranteed_layer_norms,
                                            lipschitz_worst_logits)
 from pipeline_src.certify import certifiers
-from pipeline_src.certify.certifiers import (certified_radius_lipschitz, certify_batch, layer_norms,
+from pipeline_src.certify.certifiers import (certified_radius_lipschitz, certify_batch,
                                              sound_numerics)
-from pipeline_src.models import CertifiableNet, ClippedReLU, WeightLayer
-from pipeline_src.models.architectures import Conv, Dense
+from pipeline_src.models import CertifiableNet, WeightLayer
 from pipeline_src.spectral.operator_norm import dense_operator, operator_norm_upper_bound
+from tiny_nets import (TINY, certification_case, margin_attack, pgd, single_thread,  # noqa: F401
+                       tiny_net, trace)
 
 ACTIVATIONS = ["relu", "maxmin", "clipped_relu"]
 RTOL = 1e-5   # float32 slack, relative to the magnitudes involved
-
-# name -> (input shape, layers); even widths everywhere for MaxMin.
-TINY = {
-    "tiny_conv": ((2, 6, 6), [Conv(4, 3, 1, 1), Conv(4, 4, 2, 1), Dense(8), Dense(3)]),
-    "tiny_dense": ((1, 3, 3), [Dense(6), Dense(6), Dense(4)]),
-}
 
 PROPERTY = settings(max_examples=30, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
 
 # ------------------------------------------------------------------ helpers
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """The networks here are tiny: intra-op threads only add overhead (several
-    times the run time on a busy 2-core machine). Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_net(arch: str, activation: str, seed: int, scale: float = 0.6) -> CertifiableNet:
-    """A tiny CertifiableNet with seeded weights (He scale times `scale`), small
-    random biases and, for clipped ReLU, random thresholds theta in [0, 1.5]."""
-    shape, layout = TINY[arch]
-    with mock.patch.object(architectures, "INPUT_SHAPE", shape), \
-            mock.patch.dict(architectures.ARCHITECTURES, {arch: layout}):
-        model = CertifiableNet(arch, activation, theta_init=1.0)
-    first = model.weight_layers()[0]
-    assert first.input_shape == (shape if not first.flatten_before else (math.prod(shape),))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in model.weight_layers():
-            w = layer.module.weight
-            fan_in = w[0].numel()
-            w.copy_(torch.randn(w.shape, generator=g) * math.sqrt(2.0 / fan_in) * scale)
-            layer.module.bias.copy_(0.1 * torch.randn(layer.module.bias.shape, generator=g))
-            if isinstance(layer.activation, ClippedReLU):
-                layer.activation.theta.copy_(1.5 * torch.rand(layer.activation.theta.shape, generator=g))
-    return model.eval()
-
-
-def trace(model: CertifiableNet, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-    """(pre-activation, post-activation) per weight layer; post is None for the logits."""
-    out, h = [], x
-    for layer in model.weight_layers():
-        pre = layer.module(flatten_if_needed(layer, h))
-        post = None if layer.activation is None else layer.activation(pre)
-        out.append((pre, post))
-        h = post
-    return out
-
-
-def pgd(model: CertifiableNet, x: torch.Tensor, eps: float, objective, steps: int,
-        generator: torch.Generator, start_radius: float = 0.5) -> torch.Tensor:
-    """Projected (normalised) gradient ascent of objective(x') -> (N,) in the l2 ball
-    B(x, eps), from a random start inside it."""
-    n = x.shape[0]
-    delta = torch.randn(x.shape, generator=generator)
-    delta = delta / delta.flatten(1).norm(dim=1).view(-1, *[1] * (x.dim() - 1)) * eps * start_radius
-    step = 2.5 * eps / max(steps, 1)
-    for _ in range(steps):
-        delta.requires_grad_(True)
-        value = objective(x + delta)
-        grad, = torch.autograd.grad(value.sum(), delta)
-        with torch.no_grad():
-            g_norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(n, *[1] * (x.dim() - 1))
-            delta = delta + step * grad / g_norm
-            d_norm = delta.flatten(1).norm(dim=1).view(n, *[1] * (x.dim() - 1))
-            delta = delta * (eps / d_norm).clamp(max=1.0)
-    return (x + delta).detach()
-
-
 @dataclass
 class Case:
     model: CertifiableNet
@@ -161,7 +92,7 @@ def make_case(arch: str, activation: str, seed: int, eps: float, scale: float,
     def objective(z: torch.Tensor) -> torch.Tensor:
         return sum((coef * pre.flatten(1)).sum(1) for coef, (pre, _) in zip(coefs, trace(model, z)))
 
-    attacked_points = pgd(model, x[base_a], eps, objective, steps, g)
+    attacked_points = pgd(x[base_a], eps, objective, steps, g)
     points = torch.cat([x, sampled_points, attacked_points])
     base = torch.cat([torch.arange(batch), base_s, base_a])
     return Case(model, x, y, eps, points, base)
@@ -594,36 +525,9 @@ def test_two_layer_network_by_hand():
 
 
 # ------------------------------------------------------------------ 4. certification
-def margin_attack(model: CertifiableNet, x: torch.Tensor, y: torch.Tensor, eps: float,
-                  steps: int = 50, restarts: int = 5, seed: int = 0) -> torch.Tensor:
-    """The largest max_{i != y} z_i - z_y over random-restart PGD runs (> 0: flipped)."""
-    g = torch.Generator().manual_seed(seed)
-
-    def margin(z_in: torch.Tensor) -> torch.Tensor:
-        z = model(z_in)
-        true = z.gather(1, y[:, None]).squeeze(1)
-        return z.scatter(1, y[:, None], float("-inf")).amax(1) - true
-
-    best = torch.full((x.shape[0],), float("-inf"))
-    for restart in range(restarts):
-        adv = pgd(model, x, eps, margin, steps, g, start_radius=0.0 if restart == 0 else 1.0)
-        assert ((adv - x).flatten(1).norm(dim=1) <= eps * (1 + 1e-5)).all()
-        with torch.no_grad():
-            best = torch.maximum(best, margin(adv))
-    return best
-
-
 @pytest.fixture(scope="module", params=ACTIVATIONS)
 def certified_setup(request):
-    model = tiny_net("tiny_conv", request.param, seed=0, scale=0.5)
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(32, *TINY["tiny_conv"][0], generator=g)
-    with sound_numerics(model):
-        logits = model(x)
-        norms = layer_norms(model, power_iterations=50)
-    y = logits.argmax(1).clone()
-    y[:4] = (y[:4] + 1) % logits.shape[1]            # four misclassified points
-    return model, x, y, logits, norms
+    return certification_case(request.param)
 
 
 def test_certify_batch_certifies_only_correct_points(certified_setup, monkeypatch):

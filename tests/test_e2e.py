@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import copy_project, run
+from conftest import run
 from pipeline_src.config import load_params
 
 SMOKE = Path("results/smoke")

@@ -13,14 +13,13 @@ method (pipeline_src/methods/localbcp.py).
   6. the LocalBCP training method (bounds, gradients to theta, projection).
 
 The tiny networks are real `CertifiableNet`s: `INPUT_SHAPE` and `ARCHITECTURES`
-are patched only while one is built (the same pattern as tests/test_bounds.py,
-copied here rather than imported).
+are patched only while one is built (tests/tiny_nets.py, shared with
+tests/test_bounds.py).
 """
 from __future__ import annotations
 
 import copy
 import math
-from unittest import mock
 
 import pytest
 import torch
@@ -29,105 +28,21 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-import pipeline_src.models.architectures as architectures
 from pipeline_src.bounds.bcp import ball_box_bounds, bcp_worst_logits
-from pipeline_src.bounds.ibp import flatten_if_needed
 from pipeline_src.bounds.lipschitz import guaranteed_layer_norms
 from pipeline_src.bounds.local import (PerExamplePowerIteration, local_certified_state,
                                        local_worst_logits, masked_adjoint, masked_dense_norm_upper,
                                        masked_operator, varying_unit_masks)
 from pipeline_src.certify import certifiers
-from pipeline_src.certify.certifiers import certify_batch, layer_norms, sound_numerics
+from pipeline_src.certify.certifiers import certify_batch, sound_numerics
 from pipeline_src.config import load_params
 from pipeline_src.methods import build_method
-from pipeline_src.models import CertifiableNet, ClippedReLU, WeightLayer
-from pipeline_src.models.architectures import Conv, Dense
+from pipeline_src.models import CertifiableNet, WeightLayer
 from pipeline_src.spectral.operator_norm import dense_operator
+from tiny_nets import (TINY, certification_case, margin_attack, pgd, single_thread,  # noqa: F401
+                       tiny_net, trace)
 
 RTOL = 1e-5   # float32 slack, relative to the magnitudes involved
-
-TINY = {
-    "tiny_conv": ((2, 6, 6), [Conv(4, 3, 1, 1), Conv(4, 4, 2, 1), Dense(8), Dense(3)]),
-    "tiny_dense": ((1, 3, 3), [Dense(6), Dense(6), Dense(4)]),
-}
-
-
-# ------------------------------------------------------------------ helpers
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny networks: intra-op threads only add overhead on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_net(arch: str, activation: str, seed: int, scale: float = 0.6,
-             theta_max: float = 1.5) -> CertifiableNet:
-    """A tiny CertifiableNet with seeded weights (He scale times `scale`), small
-    random biases and, for clipped ReLU, random thresholds theta in [0, theta_max]."""
-    shape, layout = TINY[arch]
-    with mock.patch.object(architectures, "INPUT_SHAPE", shape), \
-            mock.patch.dict(architectures.ARCHITECTURES, {arch: layout}):
-        model = CertifiableNet(arch, activation, theta_init=1.0)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in model.weight_layers():
-            w = layer.module.weight
-            w.copy_(torch.randn(w.shape, generator=g) * math.sqrt(2.0 / w[0].numel()) * scale)
-            layer.module.bias.copy_(0.1 * torch.randn(layer.module.bias.shape, generator=g))
-            if isinstance(layer.activation, ClippedReLU):
-                layer.activation.theta.copy_(theta_max * torch.rand(layer.activation.theta.shape, generator=g))
-    return model.eval()
-
-
-def trace(model: CertifiableNet, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-    """(pre-activation, post-activation) per weight layer; post is None for the logits."""
-    out, h = [], x
-    for layer in model.weight_layers():
-        pre = layer.module(flatten_if_needed(layer, h))
-        post = None if layer.activation is None else layer.activation(pre)
-        out.append((pre, post))
-        h = post
-    return out
-
-
-def bview(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return t.view(-1, *[1] * (like.dim() - 1))
-
-
-def pgd(x: torch.Tensor, eps: float, objective, steps: int, generator: torch.Generator,
-        start_radius: float = 0.5) -> torch.Tensor:
-    """Projected normalised gradient ascent of objective(x') -> (N,) in B(x, eps)."""
-    delta = torch.randn(x.shape, generator=generator)
-    delta = delta / bview(delta.flatten(1).norm(dim=1), x) * eps * start_radius
-    step = 2.5 * eps / max(steps, 1)
-    for _ in range(steps):
-        delta.requires_grad_(True)
-        grad, = torch.autograd.grad(objective(x + delta).sum(), delta)
-        with torch.no_grad():
-            delta = delta + step * grad / bview(grad.flatten(1).norm(dim=1).clamp_min(1e-12), x)
-            delta = delta * bview((eps / delta.flatten(1).norm(dim=1)).clamp(max=1.0), x)
-    return (x + delta).detach()
-
-
-def margin_attack(model: CertifiableNet, x: torch.Tensor, y: torch.Tensor, eps: float,
-                  steps: int = 50, restarts: int = 5, seed: int = 0) -> torch.Tensor:
-    """The largest max_{i != y} z_i - z_y over random-restart l2 PGD runs (> 0: flipped)."""
-    g = torch.Generator().manual_seed(seed)
-
-    def margin(z_in: torch.Tensor) -> torch.Tensor:
-        z = model(z_in)
-        return z.scatter(1, y[:, None], float("-inf")).amax(1) - z.gather(1, y[:, None]).squeeze(1)
-
-    best = torch.full((x.shape[0],), float("-inf"))
-    for restart in range(restarts):
-        adv = pgd(x, eps, margin, steps, g, start_radius=0.0 if restart == 0 else 1.0)
-        assert ((adv - x).flatten(1).norm(dim=1) <= eps * (1 + 1e-5)).all()
-        with torch.no_grad():
-            best = torch.maximum(best, margin(adv))
-    return best
-
 
 def exact_masked_norm(dense: torch.Tensor, mask_in: torch.Tensor | None, mask_out: torch.Tensor) -> float:
     """||diag(mask_out) D diag(mask_in)||_2 in float64 for one example."""
@@ -615,16 +530,8 @@ def test_per_example_power_iteration_without_cache_is_seeded():
 # ------------------------------------------------------------------ 5. the "local" certifier
 @pytest.fixture(scope="module", params=["relu", "clipped_relu"])
 def local_setup(request):
-    # Small weights; for clipped ReLU small thresholds, so many units saturate.
-    model = tiny_net("tiny_conv", request.param, seed=0, scale=0.5, theta_max=0.3)
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(32, *TINY["tiny_conv"][0], generator=g)
-    with sound_numerics(model):
-        logits = model(x)
-        norms = layer_norms(model, power_iterations=50)
-    y = logits.argmax(1).clone()
-    y[:4] = (y[:4] + 1) % logits.shape[1]            # four misclassified points
-    return model, x, y, logits, norms
+    # Small thresholds for the clipped ReLU, so many units saturate.
+    return certification_case(request.param, theta_max=0.3)
 
 
 def test_local_certifier_certifies_only_correct_points(local_setup, monkeypatch):
