@@ -40,8 +40,6 @@ BOUND_CODE = MODEL_CODE + [
     "pipeline_src/bounds/local.py",
     "pipeline_src/spectral/operator_norm.py",
     "pipeline_src/certify/certifiers.py",
-    "pipeline_src/spectral/rotation.py",
-    "pipeline_src/spectral/svd_export.py",
 ]
 METHOD_CODE = [
     "pipeline_src/methods/__init__.py",
@@ -50,6 +48,7 @@ METHOD_CODE = [
     "pipeline_src/methods/duet.py",
     "pipeline_src/methods/lmt.py",
     "pipeline_src/methods/localbcp.py",
+    "pipeline_src/spectral/rotation.py",
 ]
 EVAL_CODE = CORE_CODE + BOUND_CODE + METHOD_CODE + [
     "pipeline_src/data/cifar.py",
@@ -57,7 +56,8 @@ EVAL_CODE = CORE_CODE + BOUND_CODE + METHOD_CODE + [
     "pipeline_src/training/common.py",
     "pipeline_src/certify/stage.py",
 ]
-CODE["train"] = EVAL_CODE + ["pipeline_src/training/certified.py"]
+# Duet's training also reads the SVD export's factors.
+CODE["train"] = EVAL_CODE + ["pipeline_src/training/certified.py", "pipeline_src/spectral/svd_export.py"]
 CODE["certify"] = EVAL_CODE
 CODE["pgd"] = EVAL_CODE + ["pipeline_src/certify/attack.py"]
 CODE["similarity"] = EVAL_CODE + ["pipeline_src/certify/similarity.py"]
