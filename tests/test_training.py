@@ -165,6 +165,10 @@ def test_certified_lr_schedules():
     assert certified_learning_rate(exp, 19) == pytest.approx(1e-6)
     values = [certified_learning_rate(exp, e) for e in range(10, 20)]
     assert all(a > b for a, b in zip(values, values[1:]))
+    delayed = {**exp, "lr_schedule": {**exp["lr_schedule"], "delay_epochs": 3}}
+    assert [certified_learning_rate(delayed, e) for e in (10, 12)] == [1e-3, 1e-3]
+    assert certified_learning_rate(delayed, 14) < 1e-3
+    assert certified_learning_rate(delayed, 19) == pytest.approx(1e-6)
 
 
 @pytest.mark.parametrize("method", ["lmt", "bcp", "localbcp"])

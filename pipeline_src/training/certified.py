@@ -47,8 +47,10 @@ def eps_kappa(cfg: dict, progress: float) -> tuple[float, float]:
 
 
 def certified_learning_rate(cfg: dict, epoch: int) -> float:
-    """Constant until the ramp ends, then the method's decay (per epoch)."""
-    schedule, decay_start = cfg["lr_schedule"], cfg["warmup_epochs"] + cfg["ramp_epochs"]
+    """Constant until the ramp ends (and `delay_epochs` more), then the method's
+    decay (per epoch)."""
+    schedule = cfg["lr_schedule"]
+    decay_start = cfg["warmup_epochs"] + cfg["ramp_epochs"] + schedule.get("delay_epochs", 0)
     if schedule["kind"] == "constant" or epoch < decay_start:
         return cfg["lr"]
     if schedule["kind"] == "step":
