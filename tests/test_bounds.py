@@ -35,8 +35,8 @@ from pipeline_src.certify.certifiers import (certified_radius_lipschitz, certify
                                              sound_numerics)
 from pipeline_src.models import CertifiableNet, WeightLayer
 from pipeline_src.spectral.operator_norm import dense_operator, operator_norm_upper_bound
-from tiny_nets import (TINY, certification_case, margin_attack, pgd, single_thread,  # noqa: F401
-                       tiny_net, trace)
+from tiny_nets import (TINY, ball_samples, certification_case, margin_attack, pgd,  # noqa: F401
+                       single_thread, tiny_net, trace)
 
 ACTIVATIONS = ["relu", "maxmin", "clipped_relu"]
 RTOL = 1e-5   # float32 slack, relative to the magnitudes involved
@@ -64,15 +64,9 @@ def make_case(arch: str, activation: str, seed: int, eps: float, scale: float,
     x = torch.rand(batch, *shape, generator=g)
     num_classes = model.weight_layers()[-1].output_shape[0]
     y = torch.randint(0, num_classes, (batch,), generator=g)
-    ones = [1] * len(shape)
 
     # Sampled: uniform directions; half on the sphere, half at a uniform radius <= eps.
-    base_s = torch.arange(batch).repeat_interleave(sampled)
-    direction = torch.randn(batch * sampled, *shape, generator=g, dtype=torch.float64)
-    direction = direction / direction.flatten(1).norm(dim=1).view(-1, *ones)
-    radius = torch.rand(batch * sampled, generator=g, dtype=torch.float64) * eps
-    radius[::2] = eps
-    sampled_points = (x[base_s].double() + radius.view(-1, *ones) * direction).float()
+    sampled_points, base_s = ball_samples(x, eps, sampled, g)
 
     # PGD: each run pushes one random unit of one random layer up or down, or
     # (on the logits) one random margin z_t - z_y up.

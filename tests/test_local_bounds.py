@@ -39,8 +39,8 @@ from pipeline_src.config import load_params
 from pipeline_src.methods import build_method
 from pipeline_src.models import CertifiableNet, WeightLayer
 from pipeline_src.spectral.operator_norm import dense_operator
-from tiny_nets import (TINY, certification_case, margin_attack, pgd, single_thread,  # noqa: F401
-                       tiny_net, trace)
+from tiny_nets import (TINY, ball_samples, certification_case, margin_attack, pgd,  # noqa: F401
+                       single_thread, tiny_net, trace)
 
 RTOL = 1e-5   # float32 slack, relative to the magnitudes involved
 
@@ -151,7 +151,6 @@ def sound_case(arch: str, activation: str, seed: int, eps: float, scale: float, 
     model = tiny_net(arch, activation, seed, scale, theta_max)
     g = torch.Generator().manual_seed(seed + 1)
     shape = TINY[arch][0]
-    ones = [1] * len(shape)
     x = torch.rand(batch, *shape, generator=g)
     num_classes = model.weight_layers()[-1].output_shape[0]
     y = torch.randint(0, num_classes, (batch,), generator=g)
@@ -162,12 +161,7 @@ def sound_case(arch: str, activation: str, seed: int, eps: float, scale: float, 
         masks = varying_unit_masks(model, boxes)
         clean = trace(model, x)
 
-    base_s = torch.arange(batch).repeat_interleave(sampled)
-    direction = torch.randn(batch * sampled, *shape, generator=g, dtype=torch.float64)
-    direction = direction / direction.flatten(1).norm(dim=1).view(-1, *ones)
-    radius = torch.rand(batch * sampled, generator=g, dtype=torch.float64) * eps
-    radius[::2] = eps
-    sampled_points = (x[base_s].double() + radius.view(-1, *ones) * direction).float()
+    sampled_points, base_s = ball_samples(x, eps, sampled, g)
 
     base_a = torch.arange(batch).repeat_interleave(attacked)
     n = batch * attacked

@@ -117,3 +117,17 @@ def certification_case(activation: str, theta_max: float = 1.5):
     y = logits.argmax(1).clone()
     y[:4] = (y[:4] + 1) % logits.shape[1]
     return model, x, y, logits, norms
+
+
+def ball_samples(x: torch.Tensor, eps: float, per_point: int,
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """`per_point` points of each l2 ball B(x_b, eps) in uniform directions, half on
+    the sphere and half at a uniform radius <= eps; returns (points, index b of each)."""
+    batch, shape = x.shape[0], x.shape[1:]
+    ones = [1] * len(shape)
+    base = torch.arange(batch).repeat_interleave(per_point)
+    direction = torch.randn(batch * per_point, *shape, generator=generator, dtype=torch.float64)
+    direction = direction / direction.flatten(1).norm(dim=1).view(-1, *ones)
+    radius = torch.rand(batch * per_point, generator=generator, dtype=torch.float64) * eps
+    radius[::2] = eps
+    return (x[base].double() + radius.view(-1, *ones) * direction).float(), base
