@@ -3,6 +3,7 @@
 # dvc.yaml files are generated from this workflow (`python -m pipeline_src
 # export-dvc`); a test fails when they drift apart.
 import sys
+from pathlib import Path
 
 sys.path.insert(0, workflow.basedir)
 
@@ -15,18 +16,23 @@ from pipeline_src.paths import RunLayout
 configfile: "params.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 PROFILE = config.get("profile", "paper")
+# The project this Snakefile is in (not the one a pipeline_src already imported belongs to).
+ROOT = Path(workflow.basedir)
 try:
     # Stages read params from the files, never from --config: only `profile` may be set there.
-    extra = {k: v for k, v in config.items() if k != "profile" and read_base_params().get(k) != v}
+    extra = {k: v for k, v in config.items() if k != "profile" and read_base_params(ROOT).get(k) != v}
     if extra:
         raise ParamsError(f"--config: set {', '.join(sorted(extra))} in params.yaml or a profile, "
                           "not on the command line (only 'profile' is read from --config)")
-    P = load_params(PROFILE)
+    P = load_params(PROFILE, ROOT)
 except ParamsError as err:
     raise WorkflowError(f"invalid params: {err}")
 LAYOUT = RunLayout.of(P)
-RUNS = method_runs(P)  # {run name: (method, params block)}
+RUNS = method_runs(P)  # {run name: CertifiedRun(method, params block, seed, group)}
 
 
 include: "workflow/rules/common.smk"
@@ -34,6 +40,7 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/vanilla.smk"
 include: "workflow/rules/svd.smk"
 include: "workflow/rules/certified.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:
@@ -43,4 +50,7 @@ rule all:
         expand(rules.certify.output.metrics, method=RUNS),
         expand(rules.pgd.output.metrics, method=RUNS),
         expand(rules.similarity.output.metrics, method=RUNS),
+        rules.tables.output,
+        rules.figures.output,
+        rules.report.output,
     default_target: True

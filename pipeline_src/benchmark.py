@@ -83,11 +83,12 @@ def benchmark(params: dict, root: Path, methods: list[str], arch: str | None, wa
             optimizer.step()
         return step
 
-    runs = method_runs(params)
+    # A run's cost does not depend on its seed: runs are named by their group (`bcp`).
+    runs = {run.group: run for run in method_runs(params).values()}
     unknown = [name for name in methods if name not in runs]
     if unknown:
         raise ValueError(f"benchmark: {unknown} are not runs of this profile ({', '.join(runs)})")
-    timed = [(name, *runs[name]) for name in methods]
+    timed = [(name, runs[name].method, runs[name].config) for name in methods]
     for rank in duet_ranks or []:
         timed.append((f"duet-r{rank}", "duet", {**params["duet"], "rank": rank if rank == "full" else int(rank)}))
     floor_batch = params["bcp"]["batch_size"]

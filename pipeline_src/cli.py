@@ -63,6 +63,24 @@ def _stage_similarity(params: dict, root: Path, args) -> None:
     similarity_metrics(params, args.method, root)
 
 
+def _stage_tables(params: dict, root: Path, args) -> None:
+    from .report.stage import make_tables
+
+    make_tables(params, root)
+
+
+def _stage_figures(params: dict, root: Path, args) -> None:
+    from .report.stage import make_figures
+
+    make_figures(params, root)
+
+
+def _stage_report(params: dict, root: Path, args) -> None:
+    from .report.stage import make_report
+
+    make_report(params, root)
+
+
 def _export_dvc(params: dict, root: Path, args) -> None:
     from .dag import write_dvc_yaml
 
@@ -90,6 +108,9 @@ STAGES = {
     "certify": (_stage_certify, "certify the test set of one trained method (--method)"),
     "pgd": (_stage_pgd, "attack one trained method and cross-check its certificates (--method)"),
     "similarity": (_stage_similarity, "rotation similarity of one trained method to the vanilla model"),
+    "tables": (_stage_tables, "Tables 1-3 from every run's metrics, beside the paper's numbers"),
+    "figures": (_stage_figures, "Figures 2-3, the radius curve and per-layer similarity"),
+    "report": (_stage_report, "REPORT.md: the tables, figures and provenance of the run"),
 }
 METHOD_STAGES = ("train", "certify", "pgd", "similarity")
 TOOLS = {
@@ -163,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from .certify.attack import UnsoundCertificateError
     from .data.cifar import DataError
+    from .report.collect import ReportError
 
     from .config import method_runs
 
@@ -172,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         handler(params, root, args)
-    except (DataError, ParamsError, UnsoundCertificateError) as err:
+    except (DataError, ParamsError, ReportError, UnsoundCertificateError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

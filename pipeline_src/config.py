@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -116,19 +116,33 @@ def _grid_value_name(key: str, value) -> str:
     return prefix + text.replace(".", "p").replace("-", "m").replace("+", "")
 
 
-def method_runs(params: dict) -> dict[str, tuple[str, dict]]:
-    """{run name: (method, its params block)} for every certified training run.
+class CertifiedRun(NamedTuple):
+    """One certified training run of the DAG."""
+    method: str   # lmt | bcp | localbcp | duet: the module that trains it
+    config: dict  # the method's params block, with the grid point's values
+    seed: int     # run.seed, or one of `seeds`
+    group: str    # the run name without its seed: the row of the tables
+
+
+def seed_run_name(group: str, seed: int) -> str:
+    return f"{group}-s{seed}"
+
+
+def method_runs(params: dict) -> dict[str, CertifiedRun]:
+    """{run name: CertifiedRun} for every certified training run.
 
     Every method in `methods` runs once under its own name; Duet also runs once
     per point of its ablation grid (`duet.ranks` x `duet.lambdas` x
     `duet.sim_forms`, a missing list meaning the base value) other than the
-    base point, named e.g. `duet-r4-l0p1-direction`."""
+    base point, named e.g. `duet-r4-l0p1-direction`. With `seeds` set, each of
+    these runs once per seed, named with the seed (`bcp-s1`); without it, once
+    with run.seed under the plain name."""
     import itertools
 
-    runs = {}
+    groups = {}
     for method in params["methods"]:
         cfg = params[method]
-        runs[method] = (method, cfg)
+        groups[method] = (method, cfg)
         if method != "duet":
             continue
         axes = {key: cfg.get(grid) or [cfg[key]] for grid, key in DUET_GRID.items()}
@@ -137,5 +151,10 @@ def method_runs(params: dict) -> dict[str, tuple[str, dict]]:
             if all(point[k] == cfg[k] for k in point):
                 continue
             name = "-".join(["duet"] + [_grid_value_name(k, v) for k, v in point.items()])
-            runs[name] = (method, {**cfg, **point})
-    return runs
+            groups[name] = (method, {**cfg, **point})
+    seeds = params.get("seeds")
+    if seeds is None:
+        return {group: CertifiedRun(method, cfg, params["run"]["seed"], group)
+                for group, (method, cfg) in groups.items()}
+    return {seed_run_name(group, seed): CertifiedRun(method, cfg, seed, group)
+            for group, (method, cfg) in groups.items() for seed in seeds}

@@ -27,7 +27,7 @@ HEADER = ("# Generated from the Snakemake workflow by `python -m pipeline_src ex
           "# do not edit: change workflow/rules/*.smk and regenerate.\n")
 # Small text outputs are kept in git, not in the DVC cache; metrics files and
 # per-epoch histories are declared as such for `dvc metrics` and `dvc plots`.
-UNCACHED_OUTS = ("summary.json", "provenance.json")
+UNCACHED_OUTS = ("summary.json", "provenance.json", ".md", ".csv", ".tex")
 METRICS = ("metrics.json",)
 PLOTS = ("history.csv",)
 
@@ -91,7 +91,7 @@ def workflow_stages(profile: str = PAPER_PROFILE, root: Path = PROJECT_ROOT) -> 
                 outs=[fill(f) for f in rule.output],
                 log=log,
                 # A param named `method` carries the params block of the run's method.
-                params=[method_runs(params)[wildcards["method"]][0] if key == "method" else key
+                params=[method_runs(params)[wildcards["method"]].method if key == "method" else key
                         for key in rule.params.keys()],
             ))
     return stages
@@ -120,7 +120,8 @@ def dvc_document(profile: str = PAPER_PROFILE, root: Path = PROJECT_ROOT) -> str
     if override is not None:
         override_keys = set(yaml.safe_load(override.read_text()) or {})
     stages = {}
-    for stage in workflow_stages(profile, root):
+    workflow = workflow_stages(profile, root)
+    for stage in workflow:
         unknown = [key for key in stage.params if key not in params]
         if unknown:
             raise ValueError(f"rule {stage.name}: params {unknown} are not params.yaml blocks; name "
@@ -143,8 +144,24 @@ def dvc_document(profile: str = PAPER_PROFILE, root: Path = PROJECT_ROOT) -> str
             if declared:
                 entry[kind] = declared
         stages[stage.name] = entry
+    # Top-level plot paths are relative to the dvc.yaml file, not to the stages' wdir.
+    document = {"stages": stages, "plots": training_curves(workflow, "" if override is None else "../../")}
     title = f"# Profile '{profile}': `dvc repro{'' if override is None else ' ' + dvc_yaml_path(profile, root).relative_to(root).as_posix()}`.\n"
-    return HEADER + title + yaml.safe_dump({"stages": stages}, sort_keys=False, width=100)
+    return HEADER + title + yaml.safe_dump(document, sort_keys=False, width=100, allow_unicode=True)
+
+
+# `dvc plots show`: the certified runs' per-epoch curves, one plot per quantity.
+TRAINING_CURVES = {"clean accuracy (%)": "clean_accuracy",
+                   "certified accuracy on validation, sound certifier (%)": "val_certified_accuracy",
+                   "robust loss": "robust_loss"}
+
+
+def training_curves(stages: list[Stage], prefix: str = "") -> list[dict]:
+    histories = [prefix + out for stage in stages if stage.name.startswith("train_")
+                 for out in stage.outs if out.endswith(PLOTS)]
+    return [{column: {"x": "epoch", "y": {path: column for path in histories}, "title": title,
+                      "x_label": "epoch", "y_label": title}}
+            for title, column in TRAINING_CURVES.items()]
 
 
 def dvc_yaml_path(profile: str, root: Path = PROJECT_ROOT) -> Path:

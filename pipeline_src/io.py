@@ -45,6 +45,11 @@ def save_torch(obj: Any, path: str | Path) -> None:
         torch.save(obj, tmp)
 
 
+def save_text(text: str, path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
 def save_json(obj: Any, path: str | Path) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")

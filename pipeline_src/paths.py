@@ -71,6 +71,19 @@ class RunLayout:
         """metrics.json (rotation similarity to the vanilla model, Lipschitz product)"""
         return self._at("similarity", method, name)
 
+    # the report stages: the paper's tables and figures, and REPORT.md
+    def table(self, number: int, extension: str) -> str:
+        """table{1,2,3}.{md,csv,tex}"""
+        return self._at("tables", f"table{number}.{extension}")
+
+    def figure(self, name: str, extension: str) -> str:
+        """fig2_clean, fig3_certified, radius_curve, similarity_per_layer as png and pdf"""
+        return self._at("figures", f"{name}.{extension}")
+
+    @property
+    def report(self) -> str:
+        return self._at("REPORT.md")
+
     # runner bookkeeping
     def log(self, stage: str) -> str:
         return self._at("logs", f"{stage}.log")

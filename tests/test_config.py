@@ -97,13 +97,36 @@ def test_duet_grid_adds_runs_beside_the_base_run():
     duet_runs = [name for name in runs if name.startswith("duet")]
     assert duet_runs[0] == "duet" and len(duet_runs) == 6          # 3 x 2 points, the base once
     assert "duet-r8-l1-paper" not in runs                          # the base point is `duet`
-    method, cfg = runs["duet-r1-l0p1-paper"]
+    method, cfg, seed, group = runs["duet-r1-l0p1-paper"]
     assert method == "duet" and cfg["rank"] == 1 and cfg["lambda"] == 0.1
-    assert runs["duet-rfull-l1-paper"][1]["rank"] == "full"
+    assert seed == params["run"]["seed"] and group == "duet-r1-l0p1-paper"
+    assert runs["duet-rfull-l1-paper"].config["rank"] == "full"
     assert all(set(name) <= set("abcdefghijklmnopqrstuvwxyz0123456789-") for name in runs)
     assert params["duet"]["rank"] == 8                             # the params are not changed
 
 
 def test_smoke_profile_runs_two_duet_ranks():
-    ranks = {cfg["rank"] for method, cfg in method_runs(load_params("smoke")).values() if method == "duet"}
+    ranks = {run.config["rank"] for run in method_runs(load_params("smoke")).values() if run.method == "duet"}
     assert len(ranks) >= 2
+
+
+def test_seeds_run_every_method_and_grid_point_once_per_seed():
+    params = load_params("smoke")
+    params["seeds"] = [0, 3]
+    runs = method_runs(params)
+    groups = list(method_runs(load_params("smoke")))
+    assert set(runs) == {f"{group}-s{seed}" for group in groups for seed in (0, 3)}
+    assert runs["bcp-s3"].seed == 3 and runs["bcp-s3"].group == "bcp" and runs["bcp-s3"].method == "bcp"
+    assert runs["duet-r1-l1-paper-s0"].config["rank"] == 1
+
+
+@pytest.mark.parametrize("seeds", [[], [0, 0], [-1], "0"])
+def test_bad_seeds_are_refused_with_the_key_named(seeds, tmp_path):
+    base = yaml.safe_load((ROOT / "params.yaml").read_text())
+    base["seeds"] = seeds
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(base))
+    (tmp_path / "workflow/schemas").mkdir(parents=True)
+    (tmp_path / "workflow/schemas/params.schema.yaml").write_text(
+        (ROOT / "workflow/schemas/params.schema.yaml").read_text())
+    with pytest.raises(ParamsError, match="seeds"):
+        load_params("paper", tmp_path)

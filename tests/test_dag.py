@@ -21,6 +21,9 @@ STAGE_MODULES = {
     "certify": "pipeline_src.certify.stage",
     "pgd": "pipeline_src.certify.attack",
     "similarity": "pipeline_src.certify.similarity",
+    "tables": "pipeline_src.report.tables",
+    "figures": "pipeline_src.report.figures",
+    "report": "pipeline_src.report.document",
 }
 PER_METHOD = ("train", "certify", "pgd", "similarity")
 
@@ -52,7 +55,7 @@ def test_dvc_stages_mirror_rules():
         assert entry["params"][0]["params.yaml"] == sorted(stage.params)
         if name.startswith("train_"):
             run_name = name.split("_", 1)[1]
-            method = method_runs(load_params("smoke"))[run_name][0]
+            method = method_runs(load_params("smoke"))[run_name].method
             assert f"--method {run_name}" in entry["cmd"] and method in entry["params"][0]["params.yaml"]
 
 
@@ -83,3 +86,22 @@ def test_rule_inputs_list_all_the_code_the_stage_imports(stage: str, module: str
                         if s.name == stage or s.name.startswith(f"{stage}_")).deps)
     missing = imported - declared
     assert not missing, f"rule {stage} runs {sorted(missing)} but does not list them as inputs"
+
+
+def test_seeds_give_one_job_per_run_and_seed_and_tables_read_them_all(tmp_path: Path):
+    from conftest import copy_project
+
+    project = copy_project(tmp_path / "project")
+    override = project / "profiles/smoke/params.yaml"
+    override.write_text(override.read_text() + "\nseeds: [0, 1]\n")
+    stages = {s.name: s for s in workflow_stages("smoke", project)}
+    groups = list(method_runs(load_params("smoke")))
+    for group in groups:
+        for seed in (0, 1):
+            assert f"train_{group}-s{seed}" in stages and f"pgd_{group}-s{seed}" in stages
+        assert f"train_{group}" not in stages
+    assert "--method bcp-s1" in stages["train_bcp-s1"].cmd
+    for rule in ("tables", "figures", "report"):
+        assert {f"results/smoke/certify/{g}-s{s}/metrics.json" for g in groups for s in (0, 1)} <= set(
+            stages[rule].deps), rule
+    assert "seeds" in stages["tables"].params

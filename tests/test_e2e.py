@@ -56,10 +56,36 @@ def _check_smoke_outputs(project: Path) -> None:
         torch.testing.assert_close(rebuilt, matrix, atol=1e-4, rtol=1e-4)
     for method in load_params("smoke", project)["methods"]:
         _check_method_outputs(run_dir, method)
-    for stage in ("data", "vanilla", "svd"):
+    for stage in ("data", "vanilla", "svd", "tables", "figures", "report"):
         assert (run_dir / "logs" / f"{stage}.log").stat().st_size > 0
+    _check_report_outputs(run_dir, params)
     # The paper profile's folder is never touched by a smoke run.
     assert not (project / "results/paper").exists()
+
+
+def _check_report_outputs(run_dir: Path, params: dict) -> None:
+    """Every table in three formats, every figure in two, and REPORT.md with all of them."""
+    from PIL import Image
+
+    from pipeline_src.report.figures import DPI, FIGURES, SIZES
+
+    report = (run_dir / "REPORT.md").read_text()
+    for number in (1, 2, 3):
+        markdown = (run_dir / "tables" / f"table{number}.md").read_text()
+        assert markdown in report
+        assert (run_dir / "tables" / f"table{number}.tex").read_text().count(r"\begin{tabular}") == 1
+        with open(run_dir / "tables" / f"table{number}.csv") as fh:
+            rows = list(csv.DictReader(fh))
+        assert {row["run_group"] for row in rows} >= set(params["methods"])
+    certify = json.loads((run_dir / "certify/bcp/metrics.json").read_text())
+    bcp_row = next(line for line in (run_dir / "tables/table2.md").read_text().splitlines()
+                   if line.startswith("| BCP |"))
+    assert f"| {certify['clean_accuracy']:.2f} | 65.70 |" in bcp_row
+    for name in FIGURES:
+        with Image.open(run_dir / "figures" / f"{name}.png") as image:
+            assert image.size == tuple(round(side * DPI) for side in SIZES[name])
+        assert (run_dir / "figures" / f"{name}.pdf").stat().st_size > 0
+        assert f"figures/{name}.png" in report
 
 
 def _check_method_outputs(run_dir: Path, method: str) -> None:
@@ -105,6 +131,13 @@ def test_snakemake_smoke_end_to_end_and_deterministic(project_copy: Path):
     dry = run(["snakemake", "--cores", "1", "all", "--config", "profile=smoke", "-n"], project_copy)
     assert "Nothing to be done" in dry.stdout + dry.stderr
 
+    # The HTML report holds the tables, the figures and REPORT.md.
+    run(["snakemake", "--cores", "1", "--config", "profile=smoke", "--report", "report.html"], project_copy)
+    html = (project_copy / "report.html").read_text()
+    for name in ("table1.csv", "table2.csv", "table3.csv", "fig2_clean.png", "fig3_certified.png",
+                 "radius_curve.png", "similarity_per_layer.png", "REPORT.md"):
+        assert name in html, name
+
     # A code change reruns exactly the stages that run that code.
     module = project_copy / "pipeline_src/certify/similarity.py"
     original = module.read_text()
@@ -134,6 +167,12 @@ def test_dvc_repro_smoke(project_copy: Path):
     smoke_row = next(line for line in metrics.splitlines() if line.startswith("results/smoke/"))
     assert "test_accuracy" in metrics and "sample" in smoke_row
     assert "+dirty" not in smoke_row
+    # The training curves, and the runs side by side as an experiment table.
+    run(["dvc", "plots", "show", "--out", "plots"], project_copy)
+    page = (project_copy / "plots/index.html").read_text()
+    assert "certified accuracy on validation, sound certifier" in page and "clean accuracy" in page
+    experiments = run(["dvc", "exp", "show", "--csv", "--no-pager"], project_copy).stdout
+    assert "results/smoke/certify/duet/metrics.json:headline_certified_accuracy" in experiments
 
 
 FAKE_SUBMIT = '''\

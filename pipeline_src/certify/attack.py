@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..data.cifar import load_cache
-from ..io import git_commit, save_json
+from ..io import git_commit, state_dict_sha256, save_json
 from ..paths import RunLayout
 from ..training.common import device_name, resolve_device
 from .stage import load_trained, evaluated_test_split
@@ -65,6 +65,8 @@ def attack_model(params: dict, method: str, root: Path) -> dict:
         "attacks": [name for name, _, _ in _attacks(model, cfg, eps, seed)],
         "steps": cfg["steps"], "step_size": eps * cfg["step_size_factor"], "restarts": cfg["restarts"],
         "test_images": len(test_y),
+        # Ties this file to the trained model it evaluated (train metrics.json).
+        "weights_sha256": state_dict_sha256(model.state_dict()),
         "pgd_accuracy": 100.0 * robust.float().mean().item(),
         "certified_points": int(certified_any.sum()),
         "certified_points_broken": len(broken),

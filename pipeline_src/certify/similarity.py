@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..io import git_commit, load_json, save_json
+from ..io import git_commit, state_dict_sha256, load_json, save_json
 from ..paths import RunLayout
 from ..spectral.rotation import exact_rotation, layer_matrix, rotation_cosine
 from ..training.common import resolve_device
@@ -46,6 +46,8 @@ def similarity_metrics(params: dict, method: str, root: Path) -> dict:
     metrics = {
         "stage": "similarity", "method": method, "profile": params["profile"],
         "rank": rank,
+        # Ties this file to the trained model it evaluated (train metrics.json).
+        "weights_sha256": state_dict_sha256(model.state_dict()),
         "similarity_per_layer": at_rank, "similarity_mean": sum(at_rank) / len(at_rank),
         "similarity_full_rank_per_layer": full, "similarity_full_rank_mean": sum(full) / len(full),
         "lipschitz_upper": norms["lipschitz_upper"],

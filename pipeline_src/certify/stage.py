@@ -15,7 +15,7 @@ from tqdm import tqdm
 from ..data.cifar import load_cache
 from ..data.loader import DeviceBatches
 from ..config import method_runs
-from ..io import git_commit, save_json, save_torch
+from ..io import git_commit, state_dict_sha256, save_json, save_torch
 from ..methods import METHODS
 from ..models import build_model
 from ..paths import RunLayout
@@ -67,10 +67,12 @@ def certify_model(params: dict, method: str, root: Path) -> dict:
     n = len(test_y)
     flags = {name: torch.cat(v) for name, v in flags.items()}
     correct = torch.cat(correct)
-    own = METHODS[method_runs(params)[method][0]].certifier
+    own = METHODS[method_runs(params)[method].method].certifier
     metrics = {
         "stage": "certify", "method": method, "profile": params["profile"], "eps": eps,
         "test_images": n,
+        # Ties this file to the trained model it evaluated (train metrics.json).
+        "weights_sha256": state_dict_sha256(model.state_dict()),
         "clean_accuracy": 100.0 * correct.float().mean().item(),
         "certified_accuracy": {name: 100.0 * f.float().mean().item() for name, f in flags.items()},
         "headline_certifier": own,

@@ -75,8 +75,7 @@ def sound_certified_accuracy(model, batches, eps: float, certifier: str) -> tupl
 def train_certified(params: dict, run_name: str, root: Path) -> dict:
     """Train one run of `method_runs(params)` (a method, or a point of Duet's grid)."""
     layout = RunLayout.of(params)
-    method_name, cfg = method_runs(params)[run_name]
-    seed = params["run"]["seed"]
+    method_name, cfg, seed, group = method_runs(params)[run_name]
     eps_test = params["certify"]["eps"]
     device = resolve_device(params["run"]["device"])
     seed_everything(stage_seed(seed, "train", method_name))
@@ -176,7 +175,7 @@ def train_certified(params: dict, run_name: str, root: Path) -> dict:
                root / layout.train(run_name, "model.pt"))
     write_history(history, root / layout.train(run_name, "history.csv"))
     metrics = {
-        "stage": "train", "run": run_name, "method": method_name, "config": cfg,
+        "stage": "train", "run": run_name, "group": group, "method": method_name, "config": cfg,
         "profile": params["profile"],
         "arch": model_params["arch"], "activation": model_params["activation"],
         "epochs": cfg["epochs"], "seed": seed, "eps_train": cfg["eps_train"], "eps_test": eps_test,

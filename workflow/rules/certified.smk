@@ -7,7 +7,7 @@
 def train_inputs(wildcards):
     """Duet also reads the vanilla model and its SVD factors."""
     inputs = {"code": CODE["train"], "cache": LAYOUT.data_cache}
-    if RUNS[wildcards.method][0] == "duet":
+    if RUNS[wildcards.method].method == "duet":
         inputs.update(vanilla=LAYOUT.vanilla_model, factors=LAYOUT.svd_factors)
     return inputs
 
@@ -21,7 +21,7 @@ rule train:
         history=LAYOUT.train("{method}", "history.csv"),
         metrics=LAYOUT.train("{method}", "metrics.json"),
     params:
-        method=lambda wildcards: RUNS[wildcards.method][1],
+        method=lambda wildcards: RUNS[wildcards.method].config,
         run=P["run"],
         model=P["model"],
         certify=P["certify"],

@@ -61,3 +61,13 @@ CODE["train"] = EVAL_CODE + ["pipeline_src/training/certified.py", "pipeline_src
 CODE["certify"] = EVAL_CODE
 CODE["pgd"] = EVAL_CODE + ["pipeline_src/certify/attack.py"]
 CODE["similarity"] = EVAL_CODE + ["pipeline_src/certify/similarity.py"]
+REPORT_CODE = CORE_CODE + [
+    "pipeline_src/report/__init__.py",
+    "pipeline_src/report/collect.py",
+    "pipeline_src/report/paper.py",
+    "pipeline_src/report/stage.py",
+    "pipeline_src/report/tables.py",
+]
+CODE["tables"] = REPORT_CODE
+CODE["figures"] = REPORT_CODE + ["pipeline_src/report/figures.py"]
+CODE["report"] = CODE["figures"] + ["pipeline_src/report/document.py"]

@@ -1,0 +1,169 @@
+"""Read the metrics files of every run of a profile, and refuse those that are
+missing or were made with other params than the ones the report is asked for.
+
+A run's four metrics files (train, certify, pgd, similarity) are tied together
+by the sha256 of the trained weights, and each is checked against the params
+it depends on, so a table never mixes a stale file into a fresh run."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from ..config import CertifiedRun, method_runs
+from ..paths import RunLayout
+
+METHOD_LABELS = {"lmt": "LMT", "bcp": "BCP", "localbcp": "LocalBCP", "duet": "Duet", "vanilla": "Vanilla"}
+
+
+class ReportError(ValueError):
+    """A metrics file is missing or does not match the params; names the file."""
+
+
+def group_label(group: str, run: CertifiedRun) -> str:
+    """`BCP`; a Duet grid point shows the values it changes: `Duet r=1 λ=0.1 direction`."""
+    if group == run.method:
+        return METHOD_LABELS[run.method]
+    cfg = run.config
+    return f"Duet r={cfg['rank']} λ={cfg['lambda']:g} {cfg['sim_form']}"
+
+
+@dataclass
+class RunResult:
+    """One certified training run: its identity and the metrics of its stages."""
+    name: str
+    group: str
+    method: str
+    seed: int
+    label: str
+    config: dict
+    train: dict
+    certify: dict
+    attack: dict
+    similarity: dict
+    history: pd.DataFrame
+
+
+@dataclass
+class ReportInputs:
+    """Everything the tables, figures and REPORT.md are made from."""
+    params: dict
+    provenance: dict
+    vanilla: dict
+    runs: list[RunResult]
+    svd: dict = field(default_factory=dict)
+
+    @property
+    def groups(self) -> list[str]:
+        """The table rows, in the order of `method_runs` (methods, then grid points)."""
+        return list(dict.fromkeys(run.group for run in self.runs))
+
+    def of_group(self, group: str) -> list[RunResult]:
+        return [run for run in self.runs if run.group == group]
+
+    @property
+    def seeds(self) -> list[int]:
+        return sorted({run.seed for run in self.runs})
+
+    @property
+    def commits(self) -> list[str]:
+        """The commits of the code that trained and evaluated the runs."""
+        found = {self.vanilla["git_commit"]}
+        for run in self.runs:
+            found |= {m["git_commit"] for m in (run.train, run.certify, run.attack, run.similarity)}
+        return sorted(found)
+
+    @property
+    def devices(self) -> list[str]:
+        return sorted({run.train["timing"]["device"] for run in self.runs})
+
+
+def _read_json(path: Path, stage: str, run: str) -> dict:
+    if not path.is_file():
+        raise ReportError(f"{path}: missing; run the {stage} stage{' of ' + run if run else ''} first")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ReportError(f"{path}: not valid JSON ({err})") from None
+
+
+def _same(value, expected) -> bool:
+    """Equality as JSON stores it (tuples are lists, ints and floats compare by value)."""
+    return json.loads(json.dumps(value)) == json.loads(json.dumps(expected))
+
+
+def _expect(path: Path, metrics: dict, key: str, expected) -> None:
+    value = metrics
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise ReportError(f"{path}: no '{key}' (made by an older version of the pipeline?); "
+                              "rerun its stage")
+        value = value[part]
+    if not _same(value, expected):
+        shown = lambda v: json.dumps(v)[:200]  # noqa: E731
+        raise ReportError(f"{path}: {key} is {shown(value)} but the params ask for {shown(expected)}; "
+                          "it comes from another configuration: rerun its stage")
+
+
+def _read_history(path: Path, run: str) -> pd.DataFrame:
+    if not path.is_file():
+        raise ReportError(f"{path}: missing; run the train stage of {run} first")
+    history = pd.read_csv(path)
+    required = {"epoch", "clean_loss", "clean_accuracy", "robust_loss", "certified_accuracy",
+                "val_certified_accuracy", "eps", "kappa"}
+    missing = sorted(required - set(history.columns))
+    if missing:
+        raise ReportError(f"{path}: columns {missing} missing; rerun the train stage of {run}")
+    return history
+
+
+def collect(params: dict, root: Path) -> ReportInputs:
+    """The metrics of every run of `method_runs(params)`, checked against the params."""
+    layout = RunLayout.of(params)
+    provenance = _read_json(root / layout.data_provenance, "data", "")
+    vanilla_path = root / layout.vanilla_metrics
+    vanilla = _read_json(vanilla_path, "vanilla", "")
+    for key, expected in (("arch", params["model"]["arch"]), ("epochs", params["vanilla"]["epochs"]),
+                          ("seed", params["run"]["seed"]), ("data.sha256", provenance["sha256"])):
+        _expect(vanilla_path, vanilla, key, expected)
+
+    eps = params["certify"]["eps"]
+    test_images = min(params["certify"]["test_images"] or provenance["images"]["test"],
+                      provenance["images"]["test"])
+    runs = []
+    for name, run in method_runs(params).items():
+        model = {**params["model"], **run.config.get("model", {})}
+        train_path = root / layout.train(name, "metrics.json")
+        train = _read_json(train_path, "train", name)
+        for key, expected in (("run", name), ("method", run.method), ("config", run.config),
+                              ("seed", run.seed), ("arch", model["arch"]),
+                              ("activation", model["activation"]), ("eps_test", eps),
+                              ("data.sha256", provenance["sha256"])):
+            _expect(train_path, train, key, expected)
+        weights = train["weights_sha256"]
+        evaluated = {}
+        for stage, path, checks in (
+                ("certify", root / layout.certify(name, "metrics.json"),
+                 {"eps": eps, "test_images": test_images}),
+                ("pgd", root / layout.attack(name, "metrics.json"),
+                 {"eps": eps, "test_images": test_images, "steps": params["pgd"]["steps"],
+                  "restarts": params["pgd"]["restarts"]}),
+                ("similarity", root / layout.similarity(name, "metrics.json"),
+                 {"rank": params["duet"]["rank"]})):
+            metrics = _read_json(path, stage, name)
+            for key, expected in {"method": name, **checks, "weights_sha256": weights}.items():
+                _expect(path, metrics, key, expected)
+            evaluated[stage] = metrics
+        if evaluated["pgd"]["certified_points_broken"]:
+            raise ReportError(f"{root / layout.attack(name, 'metrics.json')}: certified points broken by "
+                              "the attack: the certificates are unsound")
+        runs.append(RunResult(
+            name=name, group=run.group, method=run.method, seed=run.seed, label=group_label(run.group, run),
+            config=run.config, train=train, certify=evaluated["certify"], attack=evaluated["pgd"],
+            similarity=evaluated["similarity"],
+            history=_read_history(root / layout.train(name, "history.csv"), name)))
+    svd_path = root / layout.svd_summary
+    svd = json.loads(svd_path.read_text()) if svd_path.is_file() else {}
+    return ReportInputs(params=params, provenance=provenance, vanilla=vanilla, runs=runs, svd=svd)

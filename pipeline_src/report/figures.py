@@ -1,0 +1,205 @@
+"""The paper's Figures 2 and 3 (training curves) and three more, from the runs'
+histories and metrics, as PNG and PDF.
+
+- fig2_clean: clean loss and clean accuracy per epoch;
+- fig3_certified: robust loss and certified accuracy per epoch (on the
+  training batches with the training bound, and on validation with the sound
+  certifier);
+  both with the ε and κ schedules in a panel under the curves;
+- radius_curve: certified accuracy against the l2 radius, 0 to 2ε;
+- similarity_per_layer: each layer's rotation similarity to the vanilla model.
+
+Duet and BCP are drawn strong, the other methods lighter; a method has the
+same colour in every figure. With several seeds a line is the mean and the
+band ± one standard deviation. Sizes are fixed (inches × DPI) so that the
+images have known pixel sizes."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from ..io import atomic_path  # noqa: E402
+from ..paths import RunLayout  # noqa: E402
+from .collect import ReportInputs, RunResult  # noqa: E402
+
+DPI = 100
+SIZES = {  # inches; pixels are these times DPI
+    "fig2_clean": (11.0, 6.5),
+    "fig3_certified": (11.0, 6.5),
+    "radius_curve": (6.5, 4.5),
+    "similarity_per_layer": (8.0, 4.5),
+}
+FIGURES = tuple(SIZES)
+FORMATS = ("png", "pdf")
+METHOD_COLOURS = {"lmt": "#7f7f7f", "bcp": "#1f77b4", "localbcp": "#2ca02c", "duet": "#d62728"}
+GRID_COLOURS = ["#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf", "#f4a582", "#762a83"]
+STRONG = ("duet", "bcp")  # the paper's comparison; other groups are drawn lighter
+
+
+def group_colours(groups: list[str]) -> dict[str, str]:
+    """A method's base run keeps its colour everywhere; grid points take the next free ones."""
+    colours, extra = {}, iter(GRID_COLOURS * 4)
+    for group in groups:
+        colours[group] = METHOD_COLOURS.get(group) or next(extra)
+    return colours
+
+
+class _Style:
+    def __init__(self, inputs: ReportInputs):
+        self.colours = group_colours(inputs.groups)
+
+    def __call__(self, group: str) -> dict:
+        strong = group in STRONG
+        return {"color": self.colours[group], "alpha": 1.0 if strong else 0.45,
+                "linewidth": 2.0 if strong else 1.2, "zorder": 3 if strong else 2}
+
+
+def _mean_band(runs: list[RunResult], column: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Epochs, mean and std over seeds of a history column (runs of a group share the schedule)."""
+    length = min(len(r.history) for r in runs)
+    values = np.stack([r.history[column].to_numpy(dtype=float)[:length] for r in runs])
+    epochs = runs[0].history["epoch"].to_numpy()[:length]
+    with warnings.catch_warnings():  # warm-up epochs have no robust loss: all-nan columns
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean = np.nanmean(values, axis=0)
+        std = np.nanstd(values, axis=0, ddof=1) if len(runs) > 1 else np.zeros(length)
+    return epochs, mean, std
+
+
+def _plot_band(ax, runs, column, style, label=None, linestyle="-") -> None:
+    epochs, mean, std = _mean_band(runs, column)
+    # Short runs (and the single robust-loss point of a run just past warm-up) need markers.
+    marker = "o" if len(epochs) <= 30 else None
+    ax.plot(epochs, mean, linestyle=linestyle, label=label, marker=marker, markersize=3, **style)
+    if len(runs) > 1:
+        ax.fill_between(epochs, mean - std, mean + std, color=style["color"], alpha=0.15 * style["alpha"],
+                        linewidth=0)
+
+
+def _schedule_panel(ax, inputs: ReportInputs, style: _Style) -> None:
+    kappa_ax = ax.twinx()
+    for group in inputs.groups:
+        runs = inputs.of_group(group)
+        s = style(group)
+        _plot_band(ax, runs, "eps", s)
+        _plot_band(kappa_ax, runs, "kappa", {**s, "linewidth": 1.0}, linestyle=":")
+    ax.set_ylabel("ε (l2, end of epoch)")
+    kappa_ax.set_ylabel("κ (dotted)")
+    kappa_ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+
+
+def _curves_figure(inputs: ReportInputs, name: str, panels: list[tuple[str, str, str | None, str]], title: str):
+    """Curve panels over a schedule panel each; panels: (column, y label, validation column, y scale)."""
+    style = _Style(inputs)
+    fig = plt.figure(figsize=SIZES[name], dpi=DPI, layout="constrained")
+    grid = fig.add_gridspec(2, len(panels), height_ratios=[3, 1])
+    for k, (column, ylabel, val_column, yscale) in enumerate(panels):
+        ax = fig.add_subplot(grid[0, k])
+        for group in inputs.groups:
+            runs = inputs.of_group(group)
+            _plot_band(ax, runs, column, style(group), label=runs[0].label)
+            if val_column:
+                _plot_band(ax, runs, val_column, style(group), linestyle="--")
+        ax.set_ylabel(ylabel)
+        ax.set_yscale(yscale)
+        ax.grid(alpha=0.3)
+        if val_column:
+            ax.plot([], [], color="black", label="training batches (training bound)")
+            ax.plot([], [], color="black", linestyle="--", label="validation (sound certifier)")
+        ax.legend(fontsize="small")
+        schedule = fig.add_subplot(grid[1, k], sharex=ax)
+        _schedule_panel(schedule, inputs, style)
+        ax.tick_params(labelbottom=False)
+    fig.suptitle(title)
+    return fig
+
+
+def fig2_clean(inputs: ReportInputs):
+    return _curves_figure(inputs, "fig2_clean", [("clean_loss", "clean loss (cross-entropy)", None, "linear"),
+                                                 ("clean_accuracy", "clean accuracy (%)", None, "linear")],
+                          "Clean loss and accuracy during certified training (training batches)")
+
+
+def fig3_certified(inputs: ReportInputs):
+    return _curves_figure(inputs, "fig3_certified",
+                          [("robust_loss", "robust loss (CE of worst-case logits, log scale)", None, "log"),
+                           ("certified_accuracy", "certified accuracy (%)", "val_certified_accuracy", "linear")],
+                          "Certified (robust) loss and accuracy during certified training")
+
+
+def radius_curve(inputs: ReportInputs):
+    style = _Style(inputs)
+    eps = inputs.params["certify"]["eps"]
+    fig, ax = plt.subplots(figsize=SIZES["radius_curve"], dpi=DPI, layout="constrained")
+    for group in inputs.groups:
+        runs = inputs.of_group(group)
+        certifier = runs[0].certify["headline_certifier"]
+        radii = np.asarray(runs[0].certify["radius_curve"]["radii"]) * 255.0
+        curves = np.stack([r.certify["radius_curve"][certifier] for r in runs])
+        s = style(group)
+        ax.plot(radii, curves.mean(0), marker="o", markersize=3, label=f"{runs[0].label} ({certifier})", **s)
+        if len(runs) > 1:
+            spread = curves.std(0, ddof=1)
+            ax.fill_between(radii, curves.mean(0) - spread, curves.mean(0) + spread, color=s["color"],
+                            alpha=0.15, linewidth=0)
+    ax.axvline(eps * 255.0, color="black", linestyle=":", linewidth=1, label=f"ε = {eps * 255:.0f}/255")
+    ax.set_xlabel("l2 radius (× 1/255, pixels in [0, 1])")
+    ax.set_ylabel("certified accuracy (%)")
+    ax.set_title("Certified accuracy against radius (test images)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return fig
+
+
+def similarity_per_layer(inputs: ReportInputs):
+    style = _Style(inputs)
+    groups = inputs.groups
+    n_layers = len(inputs.runs[0].similarity["similarity_per_layer"])
+    names = [layer["name"] for layer in inputs.svd.get("layers", [])]
+    if len(names) != n_layers:
+        names = [f"layer {k + 1}" for k in range(n_layers)]
+    fig, ax = plt.subplots(figsize=SIZES["similarity_per_layer"], dpi=DPI, layout="constrained")
+    width = 0.8 / max(len(groups), 1)
+    x = np.arange(n_layers)
+    for k, group in enumerate(groups):
+        runs = inputs.of_group(group)
+        values = np.stack([r.similarity["similarity_per_layer"] for r in runs])
+        s = style(group)
+        ax.bar(x + (k - (len(groups) - 1) / 2) * width, values.mean(0), width,
+               yerr=values.std(0, ddof=1) if len(runs) > 1 else None, color=s["color"], alpha=s["alpha"],
+               label=runs[0].label)
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_xticks(x, names)
+    ax.set_xlabel("weight layer")
+    ax.set_ylabel(rf"cosine of $U_r V_r^\top$ to the vanilla model's (%), r = {inputs.params['duet']['rank']}")
+    ax.set_title("Rotation similarity per layer")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize="small")
+    return fig
+
+
+BUILDERS = {"fig2_clean": fig2_clean, "fig3_certified": fig3_certified, "radius_curve": radius_curve,
+            "similarity_per_layer": similarity_per_layer}
+
+
+def write_figures(inputs: ReportInputs, layout: RunLayout, root: Path) -> list[Path]:
+    written = []
+    for name in FIGURES:
+        fig = BUILDERS[name](inputs)
+        for extension in FORMATS:
+            path = root / layout.figure(name, extension)
+            with atomic_path(path) as tmp:
+                fig.savefig(tmp, format=extension, dpi=DPI)
+            written.append(path)
+        plt.close(fig)
+    return written

@@ -1,0 +1,342 @@
+"""Tables 1-3 of the paper, measured, beside the published numbers.
+
+Each table has a row per run group (a method, or a point of Duet's grid); with
+several seeds a cell is the mean ± sample standard deviation over the seeds.
+The paper's number sits in a column labelled as the paper's, with the
+difference (ours − paper) beside it. Every table carries its context: data
+source, architecture, ε, schedules, seeds and the commits of the code.
+Written as Markdown, CSV (numbers only, one column per quantity) and LaTeX."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from ..io import save_text
+from ..paths import RunLayout
+from . import paper
+from .collect import METHOD_LABELS, ReportInputs
+
+DASH = "—"
+MINUS = "−"  # typographic minus in displayed numbers; the CSV keeps plain numbers
+TEXT_COLUMNS = ("Method", "Certifier", "Paper's source", "Device")
+
+
+@dataclass
+class Table:
+    number: int
+    title: str
+    header: list[str]
+    rows: list[list[str]]  # display strings
+    data: pd.DataFrame     # the same numbers, unformatted, for the CSV
+    notes: list[str]
+
+
+def summary(values: list[float]) -> tuple[float, float, int]:
+    """(mean, sample standard deviation, n) of the finite values; std is nan for n < 2."""
+    finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    n = len(finite)
+    if n == 0:
+        return math.nan, math.nan, 0
+    mean = sum(finite) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in finite) / (n - 1)) if n > 1 else math.nan
+    return mean, std, n
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    if value is None or not math.isfinite(value):
+        return DASH
+    return f"{value:.{digits}f}".replace("-", MINUS)
+
+
+def fmt_signed(value: float | None, digits: int = 2) -> str:
+    if value is None or not math.isfinite(value):
+        return DASH
+    return f"{value:+.{digits}f}".replace("-", MINUS)
+
+
+def fmt_summary(values: list[float], digits: int = 2) -> str:
+    mean, std, n = summary(values)
+    if n == 0:
+        return DASH
+    return fmt(mean, digits) + (f" ± {std:.{digits}f}" if n > 1 else "")
+
+
+def fmt_sig(value: float | None, digits: int = 3) -> str:
+    if value is None or not math.isfinite(value):
+        return DASH
+    return f"{value:.{digits}g}".replace("-", MINUS)
+
+
+def eps_text(eps: float) -> str:
+    steps = eps * 255
+    return f"{round(steps)}/255" if abs(steps - round(steps)) < 1e-6 else f"{eps:.4g}"
+
+
+def data_text(provenance: dict) -> str:
+    images = provenance["images"]
+    counts = f"{images['train']:,} train / {images['val']:,} validation / {images['test']:,} test images"
+    if provenance["source"] == "torchvision":
+        return f"original CIFAR-10 (torchvision), {counts}"
+    if provenance["source"] == "sample":
+        return f"the committed sample of the lossy JPEG copy of CIFAR-10, {counts}"
+    kind = "lossy JPEG copy of CIFAR-10" if provenance["lossy_jpeg"] else "CIFAR-10 image files"
+    return f"{kind} ({Path(provenance['path']).name}), {counts}"
+
+
+def context_lines(inputs: ReportInputs) -> list[str]:
+    """What every table states about the runs behind it."""
+    params = inputs.params
+    schedules, archs = [], []
+    for group in inputs.groups:
+        run = inputs.of_group(group)[0]
+        cfg = run.config
+        schedules.append(f"{run.label} {cfg['epochs']} epochs ({cfg['warmup_epochs']} warm-up, "
+                         f"{cfg['ramp_epochs']} ramp, batch {cfg['batch_size']})")
+        archs.append(f"{run.train['arch']} {run.train['activation']}")
+    n_test = inputs.runs[0].certify["test_images"] if inputs.runs else 0
+    seeds = inputs.seeds
+    lines = [
+        f"Data: {data_text(inputs.provenance)}"
+        + (" (lossy: accuracies run below those on the original)" if inputs.provenance["lossy_jpeg"] else ""),
+        f"Architecture: {', '.join(dict.fromkeys(archs))}",
+        f"Perturbation: l2 ε = {eps_text(params['certify']['eps'])}, {n_test:,} test images certified "
+        f"and attacked",
+        f"Schedules: {'; '.join(schedules)}",
+        f"Seeds: {', '.join(map(str, seeds))} (n = {len(seeds)}"
+        + (", mean ± sample std)" if len(seeds) > 1 else ")"),
+        f"Code: git {', '.join(inputs.commits)}; profile '{params['profile']}'",
+    ]
+    return lines
+
+
+def _context_columns(inputs: ReportInputs) -> dict:
+    return {"data_source": inputs.provenance["source"], "lossy_jpeg": inputs.provenance["lossy_jpeg"],
+            "eps": inputs.params["certify"]["eps"], "git_commit": " ".join(inputs.commits),
+            "profile": inputs.params["profile"]}
+
+
+def _paper_value(table: dict, group: str, method: str, key: str) -> float | None:
+    """The paper's number for a method's base run (grid points have none)."""
+    if group != method or method not in table:
+        return None
+    return table[method][key]
+
+
+def _diff(measured: float, published: float | None) -> float:
+    return measured - published if published is not None and math.isfinite(measured) else math.nan
+
+
+def table1(inputs: ReportInputs) -> Table:
+    rank = inputs.params["duet"]["rank"]
+    header = ["Method", f"Similarity, r = {rank} (%)", "Similarity, paper (%)", "Δ similarity",
+              "Similarity, full rank (%)", "Lipschitz bound", "Lipschitz estimate", "Lipschitz, paper"]
+    rows, records = [], []
+    if inputs.svd:
+        rows.append([METHOD_LABELS["vanilla"], DASH, DASH, DASH, DASH,
+                     fmt_sig(inputs.svd["lipschitz_upper_bound"], 4), fmt_sig(inputs.svd["lipschitz_estimate"], 4),
+                     DASH])
+        records.append({"method": "vanilla", "run_group": "vanilla", "label": "Vanilla", "n": 1,
+                        "lipschitz_upper_mean": inputs.svd["lipschitz_upper_bound"],
+                        "lipschitz_estimate_mean": inputs.svd["lipschitz_estimate"]})
+    for group in inputs.groups:
+        runs = inputs.of_group(group)
+        method = runs[0].method
+        sim = [r.similarity["similarity_mean"] for r in runs]
+        full = [r.similarity["similarity_full_rank_mean"] for r in runs]
+        upper = [r.similarity["lipschitz_upper"] for r in runs]
+        estimate = [r.similarity["lipschitz_estimate"] for r in runs]
+        paper_sim = _paper_value(paper.TABLE1, group, method, "similarity")
+        paper_lip = _paper_value(paper.TABLE1, group, method, "lipschitz")
+        sim_mean, sim_std, n = summary(sim)
+        rows.append([runs[0].label, fmt_summary(sim, 1), fmt(paper_sim, 1), fmt_signed(_diff(sim_mean, paper_sim), 1),
+                     fmt_summary(full, 1), _sig_summary(upper), _sig_summary(estimate), fmt(paper_lip, 1)])
+        records.append({"method": method, "run_group": group, "label": runs[0].label, "n": n,
+                        "similarity_mean": sim_mean, "similarity_std": sim_std,
+                        "similarity_paper": paper_sim, "similarity_diff_paper": _diff(sim_mean, paper_sim),
+                        "similarity_full_rank_mean": summary(full)[0], "similarity_full_rank_std": summary(full)[1],
+                        "lipschitz_upper_mean": summary(upper)[0], "lipschitz_upper_std": summary(upper)[1],
+                        "lipschitz_estimate_mean": summary(estimate)[0],
+                        "lipschitz_paper": paper_lip, "rank": rank})
+    notes = [
+        f"Similarity: cosine (Frobenius inner product of unit-norm matrices) between a layer's rank-{rank} "
+        "U_r V_rᵀ and the vanilla model's, averaged over the weight layers; at full rank beside it. The paper "
+        "does not define its measure exactly (docs/duet-method.md).",
+        "Lipschitz bound: product of guaranteed upper bounds of the layers' operator norms (the certifier's); "
+        "estimate: product of power-iteration estimates.",
+        f"Paper columns: {paper.DUET}, Table 1.",
+    ]
+    return Table(1, "Rotation similarity to the vanilla model and Lipschitz constant", header, rows,
+                 pd.DataFrame(records), notes)
+
+
+def _sig_summary(values: list[float]) -> str:
+    mean, std, n = summary(values)
+    if n == 0:
+        return DASH
+    return fmt_sig(mean, 4) + (f" ± {fmt_sig(std, 2)}" if n > 1 else "")
+
+
+def table2(inputs: ReportInputs) -> Table:
+    metrics = ("clean", "pgd", "certified")
+    header = ["Method"]
+    for name, title in zip(metrics, ("Clean", "PGD", "Certified")):
+        header += [f"{title} (%)", f"{title}, paper (%)", f"Δ {title.lower() if title != 'PGD' else title}"]
+    header += ["Certifier", "Paper's source"]
+
+    def values(group: str) -> dict[str, list[float]]:
+        runs = inputs.of_group(group)
+        return {"clean": [r.certify["clean_accuracy"] for r in runs],
+                "pgd": [r.attack["pgd_accuracy"] for r in runs],
+                "certified": [r.certify["headline_certified_accuracy"] for r in runs]}
+
+    bcp = values("bcp") if "bcp" in inputs.groups else None
+    paper_bcp = paper.TABLE2["bcp"]
+    rows, records = [], []
+    vanilla_published = paper.TABLE2["vanilla"]
+    clean = inputs.vanilla["test_accuracy"]
+    rows.append([METHOD_LABELS["vanilla"], fmt(clean), fmt(vanilla_published["clean"]),
+                 fmt_signed(clean - vanilla_published["clean"])] + [DASH] * 6
+                + ["none", vanilla_published["source"]])
+    records.append({"method": "vanilla", "run_group": "vanilla", "label": "Vanilla", "n": 1, "clean_mean": clean,
+                    "clean_paper": vanilla_published["clean"], "clean_diff_paper": clean - vanilla_published["clean"],
+                    "paper_source": vanilla_published["source"]})
+    for group in inputs.groups:
+        runs = inputs.of_group(group)
+        method = runs[0].method
+        measured = values(group)
+        published = paper.TABLE2.get(method) if group == method else None
+        row = [runs[0].label]
+        record = {"method": method, "run_group": group, "label": runs[0].label}
+        for name in metrics:
+            mean, std, n = summary(measured[name])
+            cell = fmt_summary(measured[name])
+            paper_value = published[name] if published else None
+            paper_cell = fmt(paper_value)
+            # As the paper prints Duet: its difference to BCP beside clean and certified accuracy.
+            if method == "duet" and name != "pgd":
+                if bcp is not None:
+                    to_bcp = mean - summary(bcp[name])[0]
+                    cell += f" ({fmt_signed(to_bcp)})"
+                    record[f"{name}_diff_bcp"] = to_bcp
+                if published:
+                    paper_cell += f" ({fmt_signed(paper_value - paper_bcp[name])})"
+            row += [cell, paper_cell, fmt_signed(_diff(mean, paper_value))]
+            record.update({f"{name}_mean": mean, f"{name}_std": std, f"{name}_paper": paper_value,
+                           f"{name}_diff_paper": _diff(mean, paper_value), "n": n})
+        row += [runs[0].certify["headline_certifier"], published["source"] if published else DASH]
+        record.update(certifier=runs[0].certify["headline_certifier"],
+                      paper_source=published["source"] if published else None)
+        rows.append(row)
+        records.append(record)
+    notes = [
+        "Clean and certified: the certify stage on the test images (fp32, TF32 off, guaranteed spectral bounds); "
+        "certified with the method's own sound certifier (bcp: BCP boxes and ball; lipschitz: global margin; "
+        "local: local Lipschitz bound). PGD: the pgd stage (l2 PGD and APGD; a point counts only if it "
+        "survives both), which also checks that no certified point is broken.",
+        "Duet's cells show, in brackets, its difference to BCP as the paper prints it (ours: measured BCP).",
+        f"Vanilla: clean accuracy of the guide model on the whole test split "
+        f"({inputs.provenance['images']['test']:,} images).",
+    ]
+    return Table(2, "Clean, PGD and certified accuracy", header, rows, pd.DataFrame(records), notes)
+
+
+def table3(inputs: ReportInputs) -> Table:
+    header = ["Method", "Time per epoch (s)", "Time, paper (s)", "× BCP", "× BCP, paper",
+              "Peak GPU memory (GB)", "Memory, paper (GB)", "Device"]
+    seconds = {g: [r.train["timing"]["seconds_per_epoch_mean"] for r in inputs.of_group(g)] for g in inputs.groups}
+    bcp_seconds = summary(seconds["bcp"])[0] if "bcp" in seconds else math.nan
+    paper_bcp = paper.TABLE3["bcp"]["seconds"]
+    rows, records = [], []
+    for group in inputs.groups:
+        runs = inputs.of_group(group)
+        method = runs[0].method
+        devices = sorted({r.train["timing"]["device"] for r in runs})
+        on_gpu = "cpu" not in devices  # a GPU's name, as the train stage recorded it
+        memory = [r.train["timing"]["peak_memory_mb"] / 1024.0 for r in runs] if on_gpu else []
+        mean, std, n = summary(seconds[group])
+        paper_seconds = _paper_value(paper.TABLE3, group, method, "seconds")
+        paper_memory = _paper_value(paper.TABLE3, group, method, "memory_gb")
+        ratio = mean / bcp_seconds if math.isfinite(bcp_seconds) else math.nan
+        paper_ratio = paper_seconds / paper_bcp if paper_seconds is not None else None
+        rows.append([runs[0].label, fmt_summary(seconds[group], 2), fmt(paper_seconds, 1), fmt(ratio),
+                     fmt(paper_ratio), fmt_summary(memory, 2) if on_gpu else "not measured (CPU)",
+                     fmt(paper_memory, 1), ", ".join(devices)])
+        records.append({"method": method, "run_group": group, "label": runs[0].label, "n": n,
+                        "seconds_per_epoch_mean": mean, "seconds_per_epoch_std": std,
+                        "seconds_paper": paper_seconds, "ratio_to_bcp": ratio, "ratio_to_bcp_paper": paper_ratio,
+                        "peak_memory_gb_mean": summary(memory)[0] if on_gpu else math.nan,
+                        "memory_gb_paper": paper_memory, "device": ", ".join(devices)})
+    notes = [
+        "Ours: mean wall-clock seconds of a training epoch (validation excluded) as the train stage measured it, "
+        "and peak GPU memory of the epoch; a CPU run has no GPU memory to report.",
+        f"Paper columns: {paper.DUET}, Table 3 ({paper.PAPER_DEVICE}, PyTorch 2.0.0): different hardware, so "
+        "compare the ratios to BCP rather than the seconds.",
+        "A controlled measurement of every method on one device: `python -m pipeline_src benchmark`.",
+    ]
+    return Table(3, "Computation cost of certified training", header, rows, pd.DataFrame(records), notes)
+
+
+def build_tables(inputs: ReportInputs) -> list[Table]:
+    return [table1(inputs), table2(inputs), table3(inputs)]
+
+
+# ------------------------------------------------------------------ writers
+def to_markdown(table: Table, context: list[str]) -> str:
+    escape = lambda text: str(text).replace("|", "\\|")  # noqa: E731
+    lines = [f"### Table {table.number}: {table.title}", ""]
+    lines += ["| " + " | ".join(map(escape, table.header)) + " |",
+              "| " + " | ".join("---" if h in TEXT_COLUMNS else "---:" for h in table.header) + " |"]
+    lines += ["| " + " | ".join(map(escape, row)) + " |" for row in table.rows]
+    lines += [""] + [f"- {line}" for line in context + table.notes]
+    return "\n".join(lines) + "\n"
+
+
+LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                 "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                 "±": r"$\pm$", "—": "---", "−": "$-$", "Δ": r"$\Delta$", "ε": r"$\varepsilon$",
+                 "λ": r"$\lambda$", "×": r"$\times$", "ᵀ": r"$^\top$"}
+
+
+def latex_escape(text: str) -> str:
+    return "".join(LATEX_ESCAPES.get(char, char) for char in str(text))
+
+
+def to_latex(table: Table, context: list[str]) -> str:
+    columns = "".join("l" if h in TEXT_COLUMNS else "r" for h in table.header)
+    lines = [r"% Generated by `python -m pipeline_src tables`; needs \usepackage{booktabs}.",
+             r"\begin{table}[t]", r"\centering", r"\small",
+             rf"\caption{{{latex_escape(table.title)}. {latex_escape(' '.join(c + '.' for c in context))}}}",
+             rf"\label{{tab:table{table.number}}}",
+             rf"\begin{{tabular}}{{{columns}}}", r"\toprule",
+             " & ".join(latex_escape(h) for h in table.header) + r" \\", r"\midrule"]
+    lines += [" & ".join(latex_escape(cell) for cell in row) + r" \\" for row in table.rows]
+    lines += [r"\bottomrule", r"\end{tabular}", r"\par\footnotesize"]
+    lines += [latex_escape(note) + r"\par" for note in table.notes]
+    lines += [r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(table: Table, inputs: ReportInputs) -> str:
+    frame = table.data.copy()
+    for key, value in _context_columns(inputs).items():
+        frame[key] = value
+    return frame.to_csv(index=False)
+
+
+TABLES = (1, 2, 3)
+TABLE_FORMATS = ("md", "csv", "tex")
+
+
+def write_tables(inputs: ReportInputs, layout: RunLayout, root: Path) -> list[Path]:
+    context = context_lines(inputs)
+    written = []
+    for table in build_tables(inputs):
+        for extension, text in (("md", to_markdown(table, context)), ("csv", to_csv(table, inputs)),
+                                ("tex", to_latex(table, context))):
+            path = root / layout.table(table.number, extension)
+            save_text(text, path)
+            written.append(path)
+    return written

@@ -1,0 +1,267 @@
+"""The report stages on metrics files made here with known values: the right
+numbers in the right cells, mean ± std over seeds, the paper's columns, the
+refusals of missing or mismatched files, figure sizes and REPORT.md."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from pipeline_src.cli import main
+from pipeline_src.config import load_params, method_runs
+from pipeline_src.io import save_json
+from pipeline_src.paths import RunLayout
+from pipeline_src.report import paper
+from pipeline_src.report.collect import ReportError, collect
+from pipeline_src.report.figures import DPI, FIGURES, SIZES, write_figures
+from pipeline_src.report.stage import make_figures, make_report, make_tables
+from pipeline_src.report.tables import summary, table1, table2, table3
+
+N_TEST = 500
+PROVENANCE = {"source": "sample", "path": "cifar10-sample.tar.gz", "sha256": "ab" * 32, "lossy_jpeg": True,
+              "note": "JPEG images: a lossy copy of CIFAR-10",
+              "images": {"train_total": 1000, "train": 900, "val": 100, "test": N_TEST}}
+
+
+def _params(seeds=None, methods=("lmt", "bcp", "localbcp", "duet"), grid=None) -> dict:
+    params = load_params("smoke")
+    params["seeds"] = seeds
+    params["methods"] = list(methods)
+    params["duet"]["ranks"] = grid
+    return params
+
+
+def _weights(name: str) -> str:
+    return hashlib.sha256(name.encode()).hexdigest()
+
+
+def write_fake_runs(root: Path, params: dict, values: dict) -> None:
+    """Metrics files as the stages write them. values[run name] = dict of clean, pgd,
+    certified, similarity, seconds, epochs (missing: defaults)."""
+    layout = RunLayout.of(params)
+    eps = params["certify"]["eps"]
+    n_test = min(params["certify"]["test_images"] or N_TEST, N_TEST)
+    save_json(PROVENANCE, root / layout.data_provenance)
+    save_json({"stage": "vanilla", "arch": params["model"]["arch"], "activation": "relu",
+               "epochs": params["vanilla"]["epochs"], "seed": params["run"]["seed"], "test_accuracy": 88.5,
+               "data": {"sha256": PROVENANCE["sha256"]}, "git_commit": "c0ffee"},
+              root / layout.vanilla_metrics)
+    save_json({"lipschitz_upper_bound": 1234.5, "lipschitz_estimate": 1200.0,
+               "layers": [{"name": f"L{k}"} for k in range(8)]}, root / layout.svd_summary)
+    for name, run in method_runs(params).items():
+        v = {"clean": 50.0, "pgd": 40.0, "certified": 30.0, "similarity": 10.0, "seconds": 2.0,
+             **values.get(name, {})}
+        model = {**params["model"], **run.config.get("model", {})}
+        weights = _weights(name)
+        epochs = run.config["epochs"]
+        save_json({"stage": "train", "run": name, "group": run.group, "method": run.method,
+                   "config": run.config, "seed": run.seed, "arch": model["arch"],
+                   "activation": model["activation"], "epochs": epochs, "eps_test": eps,
+                   "selected_epoch": epochs, "weights_sha256": weights,
+                   "data": {"sha256": PROVENANCE["sha256"]},
+                   "timing": {"device": "NVIDIA H100 80GB HBM3", "seconds_per_epoch_mean": v["seconds"],
+                              "peak_memory_mb": 2048.0},
+                   "git_commit": "c0ffee"}, root / layout.train(name, "metrics.json"))
+        history = root / layout.train(name, "history.csv")
+        with open(history, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["epoch", "clean_loss", "clean_accuracy", "robust_loss", "certified_accuracy",
+                             "val_certified_accuracy", "eps", "kappa"])
+            for epoch in range(1, epochs + 1):
+                warm = epoch <= run.config["warmup_epochs"]
+                writer.writerow([epoch, 2.0 / epoch, 10.0 * epoch, "nan" if warm else 3.0, "nan" if warm else 5.0,
+                                 v["certified"], 0.0 if warm else eps, 1.0 if warm else 0.0])
+        radii = [0.0, eps, 2 * eps]
+        save_json({"stage": "certify", "method": name, "eps": eps, "test_images": n_test,
+                   "weights_sha256": weights, "clean_accuracy": v["clean"],
+                   "certified_accuracy": {"bcp": v["certified"]}, "headline_certifier": "bcp",
+                   "headline_certified_accuracy": v["certified"],
+                   "radius_curve": {"radii": radii, "bcp": [v["clean"], v["certified"], 0.0]},
+                   "spectral_norms": {"method": "upper: test", "upper_over_estimate": [1.01] * 8},
+                   "numerics": "fp32", "git_commit": "c0ffee"}, root / layout.certify(name, "metrics.json"))
+        save_json({"stage": "pgd", "method": name, "eps": eps, "test_images": n_test, "weights_sha256": weights,
+                   "steps": params["pgd"]["steps"], "restarts": params["pgd"]["restarts"],
+                   "attacks": ["pgd_l2_restart0", "apgd_l2"], "pgd_accuracy": v["pgd"], "certified_points": 7,
+                   "certified_points_broken": 0, "git_commit": "c0ffee"}, root / layout.attack(name, "metrics.json"))
+        save_json({"stage": "similarity", "method": name, "rank": params["duet"]["rank"],
+                   "weights_sha256": weights, "similarity_per_layer": [v["similarity"]] * 8,
+                   "similarity_mean": v["similarity"], "similarity_full_rank_per_layer": [1.0] * 8,
+                   "similarity_full_rank_mean": 1.0, "lipschitz_upper": 100.0, "lipschitz_estimate": 90.0,
+                   "git_commit": "c0ffee"}, root / layout.similarity(name, "metrics.json"))
+
+
+def _row(table, label: str) -> dict:
+    rows = [dict(zip(table.header, row)) for row in table.rows if row[0] == label]
+    assert len(rows) == 1, (label, table.rows)
+    return rows[0]
+
+
+def test_table2_puts_each_number_in_its_cell_beside_the_papers(tmp_path: Path):
+    params = _params()
+    write_fake_runs(tmp_path, params, {"bcp": {"clean": 60.0, "pgd": 55.0, "certified": 45.0},
+                                       "duet": {"clean": 64.5, "pgd": 56.0, "certified": 44.0},
+                                       "lmt": {"clean": 58.25}})
+    table = table2(collect(params, tmp_path))
+    bcp, duet, lmt = _row(table, "BCP"), _row(table, "Duet"), _row(table, "LMT")
+    assert bcp["Clean (%)"] == "60.00" and bcp["Clean, paper (%)"] == "65.70"
+    assert bcp["Certified (%)"] == "45.00" and bcp["Certified, paper (%)"] == "51.30"
+    assert bcp["PGD (%)"] == "55.00" and bcp["PGD, paper (%)"] == "60.80"
+    assert lmt["Clean (%)"] == "58.25" and lmt["Clean, paper (%)"] == "63.10"
+    # Duet, as the paper prints it: its difference to BCP, ours measured and the paper's.
+    assert duet["Clean (%)"] == "64.50 (+4.50)" and duet["Certified (%)"] == "44.00 (−1.00)"
+    assert duet["Clean, paper (%)"] == "69.46 (+3.76)" and duet["Certified, paper (%)"] == "50.37 (−0.93)"
+    assert duet["Δ clean"] == "−4.96" and duet["Δ certified"] == "−6.37"   # ours − paper
+    assert bcp["Δ PGD"] == "−5.80"
+    assert duet["Paper's source"] == paper.DUET and bcp["Paper's source"] == paper.LEE_2020
+    vanilla = _row(table, "Vanilla")
+    assert vanilla["Clean (%)"] == "88.50" and vanilla["Clean, paper (%)"] == "90.06"
+    data = table.data.set_index("run_group")
+    assert data.loc["duet", "clean_diff_bcp"] == pytest.approx(4.5)
+    assert data.loc["duet", "certified_diff_paper"] == pytest.approx(44.0 - 50.37)
+
+
+def test_several_seeds_give_mean_and_sample_std(tmp_path: Path):
+    params = _params(seeds=[0, 1, 2], methods=("bcp", "duet"))
+    write_fake_runs(tmp_path, params, {f"bcp-s{s}": {"clean": 60.0 + 2 * s, "seconds": 1.0 + s}
+                                       for s in range(3)})
+    inputs = collect(params, tmp_path)
+    assert inputs.seeds == [0, 1, 2] and inputs.groups == ["bcp", "duet"]
+    assert _row(table2(inputs), "BCP")["Clean (%)"] == "62.00 ± 2.00"
+    assert _row(table3(inputs), "BCP")["Time per epoch (s)"] == "2.00 ± 1.00"
+    assert _row(table2(inputs), "Duet")["Clean (%)"] == "50.00 ± 0.00 (−12.00)"
+    data = table2(inputs).data.set_index("run_group")
+    assert data.loc["bcp", "n"] == 3 and data.loc["bcp", "clean_std"] == pytest.approx(2.0)
+
+
+def test_summary_is_mean_and_sample_std():
+    mean, std, n = summary([1.0, 2.0, 6.0])
+    assert (mean, n) == (3.0, 3) and std == pytest.approx(((4 + 1 + 9) / 2) ** 0.5)
+    assert summary([5.0])[0] == 5.0 and summary([5.0])[1] != summary([5.0])[1]  # nan
+
+
+def test_grid_points_have_no_paper_column_and_table1_table3_cells(tmp_path: Path):
+    params = _params(methods=("bcp", "duet"), grid=[1, 4])
+    write_fake_runs(tmp_path, params, {"duet": {"similarity": 42.0, "seconds": 3.0},
+                                       "duet-r1-l1-paper": {"similarity": 7.0}})
+    inputs = collect(params, tmp_path)
+    one = table1(inputs)
+    assert _row(one, "Duet")[f"Similarity, r = {params['duet']['rank']} (%)"] == "42.0"
+    assert _row(one, "Duet")["Similarity, paper (%)"] == "95.6"
+    grid = _row(one, "Duet r=1 λ=1 paper")
+    assert grid["Similarity, paper (%)"] == "—" and grid["Lipschitz, paper"] == "—"
+    assert _row(one, "Vanilla")["Lipschitz bound"] == "1234"
+    three = table3(inputs)
+    assert _row(three, "Duet")["× BCP"] == "1.50" and _row(three, "Duet")["Time, paper (s)"] == "38.5"
+    assert _row(three, "Duet")["× BCP, paper"] == f"{38.5 / 14.8:.2f}"
+    assert _row(three, "Duet")["Peak GPU memory (GB)"] == "2.00"
+    assert "NVIDIA H100" in _row(three, "Duet")["Device"]
+
+
+def test_stage_writes_markdown_csv_latex_with_the_context(tmp_path: Path):
+    params = _params(seeds=[0, 1], methods=("bcp", "duet"))
+    write_fake_runs(tmp_path, params, {})
+    written = make_tables(params, tmp_path)
+    layout = RunLayout.of(params)
+    assert len(written) == 9
+    md = (tmp_path / layout.table(2, "md")).read_text()
+    for fact in ("lossy JPEG copy", "6C2F", "ε = 36/255", "Seeds: 0, 1 (n = 2", "git c0ffee",
+                 f"{params['bcp']['epochs']} epochs"):
+        assert fact in md, fact
+    header, separator, *rows = [line for line in md.splitlines() if line.startswith("|")]
+    assert all(line.count("|") == header.count("|") for line in [separator, *rows])
+    frame = list(csv.DictReader(io.StringIO((tmp_path / layout.table(2, "csv")).read_text())))
+    bcp = next(r for r in frame if r["run_group"] == "bcp")
+    assert float(bcp["clean_mean"]) == 50.0 and float(bcp["clean_paper"]) == 65.7
+    assert bcp["data_source"] == "sample" and bcp["lossy_jpeg"] == "True" and bcp["git_commit"] == "c0ffee"
+    tex = (tmp_path / layout.table(2, "tex")).read_text()
+    assert r"\begin{tabular}" in tex and r"$\pm$" in tex and "%" not in tex.split("\\toprule")[1].replace(r"\%", "")
+    body = tex.split(r"\midrule")[1].split(r"\bottomrule")[0].strip().splitlines()
+    columns = len(table2(collect(params, tmp_path)).header)
+    assert all(line.count("&") - line.count(r"\&") == columns - 1 for line in body)
+
+
+def test_missing_metrics_are_refused_with_the_file_named(tmp_path: Path, capsys):
+    params = _params(methods=("bcp", "duet"))
+    write_fake_runs(tmp_path, params, {})
+    missing = tmp_path / RunLayout.of(params).attack("duet", "metrics.json")
+    missing.unlink()
+    with pytest.raises(ReportError, match=f"{missing}: missing; run the pgd stage of duet"):
+        collect(params, tmp_path)
+
+
+@pytest.mark.parametrize("stage,key,value", [
+    ("train", "config", {"epochs": 999}),
+    ("train", "seed", 7),
+    ("certify", "eps", 0.5),
+    ("certify", "weights_sha256", "0" * 64),
+    ("pgd", "steps", 1),
+    ("similarity", "rank", 1),
+])
+def test_metrics_of_another_configuration_are_refused(tmp_path: Path, stage, key, value):
+    params = _params(methods=("bcp",))
+    write_fake_runs(tmp_path, params, {})
+    layout = RunLayout.of(params)
+    path = tmp_path / {"train": layout.train, "certify": layout.certify, "pgd": layout.attack,
+                       "similarity": layout.similarity}[stage]("bcp", "metrics.json")
+    metrics = json.loads(path.read_text())
+    metrics[key] = {**metrics[key], **value} if isinstance(value, dict) else value
+    path.write_text(json.dumps(metrics))
+    with pytest.raises(ReportError) as err:
+        collect(params, tmp_path)
+    assert str(err.value).startswith(f"{path}: {key} is") and "another configuration" in str(err.value)
+
+
+def test_a_broken_certificate_is_refused(tmp_path: Path):
+    params = _params(methods=("bcp",))
+    write_fake_runs(tmp_path, params, {})
+    path = tmp_path / RunLayout.of(params).attack("bcp", "metrics.json")
+    path.write_text(json.dumps({**json.loads(path.read_text()), "certified_points_broken": 1}))
+    with pytest.raises(ReportError, match="unsound"):
+        collect(params, tmp_path)
+
+
+def test_figures_are_nonempty_images_of_the_expected_size(tmp_path: Path):
+    params = _params(seeds=[0, 1], methods=("lmt", "bcp", "duet"))
+    write_fake_runs(tmp_path, params, {"bcp-s1": {"clean": 70.0}})
+    layout = RunLayout.of(params)
+    written = write_figures(collect(params, tmp_path), layout, tmp_path)
+    assert len(written) == 2 * len(FIGURES)
+    for name in FIGURES:
+        png = tmp_path / layout.figure(name, "png")
+        with Image.open(png) as image:
+            width, height = SIZES[name]
+            assert image.size == (round(width * DPI), round(height * DPI)), name
+            assert len(image.convert("L").getcolors(maxcolors=1 << 16)) > 10, f"{name} is blank"
+        pdf = (tmp_path / layout.figure(name, "pdf")).read_bytes()
+        assert pdf.startswith(b"%PDF") and len(pdf) > 5000, name
+
+
+def test_report_gathers_tables_figures_and_provenance(tmp_path: Path):
+    params = _params(methods=("bcp", "duet"))
+    write_fake_runs(tmp_path, params, {})
+    make_tables(params, tmp_path)
+    make_figures(params, tmp_path)
+    text = make_report(params, tmp_path).read_text()
+    layout = RunLayout.of(params)
+    for number in (1, 2, 3):
+        assert (tmp_path / layout.table(number, "md")).read_text() in text
+    for name in FIGURES:
+        assert f"](figures/{name}.png)" in text
+    assert "lossy" in text and "`c0ffee`" in text and "broken: 0" in text and "88.50" in text
+
+
+def test_cli_report_error_is_one_line(tmp_path: Path, monkeypatch, capsys):
+    import pipeline_src.cli as cli
+
+    params = _params(methods=("bcp",))
+    monkeypatch.setattr(cli, "PROJECT_ROOT", tmp_path)
+    monkeypatch.setattr(cli, "load_params", lambda profile, root: params)
+    assert main(["tables", "--profile", "smoke"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "provenance.json: missing; run the data stage first" in err
+    assert err.count("\n") == 1

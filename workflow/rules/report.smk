@@ -1,0 +1,94 @@
+# The last stages: the paper's tables and figures from every run's metrics
+# files, and REPORT.md. Outputs marked report() go into `snakemake --report`.
+
+TABLES = (1, 2, 3)
+TABLE_FORMATS = ("md", "csv", "tex")
+FIGURES = ("fig2_clean", "fig3_certified", "radius_curve", "similarity_per_layer")
+
+
+def run_metrics(wildcards):
+    """The metrics files of every run, and what the tables' context comes from."""
+    per_run = lambda name: expand(name, method=RUNS)  # noqa: E731
+    return {
+        "provenance": LAYOUT.data_provenance,
+        "vanilla": LAYOUT.vanilla_metrics,
+        "svd": LAYOUT.svd_summary,
+        "train": per_run(LAYOUT.train("{method}", "metrics.json")),
+        "history": per_run(LAYOUT.train("{method}", "history.csv")),
+        "certify": per_run(LAYOUT.certify("{method}", "metrics.json")),
+        "pgd": per_run(LAYOUT.attack("{method}", "metrics.json")),
+        "similarity": per_run(LAYOUT.similarity("{method}", "metrics.json")),
+    }
+
+
+# The params that decide which runs exist and what the tables check them against.
+REPORT_PARAMS = dict(run=P["run"], methods=P["methods"], seeds=P["seeds"], model=P["model"],
+                     certify=P["certify"], pgd=P["pgd"], lmt=P["lmt"], bcp=P["bcp"],
+                     localbcp=P["localbcp"], duet=P["duet"], vanilla=P["vanilla"])
+
+
+rule tables:
+    """Tables 1-3 (Markdown, CSV, LaTeX) beside the paper's numbers."""
+    input:
+        unpack(run_metrics),
+        code=CODE["tables"],
+    output:
+        md=[LAYOUT.table(n, "md") for n in TABLES],
+        csv=[report(LAYOUT.table(n, "csv"), category="Tables", labels={"table": f"Table {n}"})
+             for n in TABLES],
+        tex=[LAYOUT.table(n, "tex") for n in TABLES],
+    params:
+        **REPORT_PARAMS,
+    log:
+        LAYOUT.log("tables"),
+    benchmark:
+        LAYOUT.benchmark("tables")
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        stage_command("tables")
+
+
+rule figures:
+    """Figures 2 and 3, the certified-radius curve and per-layer similarity (PNG, PDF)."""
+    input:
+        unpack(run_metrics),
+        code=CODE["figures"],
+    output:
+        png=[report(LAYOUT.figure(name, "png"), category="Figures", labels={"figure": name})
+             for name in FIGURES],
+        pdf=[LAYOUT.figure(name, "pdf") for name in FIGURES],
+    params:
+        **REPORT_PARAMS,
+    log:
+        LAYOUT.log("figures"),
+    benchmark:
+        LAYOUT.benchmark("figures")
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        stage_command("figures")
+
+
+rule report:
+    """REPORT.md: provenance, schedules, the three tables and the figures."""
+    input:
+        unpack(run_metrics),
+        code=CODE["report"],
+        tables=rules.tables.output.md,
+        figures=rules.figures.output.png,
+    output:
+        report(LAYOUT.report, category="Report"),
+    params:
+        **REPORT_PARAMS,
+    log:
+        LAYOUT.log("report"),
+    benchmark:
+        LAYOUT.benchmark("report")
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        stage_command("report")
