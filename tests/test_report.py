@@ -178,6 +178,7 @@ def test_stage_writes_markdown_csv_latex_with_the_context(tmp_path: Path):
     bcp = next(r for r in frame if r["run_group"] == "bcp")
     assert float(bcp["clean_mean"]) == 50.0 and float(bcp["clean_paper"]) == 65.7
     assert bcp["data_source"] == "sample" and bcp["lossy_jpeg"] == "True" and bcp["git_commit"] == "c0ffee"
+    assert bcp["arch"] == "6C2F" and bcp["seeds"] == "0 1" and int(bcp["epochs"]) == params["bcp"]["epochs"]
     tex = (tmp_path / layout.table(2, "tex")).read_text()
     assert r"\begin{tabular}" in tex and r"$\pm$" in tex and "%" not in tex.split("\\toprule")[1].replace(r"\%", "")
     body = tex.split(r"\midrule")[1].split(r"\bottomrule")[0].strip().splitlines()

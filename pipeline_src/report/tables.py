@@ -118,6 +118,18 @@ def _context_columns(inputs: ReportInputs) -> dict:
             "profile": inputs.params["profile"]}
 
 
+def _run_columns(runs: list) -> dict:
+    """Per row of a CSV: the architecture, schedule and seeds behind it."""
+    return {"arch": runs[0].train["arch"], "activation": runs[0].train["activation"],
+            "epochs": runs[0].config["epochs"], "seeds": " ".join(str(r.seed) for r in runs)}
+
+
+def _vanilla_columns(inputs: ReportInputs) -> dict:
+    vanilla = inputs.vanilla
+    return {"arch": vanilla["arch"], "activation": vanilla["activation"], "epochs": vanilla["epochs"],
+            "seeds": str(vanilla["seed"])}
+
+
 def _paper_value(table: dict, group: str, method: str, key: str) -> float | None:
     """The paper's number for a method's base run (grid points have none)."""
     if group != method or method not in table:
@@ -140,7 +152,7 @@ def table1(inputs: ReportInputs) -> Table:
                      DASH])
         records.append({"method": "vanilla", "run_group": "vanilla", "label": "Vanilla", "n": 1,
                         "lipschitz_upper_mean": inputs.svd["lipschitz_upper_bound"],
-                        "lipschitz_estimate_mean": inputs.svd["lipschitz_estimate"]})
+                        "lipschitz_estimate_mean": inputs.svd["lipschitz_estimate"], **_vanilla_columns(inputs)})
     for group in inputs.groups:
         runs = inputs.of_group(group)
         method = runs[0].method
@@ -159,7 +171,7 @@ def table1(inputs: ReportInputs) -> Table:
                         "similarity_full_rank_mean": summary(full)[0], "similarity_full_rank_std": summary(full)[1],
                         "lipschitz_upper_mean": summary(upper)[0], "lipschitz_upper_std": summary(upper)[1],
                         "lipschitz_estimate_mean": summary(estimate)[0],
-                        "lipschitz_paper": paper_lip, "rank": rank})
+                        "lipschitz_paper": paper_lip, "rank": rank, **_run_columns(runs)})
     notes = [
         f"Similarity: cosine (Frobenius inner product of unit-norm matrices) between a layer's rank-{rank} "
         "U_r V_rᵀ and the vanilla model's, averaged over the weight layers; at full rank beside it. The paper "
@@ -202,7 +214,7 @@ def table2(inputs: ReportInputs) -> Table:
                 + ["none", vanilla_published["source"]])
     records.append({"method": "vanilla", "run_group": "vanilla", "label": "Vanilla", "n": 1, "clean_mean": clean,
                     "clean_paper": vanilla_published["clean"], "clean_diff_paper": clean - vanilla_published["clean"],
-                    "paper_source": vanilla_published["source"]})
+                    "paper_source": vanilla_published["source"], **_vanilla_columns(inputs)})
     for group in inputs.groups:
         runs = inputs.of_group(group)
         method = runs[0].method
@@ -228,7 +240,7 @@ def table2(inputs: ReportInputs) -> Table:
                            f"{name}_diff_paper": _diff(mean, paper_value), "n": n})
         row += [runs[0].certify["headline_certifier"], published["source"] if published else DASH]
         record.update(certifier=runs[0].certify["headline_certifier"],
-                      paper_source=published["source"] if published else None)
+                      paper_source=published["source"] if published else None, **_run_columns(runs))
         rows.append(row)
         records.append(record)
     notes = [
@@ -268,7 +280,7 @@ def table3(inputs: ReportInputs) -> Table:
                         "seconds_per_epoch_mean": mean, "seconds_per_epoch_std": std,
                         "seconds_paper": paper_seconds, "ratio_to_bcp": ratio, "ratio_to_bcp_paper": paper_ratio,
                         "peak_memory_gb_mean": summary(memory)[0] if on_gpu else math.nan,
-                        "memory_gb_paper": paper_memory, "device": ", ".join(devices)})
+                        "memory_gb_paper": paper_memory, "device": ", ".join(devices), **_run_columns(runs)})
     notes = [
         "Ours: mean wall-clock seconds of a training epoch (validation excluded) as the train stage measured it, "
         "and peak GPU memory of the epoch; a CPU run has no GPU memory to report.",
