@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .data.cifar import load_cache
 from .data.loader import DeviceBatches
 from .config import method_runs
-from .io import git_commit, save_json
+from .io import git_commit, save_json, save_torch
 from .methods import build_method, method_context
 from .models import build_model
 from .paths import RunLayout
@@ -41,6 +41,54 @@ def _time_steps(step, batches, warmup_steps: int, steps: int, device: torch.devi
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return (time.perf_counter() - started) / steps, peak_memory_mb(device)
+
+
+def _guide_root(params: dict, root: Path, arch: str) -> Path:
+    """Where Duet's guide is read: the run's own vanilla model and SVD export when they
+    have this architecture; otherwise (a depth comparison) a random vanilla model of
+    `arch` and its export in a scratch folder: the cost does not depend on the weights."""
+    import tempfile
+
+    from .models import build_model
+    from .spectral.svd_export import export_svd
+
+    layout = RunLayout.of(params)
+    if arch == params["model"]["arch"] and (root / layout.svd_factors).is_file():
+        return root
+    scratch = Path(tempfile.mkdtemp(prefix=f"benchmark-guide-{arch}-"))
+    model_params = {**params["model"], "arch": arch}
+    save_torch({"state_dict": build_model(model_params).state_dict(), "model": model_params,
+                "data_sha256": "benchmark"}, scratch / layout.vanilla_model)
+    export_svd({**params, "model": model_params, "svd": {**params["svd"], "power_iterations": 20}}, scratch)
+    return scratch
+
+
+def benchmark_depth(params: dict, root: Path, methods: list[str], archs: list[str], warmup_steps: int,
+                    steps: int) -> dict:
+    """Every method at every architecture, on one device: how an epoch's cost grows with depth."""
+    results = [benchmark(params, root, methods, arch, warmup_steps, steps) for arch in archs]
+    table = {row["method"]: {} for row in results[0]["rows"]}
+    for result in results:
+        for row in result["rows"]:
+            table[row["method"]][result["arch"]] = row["seconds_per_epoch"]
+    depth = {"device": results[0]["device"], "archs": archs, "seconds_per_epoch": table,
+             "growth_over_first_arch": {m: {a: t[a] / t[archs[0]] for a in archs} for m, t in table.items()},
+             "git_commit": git_commit(root)}
+    out = root / RunLayout.of(params).root / "benchmark" / "benchmark_depth.json"
+    save_json(depth, out)
+    print(depth_markdown_table(depth))
+    print(f"[benchmark] wrote {out}")
+    return depth
+
+
+def depth_markdown_table(depth: dict) -> str:
+    archs = depth["archs"]
+    lines = [f"Device: {depth['device']}; seconds per epoch (× the {archs[0]} time)", "",
+             "| method | " + " | ".join(archs) + " |", "| --- |" + " ---: |" * len(archs)]
+    for method, times in depth["seconds_per_epoch"].items():
+        growth = depth["growth_over_first_arch"][method]
+        lines.append(f"| {method} | " + " | ".join(f"{times[a]:.2f} (×{growth[a]:.2f})" for a in archs) + " |")
+    return "\n".join(lines)
 
 
 def benchmark(params: dict, root: Path, methods: list[str], arch: str | None, warmup_steps: int,
@@ -93,11 +141,12 @@ def benchmark(params: dict, root: Path, methods: list[str], arch: str | None, wa
         timed.append((f"duet-r{rank}", "duet", {**params["duet"], "rank": rank if rank == "full" else int(rank)}))
     floor_batch = params["bcp"]["batch_size"]
     run("floor", floor_batch, params["model"], plain_step)
+    guide_root = _guide_root(params, root, arch) if any(m == "duet" for _, m, _ in timed) else root
     for name, method_name, cfg in timed:
 
         def method_step(model, optimizer, generator, method_name=method_name, cfg=cfg):
             method = build_method(method_name, model, cfg, generator, n_train,
-                                  method_context(method_name, root, layout, device))
+                                  method_context(method_name, guide_root, layout, device))
 
             def step(x, y, index):
                 logits = method.forward(x)  # the order of a training step

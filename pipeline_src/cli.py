@@ -53,8 +53,16 @@ def _stage_pgd(params: dict, root: Path, args) -> None:
 def _benchmark(params: dict, root: Path, args) -> None:
     from .benchmark import benchmark
 
-    benchmark(params, root, args.methods or params["methods"], args.arch, args.warmup_steps, args.steps,
-              args.duet_ranks)
+    from .benchmark import benchmark_depth
+
+    methods = args.methods or params["methods"]
+    archs = args.archs or [params["model"]["arch"]]
+    if len(archs) > 1:
+        if args.duet_ranks:
+            raise ParamsError("benchmark: --duet-ranks with one architecture at a time")
+        benchmark_depth(params, root, methods, archs, args.warmup_steps, args.steps)
+    else:
+        benchmark(params, root, methods, archs[0], args.warmup_steps, args.steps, args.duet_ranks)
 
 
 def _stage_similarity(params: dict, root: Path, args) -> None:
@@ -141,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
                              help="runs to time (default: the profile's methods)")
             cmd.add_argument("--duet-ranks", nargs="+", default=None,
                              help="also time Duet at these ranks (ints or 'full')")
-            cmd.add_argument("--arch", default=None, help="default: model.arch")
+            cmd.add_argument("--archs", nargs="+", default=None, choices=["4C3F", "6C2F", "8C2F"],
+                             help="default: model.arch; several (4C3F 6C2F 8C2F): time per epoch against depth")
             cmd.add_argument("--steps", type=int, default=20, help="timed steps per method")
             cmd.add_argument("--warmup-steps", type=int, default=3, help="untimed steps first")
         if name == "make-sample":

@@ -48,3 +48,21 @@ def test_benchmark_times_duet_at_each_rank(tmp_path: Path):
     assert all(row["ratio_to_bcp"] > 0 for row in result["rows"])
     with pytest.raises(ValueError, match="not runs of this profile"):
         benchmark(params, tmp_path, ["nope"], None, warmup_steps=1, steps=1)
+
+
+def test_benchmark_depth_times_every_method_at_every_architecture(tmp_path: Path):
+    """Cost against depth: Duet at an architecture other than the run's gets a stand-in guide."""
+    from pipeline_src.benchmark import benchmark_depth, depth_markdown_table
+
+    params = load_params("smoke")
+    layout = RunLayout.of(params)
+    build_cache(params["data"], tmp_path / layout.data_cache, tmp_path / layout.data_provenance, tmp_path)
+    depth = benchmark_depth(params, tmp_path, ["bcp", "duet"], ["4C3F", "8C2F"], warmup_steps=1, steps=1)
+    assert set(depth["seconds_per_epoch"]) == {"floor", "bcp", "duet"}
+    for method, times in depth["seconds_per_epoch"].items():
+        assert set(times) == {"4C3F", "8C2F"} and all(t > 0 for t in times.values())
+        assert depth["growth_over_first_arch"][method]["4C3F"] == 1.0
+    saved = json.loads((tmp_path / layout.root / "benchmark" / "benchmark_depth.json").read_text())
+    assert saved["seconds_per_epoch"] == depth["seconds_per_epoch"]
+    assert "| duet |" in depth_markdown_table(depth) and "8C2F" in depth_markdown_table(depth)
+    assert not (tmp_path / layout.vanilla_model).exists(), "the stand-in guide stays out of the run folder"

@@ -91,6 +91,7 @@ def test_cli_reports_a_bad_profile_in_one_line(capsys):
 
 def test_duet_grid_adds_runs_beside_the_base_run():
     params = load_params("paper")
+    params["duet"].update(lambdas=None, sim_forms=None)
     assert list(method_runs(params)) == params["methods"]        # no grid: one run per method
     params["duet"].update(ranks=[1, 8, "full"], lambdas=[0.1, 1.0], sim_forms=None)
     runs = method_runs(params)
@@ -103,6 +104,14 @@ def test_duet_grid_adds_runs_beside_the_base_run():
     assert runs["duet-rfull-l1-paper"].config["rank"] == "full"
     assert all(set(name) <= set("abcdefghijklmnopqrstuvwxyz0123456789-") for name in runs)
     assert params["duet"]["rank"] == 8                             # the params are not changed
+
+
+def test_paper_profile_ablates_lambda_on_a_log_grid_for_every_form():
+    runs = method_runs(load_params("paper"))
+    duet = {(r.config["lambda"], r.config["sim_form"]) for r in runs.values() if r.method == "duet"}
+    assert duet == {(lam, form) for lam in (0.01, 0.1, 1.0) for form in ("paper", "direction", "cosine")}
+    assert runs["duet"].config["lambda"] == 1.0 and runs["duet"].config["sim_form"] == "paper"
+    assert "duet-r8-l0p01-cosine" in runs
 
 
 def test_smoke_profile_runs_two_duet_ranks():
@@ -130,3 +139,18 @@ def test_bad_seeds_are_refused_with_the_key_named(seeds, tmp_path):
         (ROOT / "workflow/schemas/params.schema.yaml").read_text())
     with pytest.raises(ParamsError, match="seeds"):
         load_params("paper", tmp_path)
+
+
+def test_gpu_profile_keeps_the_papers_schedule_shapes():
+    """Shorter schedules, the same shares of warm-up, ramp and decay (within 3 points)."""
+    paper, gpu = load_params("paper"), load_params("gpu")
+    assert gpu["data"]["source"] == "images" and gpu["model"]["arch"] == "6C2F"
+    assert gpu["run"]["device"] == "cuda" and gpu["run"]["name"] == "gpu"
+    for method in ("lmt", "bcp", "localbcp", "duet"):
+        short, full = gpu[method], paper[method]
+        assert short["epochs"] < full["epochs"]
+        for key in ("warmup_epochs", "ramp_epochs"):
+            assert abs(short[key] / short["epochs"] - full[key] / full["epochs"]) <= 0.03, (method, key)
+        assert short["lr_schedule"]["kind"] == full["lr_schedule"]["kind"]
+        assert short["batch_size"] == full["batch_size"] and short["eps_train"] == full["eps_train"]
+    assert [r for r in method_runs(gpu)] == ["lmt", "bcp", "localbcp", "duet"]

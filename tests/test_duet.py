@@ -476,13 +476,19 @@ def guide_root(tmp_path_factory, params, vanilla) -> Path:
     return root
 
 
-TRAIN_RUNS = [pytest.param(1, "power", 3, id="rank1-power"),
-              pytest.param(4, "power", 4, id="rank4-power"),
-              pytest.param("full", "svd", 1, id="full-svd")]
+# A few hundred optimizer steps per rank (batch 4 of the 200 images: 50 steps per epoch).
+TRAIN_BATCH = 4
+# Full rank takes exact SVD factors, refreshed every 10 steps (an exact SVD of the
+# 512 x 4096 layer at every step would cost minutes of CI); gradients still flow
+# through the polar factor at every step.
+TRAIN_RUNS = [pytest.param(1, "power", 1, 6, id="rank1-power"),
+              pytest.param(4, "power", 1, 6, id="rank4-power"),
+              pytest.param("full", "svd", 10, 4, id="full-svd")]
 
 
-@pytest.mark.parametrize("rank,cert_factors,epochs", TRAIN_RUNS)
-def test_training_stays_finite(params, guide_root, vanilla, tmp_path, monkeypatch, rank, cert_factors, epochs):
+@pytest.mark.parametrize("rank,cert_factors,refresh_every,epochs", TRAIN_RUNS)
+def test_training_stays_finite(params, guide_root, vanilla, tmp_path, monkeypatch, rank, cert_factors,
+                               refresh_every, epochs):
     params = copy.deepcopy(params)
     layout = RunLayout.of(params)
     root = tmp_path / "run"
@@ -490,8 +496,8 @@ def test_training_stays_finite(params, guide_root, vanilla, tmp_path, monkeypatc
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(guide_root / rel, root / rel)
     assert params["duet"]["sim_form"] == "paper" and params["duet"]["lambda"] == 1.0
-    params["duet"].update(epochs=epochs, warmup_epochs=0, ramp_epochs=0.5, batch_size=16, rank=rank,
-                          cert_factors=cert_factors,
+    params["duet"].update(epochs=epochs, warmup_epochs=0, ramp_epochs=0.5, batch_size=TRAIN_BATCH, rank=rank,
+                          cert_factors=cert_factors, refresh_every=refresh_every,
                           lr_schedule={**params["duet"]["lr_schedule"], "kind": "constant"})
     params["certify"] = {**params["certify"], "batch_size": 100}
 
@@ -548,8 +554,8 @@ def test_training_stays_finite(params, guide_root, vanilla, tmp_path, monkeypatc
 
     metrics = certified_training.train_certified(params, "duet", root)
 
-    steps_per_epoch = -(-200 // 16)
-    assert seen["steps"] == epochs * steps_per_epoch
+    steps_per_epoch = -(-200 // TRAIN_BATCH)
+    assert seen["steps"] == epochs * steps_per_epoch >= 200
     assert len(seen["regulariser"]) == seen["steps"]
     assert all(math.isfinite(v) and v > 0 for v in seen["regulariser"])
     assert seen["bounds"] >= seen["steps"] - 1          # the BCP term is on from the second step

@@ -39,6 +39,11 @@ ARCHITECTURES: dict[str, list[Conv | Dense]] = {
              Dense(512), Dense(512), Dense(NUM_CLASSES)],
     "6C2F": [Conv(32, 3, 1, 1), Conv(32, 3, 1, 1), Conv(32, 4, 2, 1), Conv(64, 3, 1, 1),
              Conv(64, 3, 1, 1), Conv(64, 4, 2, 1), Dense(512), Dense(NUM_CLASSES)],
+    # Not in BCP: 6C2F with one more 3x3 conv per resolution, for the cost-against-depth
+    # measurement (how each method's epoch time grows from 4C3F to 6C2F to 8C2F).
+    "8C2F": [Conv(32, 3, 1, 1), Conv(32, 3, 1, 1), Conv(32, 3, 1, 1), Conv(32, 4, 2, 1),
+             Conv(64, 3, 1, 1), Conv(64, 3, 1, 1), Conv(64, 3, 1, 1), Conv(64, 4, 2, 1),
+             Dense(512), Dense(NUM_CLASSES)],
 }
 
 
