@@ -175,6 +175,46 @@ def test_dvc_repro_smoke(project_copy: Path):
     assert "results/smoke/certify/duet/metrics.json:headline_certified_accuracy" in experiments
 
 
+def test_training_killed_through_snakemake_resumes_to_the_same_weights(project_copy: Path):
+    """SIGKILL to the whole snakemake process group once the first epoch's checkpoint is
+    written; `--unlock`, then the same command continues from the checkpoint and ends
+    with the weights of a run that was never interrupted."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from conftest import tool_env
+
+    target = str(SMOKE / "train/bcp/metrics.json")
+    command = ["snakemake", "--cores", "1", "--config", "profile=smoke", "--", target]
+    run(command[:-2] + ["--", str(SMOKE / "data/cifar10.pt")], project_copy)
+    checkpoint = project_copy / SMOKE / "train/bcp/checkpoint.pt"
+    job = subprocess.Popen(command, cwd=project_copy, env=tool_env(), start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not checkpoint.exists() and job.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert checkpoint.exists() and job.poll() is None, "no checkpoint before the run ended"
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    assert not (project_copy / target).exists()
+    saved = torch.load(checkpoint, weights_only=False)
+    assert saved["epoch"] == 1
+
+    run(["snakemake", "--unlock", "--config", "profile=smoke"], project_copy)
+    resumed = run(command[:-2] + ["--rerun-incomplete", "--", target], project_copy)
+    log = (project_copy / SMOKE / "logs/train_bcp.log").read_text()
+    assert "resum" in log.lower(), log[-2000:]
+    assert not checkpoint.exists(), "a finished run removes its checkpoint"
+    resumed_metrics = json.loads((project_copy / target).read_text())
+
+    run(command[:-2] + ["--forcerun", "train", "--", target], project_copy)
+    straight = json.loads((project_copy / target).read_text())
+    assert resumed_metrics["weights_sha256"] == straight["weights_sha256"], resumed.stdout[-2000:]
+    assert resumed_metrics["selected_epoch"] == straight["selected_epoch"]
+
+
 FAKE_SUBMIT = '''\
 import subprocess, sys
 log, args, jobscript = sys.argv[1], sys.argv[2:-1], sys.argv[-1]
