@@ -10,7 +10,7 @@ sys.path.insert(0, workflow.basedir)
 from snakemake.exceptions import WorkflowError
 
 from pipeline_src.config import ParamsError, load_params, method_runs, read_base_params
-from pipeline_src.paths import RunLayout
+from pipeline_src.paths import RunLayout, benchmark_outputs
 
 
 configfile: "params.yaml"

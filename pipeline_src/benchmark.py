@@ -74,7 +74,7 @@ def benchmark_depth(params: dict, root: Path, methods: list[str], archs: list[st
     depth = {"device": results[0]["device"], "archs": archs, "seconds_per_epoch": table,
              "growth_over_first_arch": {m: {a: t[a] / t[archs[0]] for a in archs} for m, t in table.items()},
              "git_commit": git_commit(root)}
-    out = root / RunLayout.of(params).root / "benchmark" / "benchmark_depth.json"
+    out = root / RunLayout.of(params).benchmark_depth
     save_json(depth, out)
     print(depth_markdown_table(depth))
     print(f"[benchmark] wrote {out}")
@@ -172,7 +172,7 @@ def benchmark(params: dict, root: Path, methods: list[str], arch: str | None, wa
               "train_images": n_train, "warmup_steps": warmup_steps, "timed_steps": steps,
               "note": "seconds per epoch extrapolated from the timed steps; TF32 off",
               "rows": rows, "git_commit": git_commit(root)}
-    out = root / layout.root / "benchmark" / f"benchmark_{arch}.json"
+    out = root / layout.benchmark_result(arch)
     save_json(result, out)
     print(markdown_table(result))
     print(f"[benchmark] wrote {out}")

@@ -51,18 +51,20 @@ def _stage_pgd(params: dict, root: Path, args) -> None:
 
 
 def _benchmark(params: dict, root: Path, args) -> None:
-    from .benchmark import benchmark
+    from .benchmark import benchmark, benchmark_depth
+    from .config import benchmark_archs
 
-    from .benchmark import benchmark_depth
-
+    cfg = params["benchmark"]
     methods = args.methods or params["methods"]
-    archs = args.archs or [params["model"]["arch"]]
+    archs = args.archs or benchmark_archs(params)
+    steps = args.steps or cfg["steps"]
+    warmup = cfg["warmup_steps"] if args.warmup_steps is None else args.warmup_steps
     if len(archs) > 1:
         if args.duet_ranks:
             raise ParamsError("benchmark: --duet-ranks with one architecture at a time")
-        benchmark_depth(params, root, methods, archs, args.warmup_steps, args.steps)
+        benchmark_depth(params, root, methods, archs, warmup, steps)
     else:
-        benchmark(params, root, methods, archs[0], args.warmup_steps, args.steps, args.duet_ranks)
+        benchmark(params, root, methods, archs[0], warmup, steps, args.duet_ranks)
 
 
 def _stage_similarity(params: dict, root: Path, args) -> None:
@@ -150,9 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--duet-ranks", nargs="+", default=None,
                              help="also time Duet at these ranks (ints or 'full')")
             cmd.add_argument("--archs", nargs="+", default=None, choices=["4C3F", "6C2F", "8C2F"],
-                             help="default: model.arch; several (4C3F 6C2F 8C2F): time per epoch against depth")
-            cmd.add_argument("--steps", type=int, default=20, help="timed steps per method")
-            cmd.add_argument("--warmup-steps", type=int, default=3, help="untimed steps first")
+                             help="default: benchmark.archs; several (4C3F 6C2F 8C2F): time per epoch against depth")
+            cmd.add_argument("--steps", type=int, default=None, help="timed steps per method (benchmark.steps)")
+            cmd.add_argument("--warmup-steps", type=int, default=None,
+                             help="untimed steps first (benchmark.warmup_steps)")
         if name == "make-sample":
             cmd.add_argument("--source", required=True, help="full CIFAR-10 image archive")
     return parser

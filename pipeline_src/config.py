@@ -105,6 +105,11 @@ def read_base_params(root: Path = PROJECT_ROOT) -> dict:
     return _read_yaml(root / BASE_PARAMS)
 
 
+def benchmark_archs(params: dict) -> list[str]:
+    """The architectures the benchmark times: `benchmark.archs`, or model.arch."""
+    return params["benchmark"]["archs"] or [params["model"]["arch"]]
+
+
 # Duet's ablation grid: each list given in the duet block adds runs that differ
 # from the base `duet` run in that key.
 DUET_GRID = {"ranks": "rank", "lambdas": "lambda", "sim_forms": "sim_form"}

@@ -71,6 +71,14 @@ class RunLayout:
         """metrics.json (rotation similarity to the vanilla model, Lipschitz product)"""
         return self._at("similarity", method, name)
 
+    # the benchmark (seconds per epoch and peak memory beside the floor)
+    def benchmark_result(self, arch: str) -> str:
+        return self._at("benchmark", f"benchmark_{arch}.json")
+
+    @property
+    def benchmark_depth(self) -> str:
+        return self._at("benchmark", "benchmark_depth.json")
+
     # the report stages: the paper's tables and figures, and REPORT.md
     def table(self, number: int, extension: str) -> str:
         """table{1,2,3}.{md,csv,tex}"""
@@ -90,3 +98,11 @@ class RunLayout:
 
     def benchmark(self, stage: str) -> str:
         return self._at("benchmarks", f"{stage}.tsv")
+
+
+def benchmark_outputs(params: dict) -> list[str]:
+    """The files the benchmark writes: one per architecture, and the depth table for several."""
+    from .config import benchmark_archs
+
+    layout, archs = RunLayout.of(params), benchmark_archs(params)
+    return [layout.benchmark_result(arch) for arch in archs] + ([layout.benchmark_depth] if len(archs) > 1 else [])

@@ -24,6 +24,7 @@ STAGE_MODULES = {
     "tables": "pipeline_src.report.tables",
     "figures": "pipeline_src.report.figures",
     "report": "pipeline_src.report.document",
+    "timing": "pipeline_src.benchmark",
 }
 PER_METHOD = ("train", "certify", "pgd", "similarity")
 

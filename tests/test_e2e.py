@@ -56,7 +56,7 @@ def _check_smoke_outputs(project: Path) -> None:
         torch.testing.assert_close(rebuilt, matrix, atol=1e-4, rtol=1e-4)
     for method in load_params("smoke", project)["methods"]:
         _check_method_outputs(run_dir, method)
-    for stage in ("data", "vanilla", "svd", "tables", "figures", "report"):
+    for stage in ("data", "vanilla", "svd", "benchmark", "tables", "figures", "report"):
         assert (run_dir / "logs" / f"{stage}.log").stat().st_size > 0
     _check_report_outputs(run_dir, params)
     # The paper profile's folder is never touched by a smoke run.
@@ -70,6 +70,9 @@ def _check_report_outputs(run_dir: Path, params: dict) -> None:
     from pipeline_src.report.figures import DPI, FIGURES, SIZES
 
     report = (run_dir / "REPORT.md").read_text()
+    benchmark = json.loads((run_dir / "benchmark" / f"benchmark_{params['model']['arch']}.json").read_text())
+    assert [row["method"] for row in benchmark["rows"]] == ["floor", *params["methods"]]
+    assert "## Cost, measured by the benchmark stage" in report and "| floor |" in report
     for number in (1, 2, 3):
         markdown = (run_dir / "tables" / f"table{number}.md").read_text()
         assert markdown in report
@@ -171,6 +174,8 @@ def test_dvc_repro_smoke(project_copy: Path):
     run(["dvc", "plots", "show", "--out", "plots"], project_copy)
     page = (project_copy / "plots/index.html").read_text()
     assert "certified accuracy on validation, sound certifier" in page and "clean accuracy" in page
+    diff = run(["dvc", "metrics", "diff", "--all"], project_copy).stdout
+    assert "results/smoke/certify/duet/metrics.json" in diff and "clean_accuracy" in diff
     experiments = run(["dvc", "exp", "show", "--csv", "--no-pager"], project_copy).stdout
     assert "results/smoke/certify/duet/metrics.json:headline_certified_accuracy" in experiments
 

@@ -33,6 +33,7 @@ def _params(seeds=None, methods=("lmt", "bcp", "localbcp", "duet"), grid=None) -
     params["seeds"] = seeds
     params["methods"] = list(methods)
     params["duet"]["ranks"] = grid
+    params["benchmark"]["enabled"] = False
     return params
 
 
@@ -266,3 +267,25 @@ def test_cli_report_error_is_one_line(tmp_path: Path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "provenance.json: missing; run the data stage first" in err
     assert err.count("\n") == 1
+
+
+def test_report_shows_the_benchmark_stage_when_enabled(tmp_path: Path):
+    params = _params(methods=("bcp", "duet"))
+    params["benchmark"].update(enabled=True, archs=["4C3F", "6C2F"])
+    write_fake_runs(tmp_path, params, {})
+    layout = RunLayout.of(params)
+    rows = lambda scale: [  # noqa: E731
+        {"method": m, "batch_size": 128, "seconds_per_epoch": s * scale, "peak_memory_mb": 100.0,
+         "ratio_to_floor": s, "ratio_to_bcp": s / 3.0} for m, s in (("floor", 1.0), ("bcp", 3.0), ("duet", 3.6))]
+    for arch, scale in (("4C3F", 1.0), ("6C2F", 1.5)):
+        save_json({"device": "NVIDIA H100", "torch": "2.11", "arch": arch, "train_images": 45000,
+                   "timed_steps": 20, "rows": rows(scale)}, tmp_path / layout.benchmark_result(arch))
+    save_json({"device": "NVIDIA H100", "archs": ["4C3F", "6C2F"],
+               "seconds_per_epoch": {"bcp": {"4C3F": 3.0, "6C2F": 4.5}},
+               "growth_over_first_arch": {"bcp": {"4C3F": 1.0, "6C2F": 1.5}}}, tmp_path / layout.benchmark_depth)
+    make_tables(params, tmp_path)
+    make_figures(params, tmp_path)
+    text = make_report(params, tmp_path).read_text()
+    assert "## Cost, measured by the benchmark stage" in text and "NVIDIA H100" in text
+    assert "| duet | 128 | 5.40 | 100 | 3.60 | 1.20 |" in text     # the 6C2F row: x floor, x BCP
+    assert "| bcp | 3.00 (×1.00) | 4.50 (×1.50) |" in text

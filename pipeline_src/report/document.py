@@ -69,6 +69,25 @@ def _soundness(inputs: ReportInputs) -> list[str]:
     ]
 
 
+def _benchmark(inputs: ReportInputs, root: Path) -> list[str]:
+    """The benchmark stage's tables (one device, every method beside the floor), when it ran."""
+    import json
+
+    from ..benchmark import depth_markdown_table, markdown_table
+    from ..config import benchmark_archs
+
+    layout = RunLayout.of(inputs.params)
+    lines = ["## Cost, measured by the benchmark stage", "",
+             "Seconds per epoch (extrapolated from timed steps, data on the device, TF32 off) and peak "
+             "memory of a training step at the full ε, beside the floor: a plain cross-entropy epoch of "
+             "the same network.", ""]
+    for arch in benchmark_archs(inputs.params):
+        lines += [markdown_table(json.loads((root / layout.benchmark_result(arch)).read_text())), ""]
+    if len(benchmark_archs(inputs.params)) > 1:
+        lines += ["Against depth:", "", depth_markdown_table(json.loads((root / layout.benchmark_depth).read_text())), ""]
+    return lines
+
+
 def build_report(inputs: ReportInputs, layout: RunLayout, root: Path) -> str:
     folder = Path(layout.report).parent
     rel = lambda path: Path(path).relative_to(folder).as_posix()  # noqa: E731
@@ -100,5 +119,7 @@ def build_report(inputs: ReportInputs, layout: RunLayout, root: Path) -> str:
     for name in FIGURES:
         lines += [f"![{name}]({rel(layout.figure(name, 'png'))})", "",
                   f"*{FIGURE_CAPTIONS[name]}* ([PDF]({rel(layout.figure(name, 'pdf'))}))", ""]
+    if inputs.params["benchmark"]["enabled"]:
+        lines += _benchmark(inputs, root)
     lines += ["## Soundness", "", *_soundness(inputs), ""]
     return "\n".join(lines)

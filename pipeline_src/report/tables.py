@@ -72,7 +72,7 @@ def fmt_sig(value: float | None, digits: int = 3) -> str:
 
 def eps_text(eps: float) -> str:
     steps = eps * 255
-    return f"{round(steps)}/255" if abs(steps - round(steps)) < 1e-6 else f"{eps:.4g}"
+    return f"{round(steps)}/255" if abs(steps - round(steps)) < 1e-6 else f"{eps:.4g} ({steps:.1f}/255)"
 
 
 def data_text(provenance: dict) -> str:

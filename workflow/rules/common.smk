@@ -71,3 +71,5 @@ REPORT_CODE = CORE_CODE + [
 CODE["tables"] = REPORT_CODE
 CODE["figures"] = REPORT_CODE + ["pipeline_src/report/figures.py"]
 CODE["report"] = CODE["figures"] + ["pipeline_src/report/document.py"]
+CODE["benchmark"] = EVAL_CODE + ["pipeline_src/benchmark.py", "pipeline_src/spectral/svd_export.py"]
+CODE["report"] = CODE["report"] + ["pipeline_src/benchmark.py"]

@@ -18,11 +18,43 @@ def run_metrics(wildcards):
         "certify": per_run(LAYOUT.certify("{method}", "metrics.json")),
         "pgd": per_run(LAYOUT.attack("{method}", "metrics.json")),
         "similarity": per_run(LAYOUT.similarity("{method}", "metrics.json")),
+        "timing": BENCHMARK_OUTPUTS,
     }
+
+
+# Table 3 measured on one device beside the floor, when `benchmark.enabled`.
+BENCHMARK_OUTPUTS = benchmark_outputs(P) if P["benchmark"]["enabled"] else []
+
+
+if P["benchmark"]["enabled"]:
+
+    rule timing:
+        """Seconds per epoch and peak memory of every method beside the floor (the benchmark)."""
+        input:
+            code=CODE["benchmark"],
+            cache=LAYOUT.data_cache,
+            vanilla=LAYOUT.vanilla_model,
+            factors=LAYOUT.svd_factors,
+        output:
+            BENCHMARK_OUTPUTS,
+        params:
+            **{name: P[name] for name in ("run", "model", "methods", "benchmark", "lmt", "bcp", "localbcp",
+                                          "duet")},
+        log:
+            LAYOUT.log("benchmark"),
+        benchmark:
+            LAYOUT.benchmark("benchmark")
+        resources:
+            gpu=1,
+            mem_mb=16000,
+            runtime=30,
+        shell:
+            stage_command("benchmark")
 
 
 # The params that decide which runs exist and what the tables check them against.
 REPORT_PARAMS = dict(run=P["run"], methods=P["methods"], seeds=P["seeds"], model=P["model"],
+                     benchmark=P["benchmark"],
                      certify=P["certify"], pgd=P["pgd"], lmt=P["lmt"], bcp=P["bcp"],
                      localbcp=P["localbcp"], duet=P["duet"], vanilla=P["vanilla"])
 
