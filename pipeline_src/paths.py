@@ -7,6 +7,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+# What the report stages write (rules and stages both read these).
+REPORT_TABLES = (1, 2, 3)
+REPORT_FIGURES = ("fig2_clean", "fig3_certified", "radius_curve", "similarity_per_layer")
+
+
 @dataclass(frozen=True)
 class RunLayout:
     root: str  # results/<run.name>

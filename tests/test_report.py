@@ -227,6 +227,12 @@ def test_a_broken_certificate_is_refused(tmp_path: Path):
         collect(params, tmp_path)
 
 
+def test_every_declared_figure_has_a_size_and_a_builder():
+    from pipeline_src.report.figures import BUILDERS
+
+    assert set(FIGURES) == set(SIZES) == set(BUILDERS)
+
+
 def test_figures_are_nonempty_images_of_the_expected_size(tmp_path: Path):
     params = _params(seeds=[0, 1], methods=("lmt", "bcp", "duet"))
     write_fake_runs(tmp_path, params, {"bcp-s1": {"clean": 70.0}})

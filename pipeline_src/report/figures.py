@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from ..io import atomic_path  # noqa: E402
-from ..paths import RunLayout  # noqa: E402
+from ..paths import REPORT_FIGURES, RunLayout  # noqa: E402
 from .collect import ReportInputs, RunResult  # noqa: E402
 
 DPI = 100
@@ -36,7 +36,7 @@ SIZES = {  # inches; pixels are these times DPI
     "radius_curve": (6.5, 4.5),
     "similarity_per_layer": (8.0, 4.5),
 }
-FIGURES = tuple(SIZES)
+FIGURES = REPORT_FIGURES  # the names the rules declare; each has a size and a builder
 FORMATS = ("png", "pdf")
 METHOD_COLOURS = {"lmt": "#7f7f7f", "bcp": "#1f77b4", "localbcp": "#2ca02c", "duet": "#d62728"}
 GRID_COLOURS = ["#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf", "#f4a582", "#762a83"]

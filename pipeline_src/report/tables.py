@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..io import save_text
-from ..paths import RunLayout
+from ..paths import REPORT_TABLES, RunLayout
 from . import paper
 from .collect import METHOD_LABELS, ReportInputs
 
@@ -338,8 +338,7 @@ def to_csv(table: Table, inputs: ReportInputs) -> str:
     return frame.to_csv(index=False)
 
 
-TABLES = (1, 2, 3)
-TABLE_FORMATS = ("md", "csv", "tex")
+TABLES = REPORT_TABLES
 
 
 def write_tables(inputs: ReportInputs, layout: RunLayout, root: Path) -> list[Path]:

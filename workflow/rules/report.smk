@@ -1,9 +1,7 @@
 # The last stages: the paper's tables and figures from every run's metrics
 # files, and REPORT.md. Outputs marked report() go into `snakemake --report`.
 
-TABLES = (1, 2, 3)
-TABLE_FORMATS = ("md", "csv", "tex")
-FIGURES = ("fig2_clean", "fig3_certified", "radius_curve", "similarity_per_layer")
+from pipeline_src.paths import REPORT_FIGURES as FIGURES, REPORT_TABLES as TABLES
 
 
 def run_metrics(wildcards):
