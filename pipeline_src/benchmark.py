@@ -11,6 +11,7 @@ nothing about a GPU.
 """
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -162,6 +163,8 @@ def benchmark(params: dict, root: Path, methods: list[str], arch: str | None, wa
             return step
 
         run(name, cfg["batch_size"], {**params["model"], **cfg.get("model", {})}, method_step)
+    if guide_root != root:  # the stand-in guide was read into memory; its scratch folder goes
+        shutil.rmtree(guide_root, ignore_errors=True)
 
     floor = rows[0]["seconds_per_epoch"]
     bcp = next((r["seconds_per_epoch"] for r in rows if r["method"] == "bcp"), None)

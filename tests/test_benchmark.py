@@ -50,10 +50,15 @@ def test_benchmark_times_duet_at_each_rank(tmp_path: Path):
         benchmark(params, tmp_path, ["nope"], None, warmup_steps=1, steps=1)
 
 
-def test_benchmark_depth_times_every_method_at_every_architecture(tmp_path: Path):
+def test_benchmark_depth_times_every_method_at_every_architecture(tmp_path: Path, monkeypatch):
     """Cost against depth: Duet at an architecture other than the run's gets a stand-in guide."""
     from pipeline_src.benchmark import benchmark_depth, depth_markdown_table
 
+    import tempfile
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     params = load_params("smoke")
     layout = RunLayout.of(params)
     build_cache(params["data"], tmp_path / layout.data_cache, tmp_path / layout.data_provenance, tmp_path)
@@ -66,3 +71,4 @@ def test_benchmark_depth_times_every_method_at_every_architecture(tmp_path: Path
     assert saved["seconds_per_epoch"] == depth["seconds_per_epoch"]
     assert "| duet |" in depth_markdown_table(depth) and "8C2F" in depth_markdown_table(depth)
     assert not (tmp_path / layout.vanilla_model).exists(), "the stand-in guide stays out of the run folder"
+    assert not list(scratch.iterdir()), "the scratch guides are removed"
