@@ -22,10 +22,11 @@ from .data.cifar import load_cache
 from .data.loader import DeviceBatches
 from .config import method_runs
 from .io import git_commit, save_json, save_torch
-from .methods import build_method, method_context
+from .methods import METHODS, build_method, method_context
 from .models import build_model
 from .paths import RunLayout
-from .training.common import device_name, make_generator, peak_memory_mb, reset_peak_memory, resolve_device
+from .training.common import (device_name, make_generator, peak_memory_mb, reset_peak_memory, resolve_device,
+                              use_fp32_numerics)
 
 
 def _time_steps(step, batches, warmup_steps: int, steps: int, device: torch.device) -> tuple[float, float]:
@@ -98,7 +99,7 @@ def benchmark(params: dict, root: Path, methods: list[str], arch: str | None, wa
     `duet_ranks`: also time Duet at each of these ranks (its cost against r)."""
     layout = RunLayout.of(params)
     device = resolve_device(params["run"]["device"])
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    use_fp32_numerics()
     data = load_cache(root / layout.data_cache)
     n_train = len(data.train_y)
     arch = arch or params["model"]["arch"]
@@ -133,11 +134,14 @@ def benchmark(params: dict, root: Path, methods: list[str], arch: str | None, wa
         return step
 
     # A run's cost does not depend on its seed: runs are named by their group (`bcp`).
-    runs = {run.group: run for run in method_runs(params).values()}
+    # Any method with a params block can be timed, trained by the profile or not.
+    runs = {name: (name, params[name]) for name in METHODS if name in params}
+    runs.update({run.group: (run.method, run.config) for run in method_runs(params).values()})
     unknown = [name for name in methods if name not in runs]
     if unknown:
-        raise ValueError(f"benchmark: {unknown} are not runs of this profile ({', '.join(runs)})")
-    timed = [(name, runs[name].method, runs[name].config) for name in methods]
+        raise ValueError(f"benchmark: {unknown} are neither methods nor runs of this profile "
+                         f"({', '.join(runs)})")
+    timed = [(name, *runs[name]) for name in methods]
     for rank in duet_ranks or []:
         timed.append((f"duet-r{rank}", "duet", {**params["duet"], "rank": rank if rank == "full" else int(rank)}))
     floor_batch = params["bcp"]["batch_size"]

@@ -52,10 +52,10 @@ def _stage_pgd(params: dict, root: Path, args) -> None:
 
 def _benchmark(params: dict, root: Path, args) -> None:
     from .benchmark import benchmark, benchmark_depth
-    from .config import benchmark_archs
+    from .config import benchmark_archs, benchmark_methods
 
     cfg = params["benchmark"]
-    methods = args.methods or params["methods"]
+    methods = args.methods or benchmark_methods(params)
     archs = args.archs or benchmark_archs(params)
     steps = args.steps or cfg["steps"]
     warmup = cfg["warmup_steps"] if args.warmup_steps is None else args.warmup_steps
@@ -98,6 +98,12 @@ def _export_dvc(params: dict, root: Path, args) -> None:
         print(f"[export-dvc] wrote {path}")
 
 
+def _fit_epochs(params: dict, root: Path, args) -> None:
+    from .schedule_fit import fit_epochs
+
+    fit_epochs(params, root, args.method, args.seconds)
+
+
 def _check_params(params: dict, root: Path, args) -> None:
     print(f"[check-params] profile '{params['profile']}': params valid")
 
@@ -125,6 +131,7 @@ STAGES = {
 METHOD_STAGES = ("train", "certify", "pgd", "similarity")
 TOOLS = {
     "benchmark": (_benchmark, "seconds per epoch and peak memory of each method beside the floor"),
+    "fit-epochs": (_fit_epochs, "shrink a method's schedule in the profile to a time budget, from the benchmark"),
     "check-params": (_check_params, "validate a profile's params against the schema"),
     "export-dvc": (_export_dvc, "regenerate dvc.yaml files from the Snakemake workflow"),
     "make-sample": (_make_sample, "cut the committed CIFAR-10 sample from a full image archive"),
@@ -148,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                              help="profiles to export (default: paper and every profiles/*/params.yaml)")
         if name == "benchmark":
             cmd.add_argument("--methods", nargs="+", default=None,
-                             help="runs to time (default: the profile's methods)")
+                             help="methods or runs to time (default: benchmark.methods, else the profile's methods)")
             cmd.add_argument("--duet-ranks", nargs="+", default=None,
                              help="also time Duet at these ranks (ints or 'full')")
             cmd.add_argument("--archs", nargs="+", default=None, choices=["4C3F", "6C2F", "8C2F"],
@@ -156,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--steps", type=int, default=None, help="timed steps per method (benchmark.steps)")
             cmd.add_argument("--warmup-steps", type=int, default=None,
                              help="untimed steps first (benchmark.warmup_steps)")
+        if name == "fit-epochs":
+            cmd.add_argument("--method", required=True, help="the method whose schedule is shrunk")
+            cmd.add_argument("--seconds", type=float, required=True,
+                             help="seconds of training the schedule must fit in")
         if name == "make-sample":
             cmd.add_argument("--source", required=True, help="full CIFAR-10 image archive")
     return parser

@@ -110,6 +110,12 @@ def benchmark_archs(params: dict) -> list[str]:
     return params["benchmark"]["archs"] or [params["model"]["arch"]]
 
 
+def benchmark_methods(params: dict) -> list[str]:
+    """What the benchmark times: `benchmark.methods` (any method with a params
+    block, or a run of the profile), or the profile's `methods`."""
+    return params["benchmark"].get("methods") or params["methods"]
+
+
 # Duet's ablation grid: each list given in the duet block adds runs that differ
 # from the base `duet` run in that key.
 DUET_GRID = {"ranks": "rank", "lambdas": "lambda", "sim_forms": "sim_form"}

@@ -61,7 +61,9 @@ def load_json(path: str | Path) -> Any:
 
 def git_commit(root: str | Path) -> str:
     """The commit of the code that made an output ('+dirty' when the code or
-    params have uncommitted changes), or 'unknown' outside a git checkout."""
+    params have uncommitted changes). Outside a git checkout (a copy of the tree
+    sent to a GPU machine), the commit named by $PIPELINE_GIT_COMMIT with
+    '+copy' (the copy is not checked against it), else 'unknown'."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                                 text=True, check=True).stdout.strip()
@@ -72,7 +74,8 @@ def git_commit(root: str | Path) -> str:
                                capture_output=True, text=True, check=True).stdout.strip()
         return commit + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        named = os.environ.get("PIPELINE_GIT_COMMIT", "").strip()
+        return f"{named}+copy" if named else "unknown"
 
 
 def state_dict_sha256(state_dict: dict) -> str:

@@ -46,8 +46,24 @@ def test_benchmark_times_duet_at_each_rank(tmp_path: Path):
     result = benchmark(params, tmp_path, ["bcp"], None, warmup_steps=1, steps=1, duet_ranks=[1, "full"])
     assert [row["method"] for row in result["rows"]] == ["floor", "bcp", "duet-r1", "duet-rfull"]
     assert all(row["ratio_to_bcp"] > 0 for row in result["rows"])
-    with pytest.raises(ValueError, match="not runs of this profile"):
+    with pytest.raises(ValueError, match="neither methods nor runs of this profile"):
         benchmark(params, tmp_path, ["nope"], None, warmup_steps=1, steps=1)
+
+
+def test_benchmark_times_methods_the_profile_does_not_train(tmp_path: Path):
+    """`benchmark.methods` may name any method with a params block (the gpu_bcp profile
+    trains BCP alone and times all four)."""
+    from pipeline_src.config import benchmark_methods
+
+    params = load_params("smoke")
+    params = {**params, "methods": ["bcp"], "benchmark": {**params["benchmark"], "methods": ["lmt", "bcp"]}}
+    assert benchmark_methods(params) == ["lmt", "bcp"]
+    assert benchmark_methods({**params, "benchmark": {**params["benchmark"], "methods": None}}) == ["bcp"]
+    layout = RunLayout.of(params)
+    build_cache(params["data"], tmp_path / layout.data_cache, tmp_path / layout.data_provenance, tmp_path)
+    result = benchmark(params, tmp_path, benchmark_methods(params), None, warmup_steps=0, steps=1)
+    assert [row["method"] for row in result["rows"]] == ["floor", "lmt", "bcp"]
+    assert load_params("gpu_bcp")["benchmark"]["methods"] == ["lmt", "bcp", "localbcp", "duet"]
 
 
 def test_benchmark_depth_times_every_method_at_every_architecture(tmp_path: Path, monkeypatch):

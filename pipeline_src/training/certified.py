@@ -34,7 +34,7 @@ from ..models import build_model
 from ..paths import RunLayout
 from .common import (Checkpoint, make_generator, params_fingerprint, peak_memory_mb,
                      reset_peak_memory, resolve_device, run_provenance, seed_everything, stage_seed,
-                     set_learning_rate, write_history)
+                     set_learning_rate, use_fp32_numerics, write_history)
 
 
 def eps_kappa(cfg: dict, progress: float) -> tuple[float, float]:
@@ -78,6 +78,7 @@ def train_certified(params: dict, run_name: str, root: Path) -> dict:
     method_name, cfg, seed, group = method_runs(params)[run_name]
     eps_test = params["certify"]["eps"]
     device = resolve_device(params["run"]["device"])
+    use_fp32_numerics()
     seed_everything(stage_seed(seed, "train", method_name))
     data = load_cache(root / layout.data_cache)
     model_params = {**params["model"], **cfg.get("model", {})}

@@ -24,6 +24,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def use_fp32_numerics() -> None:
+    """Full fp32 for every matmul and convolution (PyTorch lets cuDNN convolutions use
+    TF32 by default). Training and the benchmark run with the numerics of the bounds:
+    whether TF32 or bf16 training leaves the accuracies unchanged is not measured yet."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

@@ -20,7 +20,7 @@ from ..io import save_json, save_torch, state_dict_sha256
 from ..models import build_model
 from ..paths import RunLayout
 from .common import (Checkpoint, evaluate, learning_rate, make_generator, params_fingerprint,
-                     peak_memory_mb, reset_peak_memory, resolve_device, run_provenance,
+                     peak_memory_mb, reset_peak_memory, resolve_device, run_provenance, use_fp32_numerics,
                      seed_everything, stage_seed, set_learning_rate, write_history)
 
 
@@ -36,6 +36,7 @@ def train_vanilla(params: dict, root: Path) -> dict:
     layout = RunLayout.of(params)
     cfg, seed = params["vanilla"], params["run"]["seed"]
     device = resolve_device(params["run"]["device"])
+    use_fp32_numerics()
     seed_everything(stage_seed(seed, "vanilla"))
     data = load_cache(root / layout.data_cache)
     model = build_model(params["model"]).to(device)
