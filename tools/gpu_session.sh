@@ -11,7 +11,8 @@
 #             stages leave (RESERVE_S, default 200), split among the trained methods,
 #             and `fit-epochs` shrinks each method's schedule to it from the benchmark
 # CARRY       a folder sent along: the data archive (put where data.path says when it
-#             is missing) and wheels of packages the machine lacks (torchattacks)
+#             is missing) and wheels of packages the machine lacks (torchattacks,
+#             jsonschema and its dependencies)
 # OUT         where results.tar.gz, the params used and the logs go
 # A stage that fails is logged and the stages that do not need it still run;
 # the exit status is that of the first failure.
@@ -46,13 +47,13 @@ params_value() { "$PY" -c "from pipeline_src.config import load_params, method_r
 p = load_params('$PROFILE'); print($1)"; }
 
 # -- what the machine lacks ---------------------------------------------------------------
-data_path=$(params_value "p['data']['path']")
-if [ ! -e "$data_path" ] && [ -e "$CARRY/$(basename "$data_path")" ]; then
-  mkdir -p "$(dirname "$data_path")" && cp "$CARRY/$(basename "$data_path")" "$data_path"
-fi
-if ! "$PY" -c "import torchattacks" 2>/dev/null && ls "$CARRY"/*.whl >/dev/null 2>&1; then
+if ! "$PY" -c "import torchattacks, jsonschema" 2>/dev/null && ls "$CARRY"/*.whl >/dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$CARRY"/*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+data_path=$(params_value "p['data']['path']") || exit 1
+if [ ! -e "$data_path" ] && [ -e "$CARRY/$(basename "$data_path")" ]; then
+  mkdir -p "$(dirname "$data_path")" && cp "$CARRY/$(basename "$data_path")" "$data_path"
 fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1
   "$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__)"
