@@ -22,7 +22,7 @@ from .data.cifar import load_cache
 from .data.loader import DeviceBatches
 from .config import method_runs
 from .io import git_commit, save_json, save_torch
-from .methods import METHODS, build_method, method_context
+from .methods import METHODS, build_method, certified_loss, method_context
 from .models import build_model
 from .paths import RunLayout
 from .training.common import (device_name, make_generator, peak_memory_mb, reset_peak_memory, resolve_device,
@@ -157,7 +157,7 @@ def benchmark(params: dict, root: Path, methods: list[str], arch: str | None, wa
                 logits = method.forward(x)  # the order of a training step
                 regulariser = method.regulariser(x, y, logits)
                 bounds = method.bounds(x, y, logits, cfg["eps_train"], index)
-                loss = F.cross_entropy(bounds.worst_logits, y)
+                loss, _ = certified_loss(F.cross_entropy(logits, y), bounds, y, cfg["kappa_final"])
                 if regulariser is not None:
                     loss = loss + regulariser
                 optimizer.zero_grad(set_to_none=True)

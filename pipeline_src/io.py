@@ -61,9 +61,14 @@ def load_json(path: str | Path) -> Any:
 
 def git_commit(root: str | Path) -> str:
     """The commit of the code that made an output ('+dirty' when the code or
-    params have uncommitted changes). Outside a git checkout (a copy of the tree
-    sent to a GPU machine), the commit named by $PIPELINE_GIT_COMMIT with
-    '+copy' (the copy is not checked against it), else 'unknown'."""
+    params have uncommitted changes), or 'unknown' outside a git checkout.
+
+    $PIPELINE_GIT_COMMIT, when set, names the commit instead, with '+copy': for a
+    copy of the tree run elsewhere (a lent GPU machine), whose own .git, if it has
+    one, may be older than the tree (seen: the session's first commit, '+dirty')."""
+    named = os.environ.get("PIPELINE_GIT_COMMIT", "").strip()
+    if named:
+        return f"{named}+copy"
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                                 text=True, check=True).stdout.strip()
@@ -74,8 +79,7 @@ def git_commit(root: str | Path) -> str:
                                capture_output=True, text=True, check=True).stdout.strip()
         return commit + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        named = os.environ.get("PIPELINE_GIT_COMMIT", "").strip()
-        return f"{named}+copy" if named else "unknown"
+        return "unknown"
 
 
 def state_dict_sha256(state_dict: dict) -> str:

@@ -154,3 +154,14 @@ def test_gpu_profile_keeps_the_papers_schedule_shapes():
         assert short["lr_schedule"]["kind"] == full["lr_schedule"]["kind"]
         assert short["batch_size"] == full["batch_size"] and short["eps_train"] == full["eps_train"]
     assert [r for r in method_runs(gpu)] == ["lmt", "bcp", "localbcp", "duet"]
+
+
+def test_git_commit_names_the_commit_of_a_copy(tmp_path, monkeypatch):
+    """A tree copied to a GPU machine may carry a stale .git: $PIPELINE_GIT_COMMIT wins."""
+    from pipeline_src.io import git_commit
+
+    monkeypatch.delenv("PIPELINE_GIT_COMMIT", raising=False)
+    assert git_commit(tmp_path) == "unknown"                 # not a checkout
+    monkeypatch.setenv("PIPELINE_GIT_COMMIT", "f831cb0")
+    assert git_commit(tmp_path) == "f831cb0+copy"
+    assert git_commit(Path(__file__).resolve().parents[1]) == "f831cb0+copy"

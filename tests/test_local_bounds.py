@@ -32,7 +32,7 @@ from pipeline_src.bounds.bcp import ball_box_bounds, bcp_worst_logits
 from pipeline_src.bounds.lipschitz import guaranteed_layer_norms
 from pipeline_src.bounds.local import (PerExamplePowerIteration, local_certified_state,
                                        local_worst_logits, masked_adjoint, masked_dense_norm_upper,
-                                       masked_operator, varying_unit_masks)
+                                       masked_operator, sparsity_penalty, varying_unit_masks)
 from pipeline_src.certify import certifiers
 from pipeline_src.certify.certifiers import certify_batch, sound_numerics
 from pipeline_src.config import load_params
@@ -656,3 +656,75 @@ def test_localbcp_after_step_keeps_theta_nonnegative():
         assert (t >= 0).all()
         assert (t[neg] == 0).all()
         assert torch.equal(t[~neg], old[~neg])   # only the negative ones moved
+
+
+# ------------------------------------------------------------------ 7. the sparsity loss (option)
+def test_sparsity_penalty_by_hand():
+    """mean relu(u) per layer, plus the weighted mean relu(theta - l) for clipped ReLUs."""
+    for activation in ("clipped_relu", "relu"):
+        model = tiny_net("tiny_conv", activation, 11, scale=0.8, theta_max=1.0)
+        x = torch.rand(4, *TINY["tiny_conv"][0], generator=torch.Generator().manual_seed(3))
+        boxes: list = []
+        ball_box_bounds(model, x, 0.1, guaranteed_layer_norms(model), pre_activation=boxes)
+        want = 0.0
+        for layer, (lower, upper) in zip(model.weight_layers()[:-1], boxes):
+            want += sum(max(v, 0.0) for v in upper.flatten().tolist()) / upper.numel()
+            if activation == "clipped_relu":
+                theta = layer.activation.theta.expand_as(lower)
+                want += 0.3 * sum(max(t - v, 0.0) for t, v in zip(theta.flatten().tolist(),
+                                                                 lower.flatten().tolist())) / lower.numel()
+        got = sparsity_penalty(model, boxes, 0.3)
+        assert got.dim() == 0 and math.isclose(got.item(), want, rel_tol=1e-5), (activation, got, want)
+
+
+def test_localbcp_sparsity_weight_adds_the_penalty_to_the_robust_loss():
+    from pipeline_src.methods import certified_loss
+
+    model, method, cfg, x, y, index = localbcp_setup()
+    assert cfg["sparsity_weight"] == 0 and method.bounds(x, y, model(x), 0.1, index).penalty is None
+    # Converged power iterations: the norms do not move between the calls below.
+    cfg = {**cfg, "power_iterations": 300}
+    weighted = build_method("localbcp", model, {**cfg, "sparsity_weight": 0.5}, torch.Generator().manual_seed(0),
+                            num_examples=20)
+    plain = build_method("localbcp", model, cfg, torch.Generator().manual_seed(0), num_examples=20)
+    logits = model(x)
+    with_penalty = weighted.bounds(x, y, logits, 0.1, index)
+    without = plain.bounds(x, y, logits, 0.1, index)
+    # The term changes the loss, never the bound.
+    torch.testing.assert_close(with_penalty.worst_logits, without.worst_logits)
+    boxes: list = []
+    ball_box_bounds(model, x, 0.1, weighted.layer_norms(), pre_activation=boxes)
+    expected = 0.5 * sparsity_penalty(model, boxes, cfg["sparsity_saturation_weight"])
+    torch.testing.assert_close(with_penalty.penalty, expected, rtol=1e-4, atol=1e-7)
+    # Inside the robust part: kappa * CE + (1 - kappa) * (robust CE + penalty).
+    clean = F.cross_entropy(logits, y)
+    loss, robust = certified_loss(clean, with_penalty, y, 0.25)
+    torch.testing.assert_close(robust, F.cross_entropy(with_penalty.worst_logits, y))
+    torch.testing.assert_close(loss, 0.25 * clean + 0.75 * (robust + with_penalty.penalty))
+    torch.testing.assert_close(certified_loss(clean, without, y, 0.25)[0], 0.25 * clean + 0.75 * robust)
+    model.zero_grad()
+    with_penalty.penalty.backward()
+    assert all(layer.activation.theta.grad.abs().sum() > 0 for layer in model.weight_layers()[:-1])
+
+
+def test_sparsity_penalty_fixes_units():
+    """Minimising the term alone fixes more units (always off or always saturated) in the ball."""
+    model = tiny_net("tiny_conv", "clipped_relu", 12, scale=0.8, theta_max=1.0)
+    x = torch.rand(8, *TINY["tiny_conv"][0], generator=torch.Generator().manual_seed(4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+
+    def fixed_units() -> int:
+        boxes: list = []
+        with torch.no_grad():
+            ball_box_bounds(model, x, 0.1, guaranteed_layer_norms(model), pre_activation=boxes)
+        return int(sum((1 - m).sum() for m in varying_unit_masks(model, boxes)))
+
+    before = fixed_units()
+    for _ in range(30):
+        boxes: list = []
+        ball_box_bounds(model, x, 0.1, guaranteed_layer_norms(model), pre_activation=boxes)
+        optimizer.zero_grad()
+        sparsity_penalty(model, boxes, 0.1).backward()
+        optimizer.step()
+        model.clamp_parameters_()
+    assert fixed_units() > before

@@ -163,19 +163,39 @@ def local_certified_state(model: CertifiableNet, x: torch.Tensor, eps: float,
     return BallBox(state.centre, torch.minimum(radius, state.radius), state.lower, state.upper), logits
 
 
+def sparsity_penalty(model: CertifiableNet, boxes: list[tuple[torch.Tensor, torch.Tensor]],
+                     saturation_weight: float) -> torch.Tensor:
+    """The sparsity loss of the LocalBCP reference's TinyImageNet code (its CIFAR-10
+    code has none): summed over the hidden layers, from the box [l, u] before each
+    activation,
+        mean relu(u)                                  (towards always off), plus
+        saturation_weight * mean relu(theta - l)      (towards always saturated;
+                                                       clipped ReLU only).
+    Units fixed in the ball drop out of the local norms, so pushing units towards
+    either end tightens the bound. Differentiable in the weights and in theta."""
+    total = boxes[0][0].new_zeros(())
+    for layer, (lower, upper) in zip(model.weight_layers()[:-1], boxes):
+        total = total + torch.relu(upper).mean()
+        if isinstance(layer.activation, ClippedReLU):
+            total = total + saturation_weight * torch.relu(layer.activation.theta - lower).mean()
+    return total
+
+
 def local_worst_logits(model: CertifiableNet, x: torch.Tensor, y: torch.Tensor, eps: float,
                        global_norms: list, power: PerExamplePowerIteration | None,
                        index: torch.Tensor | None, power_iterations: int,
-                       translation_iterations: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+                       translation_iterations: int | None,
+                       boxes: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """LocalBCP's worst-case logits and the per-example local Lipschitz product.
 
     Training (power given): masked norms by per-example power iteration, r_local =
-    eps * prod sigma_l, the BCP translation with r_local. Certification (power
+    eps * prod sigma_l, the BCP translation with r_local; the boxes before each
+    activation are appended to `boxes` if it is a list. Certification (power
     None): the sound local radius of `local_certified_state`."""
     if power is None:
         state, logits = local_certified_state(model, x, eps, global_norms)
         return translated_logits(model, state, logits, y, None), state.radius / max(eps, 1e-30)
-    boxes: list = []
+    boxes = [] if boxes is None else boxes
     state, logits = ball_box_bounds(model, x, eps, global_norms, pre_activation=boxes)
     masks = [m.detach() for m in varying_unit_masks(model, boxes)]
     sigmas = power.norms(model.weight_layers(), masks, index, power_iterations)

@@ -25,6 +25,17 @@ class StepBounds:
     """What a method computed for one batch."""
     worst_logits: torch.Tensor          # z_hat (B, C)
     lipschitz: torch.Tensor             # product of the layer norms used (a scalar)
+    # A term that belongs to the robust loss (weighted with it by 1 - kappa), or None.
+    penalty: torch.Tensor | None = None
+
+
+def certified_loss(clean_loss: torch.Tensor, bounds: StepBounds, y: torch.Tensor,
+                   kappa: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """kappa * CE(z, y) + (1 - kappa) * (CE(z_hat, y) + the method's robust-loss
+    penalty, if any); returns it and the robust cross-entropy alone."""
+    robust = torch.nn.functional.cross_entropy(bounds.worst_logits, y)
+    robust_part = robust if bounds.penalty is None else robust + bounds.penalty
+    return kappa * clean_loss + (1.0 - kappa) * robust_part, robust
 
 
 class CertifiedMethod:

@@ -1,10 +1,11 @@
 """LocalBCP (Huang et al. 2021): BCP with the ball radius at the logit layer
 replaced by the per-example local Lipschitz radius of `bounds.local`, on a
 network with clipped ReLUs whose thresholds theta are learned (kept >= 0
-after every step by `after_step`)."""
+after every step by `after_step`), and optionally the reference's sparsity loss
+(`sparsity_weight` > 0) added to the robust loss."""
 from __future__ import annotations
 
-from ..bounds.local import PerExamplePowerIteration, local_worst_logits
+from ..bounds.local import PerExamplePowerIteration, local_worst_logits, sparsity_penalty
 from .base import GlobalNormMethod, StepBounds, register
 
 
@@ -19,11 +20,16 @@ class LocalBCP(GlobalNormMethod):
                                                     cfg["vector_cache"], generator)
 
     def bounds(self, x, y, logits, eps, index):
+        boxes: list = []
         worst, local_lipschitz = local_worst_logits(
             self.model, x, y, eps, self.layer_norms(), self.local_power, index,
-            self.cfg["local_power_iterations"], self.cfg["translation_iterations"])
+            self.cfg["local_power_iterations"], self.cfg["translation_iterations"], boxes=boxes)
+        penalty = None
+        if self.cfg["sparsity_weight"] > 0:
+            penalty = self.cfg["sparsity_weight"] * sparsity_penalty(
+                self.model, boxes, self.cfg["sparsity_saturation_weight"])
         # The history's Lipschitz column is the batch mean of the per-example local products.
-        return StepBounds(worst, local_lipschitz.mean().detach())
+        return StepBounds(worst, local_lipschitz.mean().detach(), penalty)
 
     def state_dict(self):
         return {**super().state_dict(), "local_power": self.local_power.state_dict()}

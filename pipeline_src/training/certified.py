@@ -4,8 +4,10 @@ Schedule (per method, from its params block), with t = epoch + batch/steps:
   * warm-up, t < warmup_epochs: plain cross-entropy (eps = 0, kappa = 1);
   * ramp over ramp_epochs: eps = p * eps_train and kappa = 1 - p * (1 - kappa_final),
     p = (t - warmup) / ramp, interpolated per batch;
-  * loss = kappa * CE(z, y) + (1 - kappa) * CE(z_hat, y) (+ the method's regulariser,
-    applied at every step, warm-up included),
+  * loss = kappa * CE(z, y) + (1 - kappa) * (CE(z_hat, y) + the method's robust-loss
+    penalty, e.g. LocalBCP's sparsity term) (+ the method's regulariser, applied at
+    every step, warm-up included, e.g. Duet's similarity term); the history's
+    `regulariser` column is the sum of both, unweighted,
     z_hat the method's worst-case logits; Adam;
   * learning rate: constant through warm-up and ramp, then the reference's
     decay: `step` (x gamma every step_epochs) or `exponential` (to final_lr at
@@ -29,7 +31,7 @@ from ..certify.certifiers import certify_batch, layer_norms, sound_numerics
 from ..data.cifar import load_cache
 from ..data.loader import DeviceBatches
 from ..io import save_json, save_torch, state_dict_sha256
-from ..methods import build_method, method_context
+from ..methods import build_method, certified_loss, method_context
 from ..models import build_model
 from ..paths import RunLayout
 from .common import (Checkpoint, make_generator, params_fingerprint, peak_memory_mb,
@@ -122,8 +124,9 @@ def train_certified(params: dict, run_name: str, root: Path) -> dict:
             regulariser = method.regulariser(x, y, logits)
             if kappa < 1.0:
                 bounds = method.bounds(x, y, logits, eps, index)
-                robust_loss = F.cross_entropy(bounds.worst_logits, y)
-                loss = kappa * clean_loss + (1.0 - kappa) * robust_loss
+                loss, robust_loss = certified_loss(clean_loss, bounds, y, kappa)
+                if bounds.penalty is not None:
+                    sums["regulariser"] += bounds.penalty.detach() * len(y)
                 worst = bounds.worst_logits.detach()
                 margin_ok = worst.gather(1, y[:, None]).squeeze(1) > \
                     worst.scatter(1, y[:, None], float("-inf")).amax(1)
