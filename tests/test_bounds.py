@@ -690,3 +690,41 @@ def test_persistent_power_iteration_state_round_trip():
     after_first = [s.item() for s in first.norms(layers, 2)]
     after_second = [s.item() for s in second.norms(layers, 2)]
     assert after_first == after_second
+
+
+# ------------------------------------------------------------------ the clean pass, reused
+@pytest.mark.parametrize("method_name, activation", [("bcp", "relu"), ("localbcp", "clipped_relu"),
+                                                     ("bcp", "clipped_relu")])
+def test_bounds_reusing_the_clean_pass_equal_the_recomputed_ones(method_name, activation):
+    """A training step's forward keeps its activations as the ball's centres: the worst-case
+    logits, the loss and every gradient are those of the bounds computed from scratch."""
+    import copy
+
+    from pipeline_src.config import load_params
+    from pipeline_src.methods import build_method, certified_loss
+
+    cfg = copy.deepcopy(load_params("smoke")[method_name])
+    model = tiny_net("tiny_conv", activation, 21, scale=0.8, theta_max=1.0).train()
+    g = torch.Generator().manual_seed(22)
+    x = torch.rand(5, *TINY["tiny_conv"][0], generator=g)
+    y = torch.randint(0, 3, (5,), generator=g)
+    index = torch.arange(5)
+    results = []
+    for reuse in (True, False):
+        method = build_method(method_name, model, cfg, torch.Generator().manual_seed(0), num_examples=5)
+        logits = method.forward(x) if reuse else model(x)
+        assert (method.clean_pass(x) is not None) == reuse
+        assert method.clean_pass(x.clone()) is None          # only for this very batch
+        bounds = method.bounds(x, y, logits, 0.1, index)
+        loss, _ = certified_loss(torch.nn.functional.cross_entropy(logits, y), bounds, y, 0.3)
+        model.zero_grad()
+        loss.backward()
+        results.append((bounds.worst_logits.detach(), loss.detach(),
+                        [p.grad.clone() for p in model.parameters()]))
+        method.after_step()
+        assert method.clean_pass(x) is None                   # dropped after the step
+    (worst_a, loss_a, grads_a), (worst_b, loss_b, grads_b) = results
+    torch.testing.assert_close(worst_a, worst_b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

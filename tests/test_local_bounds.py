@@ -728,3 +728,27 @@ def test_sparsity_penalty_fixes_units():
         optimizer.step()
         model.clamp_parameters_()
     assert fixed_units() > before
+
+
+def test_per_example_power_iteration_float16_cache_is_written_back_before_it_is_read():
+    model = tiny_net("tiny_conv", "relu", 7, scale=1.0)
+    layers = model.weight_layers()
+    masks = power_masks(model, 3, seed=4)
+    index = torch.tensor([7, 2, 5])
+    power = PerExamplePowerIteration(layers, 10, True, torch.Generator().manual_seed(0), torch.float16)
+    with torch.no_grad():
+        converged = power.norms(layers, masks, index, 200)
+    assert power._pending is not None and not power.seen.any()   # written back lazily ...
+    stored = power.cache                                          # ... and on reading
+    assert power._pending is None and power.seen[index].all() and power.seen.sum() == 3
+    assert all(c.dtype == torch.float16 for c in stored)
+    for l, vectors in enumerate(stored):
+        norms = vectors[index].float().flatten(1).norm(dim=1)
+        keep = converged[l] > 0
+        torch.testing.assert_close(norms[keep], torch.ones(int(keep.sum())), rtol=2e-3, atol=2e-3)
+    # The next call starts from the rounded vectors: still converged.
+    with torch.no_grad():
+        again = power.norms(layers, masks, index, 0)
+    for a, b in zip(again, converged):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
+    assert set(power.state_dict()) == {"cache", "seen"} and power._pending is None

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.architectures import CertifiableNet, WeightLayer
+from ..models.architectures import CertifiableNet, CleanPass, WeightLayer
 from .ibp import flatten_if_needed, interval_activation, interval_linear
 
 
@@ -47,44 +47,54 @@ def row_norms(layer: WeightLayer) -> torch.Tensor:
     return norms.view(1, -1, 1, 1) if isinstance(layer.module, nn.Conv2d) else norms.view(1, -1)
 
 
-def ball_box_linear(layer: WeightLayer, state: BallBox, sigma: torch.Tensor | float) -> BallBox:
-    centre = flatten_if_needed(layer, state.centre)
+def ball_box_linear(layer: WeightLayer, state: BallBox, sigma: torch.Tensor | float,
+                    new_centre: torch.Tensor | None = None) -> BallBox:
+    """`new_centre`: the layer's output at the centre, if a clean pass already has it."""
     lower, upper = (flatten_if_needed(layer, t) for t in (state.lower, state.upper))
     box_lo, box_hi = interval_linear(layer, lower, upper)
-    new_centre = layer.module(centre)
+    if new_centre is None:
+        new_centre = layer.module(flatten_if_needed(layer, state.centre))
     spread = _per_unit(state.radius, new_centre) * row_norms(layer)
     return BallBox(new_centre, state.radius * sigma,
                    torch.maximum(box_lo, new_centre - spread), torch.minimum(box_hi, new_centre + spread))
 
 
-def ball_box_activation(activation: nn.Module, state: BallBox) -> BallBox:
+def ball_box_activation(activation: nn.Module, state: BallBox,
+                        new_centre: torch.Tensor | None = None) -> BallBox:
+    """`new_centre`: the activation at the centre, if a clean pass already has it."""
     box_lo, box_hi = interval_activation(activation, state.lower, state.upper)
     r = _per_unit(state.radius, state.centre)
     ball_lo, ball_hi = interval_activation(activation, state.centre - r, state.centre + r)
-    return BallBox(activation(state.centre), state.radius,
-                   torch.maximum(box_lo, ball_lo), torch.minimum(box_hi, ball_hi))
+    return BallBox(activation(state.centre) if new_centre is None else new_centre.view_as(state.centre),
+                   state.radius, torch.maximum(box_lo, ball_lo), torch.minimum(box_hi, ball_hi))
 
 
 def ball_box_bounds(model: CertifiableNet, x: torch.Tensor, eps: float,
                     layer_norms: list[torch.Tensor | float],
-                    pre_activation: list | None = None) -> tuple[BallBox, torch.Tensor]:
+                    pre_activation: list | None = None,
+                    clean: CleanPass | None = None) -> tuple[BallBox, torch.Tensor]:
     """The ball and box at the input of the logit layer, and the clean logits.
 
     `layer_norms[l]` bounds sigma_max of layer l: power-iteration estimates in
     training, guaranteed upper bounds for a certificate. If `pre_activation`
-    is a list, the box before each hidden activation is appended to it."""
+    is a list, the box before each hidden activation is appended to it.
+    `clean`: the clean pass of this very `x` through this model (the training
+    step's forward), whose activations are the ball's centres: passing it saves
+    one of the four network passes a BCP step makes (the centre, the box centre
+    and radius, and the clean logits), with the same values and gradients."""
     layers = model.weight_layers()
     state = BallBox(x, torch.full((x.shape[0],), float(eps), device=x.device, dtype=x.dtype),
                     x - eps, x + eps)
     for layer, sigma in zip(layers[:-1], layer_norms[:-1]):
-        state = ball_box_linear(layer, state, sigma)
+        state = ball_box_linear(layer, state, sigma, None if clean is None else clean.pre[layer.index])
         if pre_activation is not None:
             pre_activation.append((state.lower, state.upper))
-        state = ball_box_activation(layer.activation, state)
+        state = ball_box_activation(layer.activation, state,
+                                    None if clean is None else clean.inputs[layer.index + 1])
     last = layers[-1]
     state = BallBox(flatten_if_needed(last, state.centre), state.radius,
                     flatten_if_needed(last, state.lower), flatten_if_needed(last, state.upper))
-    return state, last.module(state.centre)
+    return state, last.module(state.centre) if clean is None else clean.logits
 
 
 def _pairwise_directions(last: nn.Linear, y: torch.Tensor) -> torch.Tensor:
@@ -145,12 +155,13 @@ def translation_upper_bound(c: torch.Tensor, low: torch.Tensor, high: torch.Tens
 
 
 def bcp_worst_logits(model: CertifiableNet, x: torch.Tensor, y: torch.Tensor, eps: float,
-                     layer_norms: list, translation_iterations: int | None) -> torch.Tensor:
+                     layer_norms: list, translation_iterations: int | None,
+                     clean: CleanPass | None = None) -> torch.Tensor:
     """The worst-case logits z_hat: z_hat_i = z_i + t_iy for i != y, z_hat_y = z_y.
 
     translation_iterations=None computes the sound upper bound (certification);
     an int runs that many clip-and-rescale iterations (training)."""
-    state, logits = ball_box_bounds(model, x, eps, layer_norms)
+    state, logits = ball_box_bounds(model, x, eps, layer_norms, clean=clean)
     return translated_logits(model, state, logits, y, translation_iterations)
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models.architectures import CertifiableNet
+from ..models.architectures import CertifiableNet, CleanPass
 
 METHODS: dict[str, type["CertifiedMethod"]] = {}
 
@@ -50,8 +50,15 @@ class CertifiedMethod:
         self.model, self.cfg = model, cfg
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The clean logits of the batch (a method may keep intermediate values)."""
-        return self.model(x)
+        """The clean logits of the batch. The pass is kept until `after_step`, so that
+        bounds around this batch can reuse its activations (`clean_pass`)."""
+        self._clean = (x, self.model.forward_trace(x))
+        return self._clean[1].logits
+
+    def clean_pass(self, x: torch.Tensor) -> CleanPass | None:
+        """This step's clean pass, if `forward` ran on this very batch tensor."""
+        kept = getattr(self, "_clean", None)
+        return kept[1] if kept is not None and kept[0] is x else None
 
     def regulariser(self, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor) -> torch.Tensor | None:
         """A loss term added at every step, warm-up included; None for none."""
@@ -64,6 +71,7 @@ class CertifiedMethod:
         raise NotImplementedError
 
     def after_step(self) -> None:
+        self._clean = None
         self.model.clamp_parameters_()
 
     def state_dict(self) -> dict:

@@ -17,5 +17,6 @@ class BCP(GlobalNormMethod):
 
     def bounds(self, x, y, logits, eps, index):
         sigmas = self.layer_norms()
-        worst = bcp_worst_logits(self.model, x, y, eps, sigmas, self.cfg["translation_iterations"])
+        worst = bcp_worst_logits(self.model, x, y, eps, sigmas, self.cfg["translation_iterations"],
+                                 clean=self.clean_pass(x))
         return StepBounds(worst, torch.stack(sigmas).prod().detach())

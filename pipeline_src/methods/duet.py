@@ -86,7 +86,8 @@ class Duet(GlobalNormMethod):
 
     # -- the interface ------------------------------------------------------------------------
     def forward(self, x):
-        logits, inputs = self.model.forward_with_layer_inputs(x)
+        logits = super().forward(x)
+        inputs = self.clean_pass(x).inputs
         if self.vanilla is not None:
             with torch.no_grad():
                 _, inputs = self.vanilla.forward_with_layer_inputs(x)
@@ -122,7 +123,8 @@ class Duet(GlobalNormMethod):
     def bounds(self, x, y, logits, eps, index):
         # The paper form already ran this step's power iteration; BCP reuses its norms.
         sigmas, self._sigmas = (self._sigmas or self.layer_norms()), None
-        worst = bcp_worst_logits(self.model, x, y, eps, sigmas, self.cfg["translation_iterations"])
+        worst = bcp_worst_logits(self.model, x, y, eps, sigmas, self.cfg["translation_iterations"],
+                                 clean=self.clean_pass(x))
         return StepBounds(worst, torch.stack(sigmas).prod().detach())
 
     def state_dict(self):

@@ -5,6 +5,8 @@ after every step by `after_step`), and optionally the reference's sparsity loss
 (`sparsity_weight` > 0) added to the robust loss."""
 from __future__ import annotations
 
+import torch
+
 from ..bounds.local import PerExamplePowerIteration, local_worst_logits, sparsity_penalty
 from .base import GlobalNormMethod, StepBounds, register
 
@@ -17,13 +19,15 @@ class LocalBCP(GlobalNormMethod):
     def __init__(self, model, cfg, generator, num_examples, context=None):
         super().__init__(model, cfg, generator, num_examples, context)
         self.local_power = PerExamplePowerIteration(model.weight_layers(), num_examples,
-                                                    cfg["vector_cache"], generator)
+                                                    cfg["vector_cache"], generator,
+                                                    getattr(torch, cfg["vector_cache_dtype"]))
 
     def bounds(self, x, y, logits, eps, index):
         boxes: list = []
         worst, local_lipschitz = local_worst_logits(
             self.model, x, y, eps, self.layer_norms(), self.local_power, index,
-            self.cfg["local_power_iterations"], self.cfg["translation_iterations"], boxes=boxes)
+            self.cfg["local_power_iterations"], self.cfg["translation_iterations"], boxes=boxes,
+            clean=self.clean_pass(x))
         penalty = None
         if self.cfg["sparsity_weight"] > 0:
             penalty = self.cfg["sparsity_weight"] * sparsity_penalty(

@@ -1,5 +1,6 @@
 from .activations import ClippedReLU, MaxMin, make_activation
-from .architectures import ARCHITECTURES, INPUT_SHAPE, NUM_CLASSES, CertifiableNet, WeightLayer, build_model
+from .architectures import (ARCHITECTURES, INPUT_SHAPE, NUM_CLASSES, CertifiableNet, CleanPass, WeightLayer,
+                            build_model)
 
-__all__ = ["ARCHITECTURES", "INPUT_SHAPE", "NUM_CLASSES", "CertifiableNet", "ClippedReLU", "MaxMin",
+__all__ = ["ARCHITECTURES", "INPUT_SHAPE", "NUM_CLASSES", "CertifiableNet", "CleanPass", "ClippedReLU", "MaxMin",
            "WeightLayer", "build_model", "make_activation"]

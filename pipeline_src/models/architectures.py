@@ -66,6 +66,16 @@ class WeightLayer:
         return f"{self.index}:{self.kind}"
 
 
+@dataclass
+class CleanPass:
+    """One clean forward pass, kept so that bounds around it reuse its activations:
+    `pre[l]` is weight layer l's output before its activation (the last is the logits),
+    `inputs[l]` its input (flattened where the layer is dense)."""
+    logits: torch.Tensor
+    pre: list[torch.Tensor]
+    inputs: list[torch.Tensor]
+
+
 class CertifiableNet(nn.Module):
     def __init__(self, arch: str, activation: str = "relu", theta_init: float = 2.0,
                  init: str = "kaiming"):
@@ -106,17 +116,23 @@ class CertifiableNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
 
-    def forward_with_layer_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The logits and the input of every weight layer (flattened where the layer is dense)."""
-        inputs, h = [], x
+    def forward_trace(self, x: torch.Tensor) -> CleanPass:
+        """The forward pass, keeping every weight layer's input and pre-activation output."""
+        inputs, pre, h = [], [], x
         for layer in self.weight_layers():
             if layer.flatten_before:
                 h = h.flatten(1)
             inputs.append(h)
             h = layer.module(h)
+            pre.append(h)
             if layer.activation is not None:
                 h = layer.activation(h)
-        return h, inputs
+        return CleanPass(h, pre, inputs)
+
+    def forward_with_layer_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The logits and the input of every weight layer (flattened where the layer is dense)."""
+        trace = self.forward_trace(x)
+        return trace.logits, trace.inputs
 
     def weight_layers(self) -> list[WeightLayer]:
         return [WeightLayer(i, self.body[w], in_shape, out_shape,
