@@ -94,9 +94,11 @@ def depth_markdown_table(depth: dict) -> str:
 
 
 def benchmark(params: dict, root: Path, methods: list[str], arch: str | None, warmup_steps: int,
-              steps: int, duet_ranks: list | None = None) -> dict:
+              steps: int, duet_ranks: list | None = None, compiled: bool = False) -> dict:
     """`methods`: run names of `method_runs` (a method, or a Duet grid point);
-    `duet_ranks`: also time Duet at each of these ranks (its cost against r)."""
+    `duet_ranks`: also time Duet at each of these ranks (its cost against r);
+    `compiled`: also time each method that has a `compile` key with it on (rows
+    `bcp+compile`; the compilation happens in the untimed warm-up steps)."""
     layout = RunLayout.of(params)
     device = resolve_device(params["run"]["device"])
     use_fp32_numerics()
@@ -144,6 +146,9 @@ def benchmark(params: dict, root: Path, methods: list[str], arch: str | None, wa
     timed = [(name, *runs[name]) for name in methods]
     for rank in duet_ranks or []:
         timed.append((f"duet-r{rank}", "duet", {**params["duet"], "rank": rank if rank == "full" else int(rank)}))
+    if compiled:
+        timed += [(f"{name}+compile", method, {**cfg, "compile": True})
+                  for name, method, cfg in list(timed) if "compile" in cfg]
     floor_batch = params["bcp"]["batch_size"]
     run("floor", floor_batch, params["model"], plain_step)
     guide_root = _guide_root(params, root, arch) if any(m == "duet" for _, m, _ in timed) else root

@@ -60,11 +60,11 @@ def _benchmark(params: dict, root: Path, args) -> None:
     steps = args.steps or cfg["steps"]
     warmup = cfg["warmup_steps"] if args.warmup_steps is None else args.warmup_steps
     if len(archs) > 1:
-        if args.duet_ranks:
-            raise ParamsError("benchmark: --duet-ranks with one architecture at a time")
+        if args.duet_ranks or args.compile:
+            raise ParamsError("benchmark: --duet-ranks and --compile with one architecture at a time")
         benchmark_depth(params, root, methods, archs, warmup, steps)
     else:
-        benchmark(params, root, methods, archs[0], warmup, steps, args.duet_ranks)
+        benchmark(params, root, methods, archs[0], warmup, steps, args.duet_ranks, args.compile)
 
 
 def _stage_similarity(params: dict, root: Path, args) -> None:
@@ -161,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--archs", nargs="+", default=None, choices=["4C3F", "6C2F", "8C2F"],
                              help="default: benchmark.archs; several (4C3F 6C2F 8C2F): time per epoch against depth")
             cmd.add_argument("--steps", type=int, default=None, help="timed steps per method (benchmark.steps)")
+            cmd.add_argument("--compile", action="store_true",
+                             help="also time the methods that can compile their bounds, compiled (one architecture)")
             cmd.add_argument("--warmup-steps", type=int, default=None,
                              help="untimed steps first (benchmark.warmup_steps)")
         if name == "fit-epochs":

@@ -69,7 +69,7 @@ def ball_box_activation(activation: nn.Module, state: BallBox,
                    state.radius, torch.maximum(box_lo, ball_lo), torch.minimum(box_hi, ball_hi))
 
 
-def ball_box_bounds(model: CertifiableNet, x: torch.Tensor, eps: float,
+def ball_box_bounds(model: CertifiableNet, x: torch.Tensor, eps: float | torch.Tensor,
                     layer_norms: list[torch.Tensor | float],
                     pre_activation: list | None = None,
                     clean: CleanPass | None = None) -> tuple[BallBox, torch.Tensor]:
@@ -83,8 +83,10 @@ def ball_box_bounds(model: CertifiableNet, x: torch.Tensor, eps: float,
     one of the four network passes a BCP step makes (the centre, the box centre
     and radius, and the clean logits), with the same values and gradients."""
     layers = model.weight_layers()
-    state = BallBox(x, torch.full((x.shape[0],), float(eps), device=x.device, dtype=x.dtype),
-                    x - eps, x + eps)
+    # eps may be a 0-dim tensor: a compiled step then serves every eps of the ramp.
+    radius = (eps.to(x.dtype).expand(x.shape[0]) if torch.is_tensor(eps)
+              else torch.full((x.shape[0],), float(eps), device=x.device, dtype=x.dtype))
+    state = BallBox(x, radius, x - eps, x + eps)
     for layer, sigma in zip(layers[:-1], layer_norms[:-1]):
         state = ball_box_linear(layer, state, sigma, None if clean is None else clean.pre[layer.index])
         if pre_activation is not None:

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from ..bounds.bcp import bcp_worst_logits
 from ..spectral.rotation import (SubspaceIteration, apply_rotation, layer_matrix, rotation_cosine,
                                  rotation_from_subspace, top_right_subspace)
 from .base import GlobalNormMethod, StepBounds, register
+from .bcp import worst_logits_function
 
 SIM_FORMS = ("paper", "direction", "cosine")
 
@@ -66,6 +66,7 @@ class Duet(GlobalNormMethod):
         self.vanilla = self.guide["model"].to(device).eval() if cfg["probe"] == "van" else None
         self.steps = 0
         self._sigmas = None
+        self.worst_logits = worst_logits_function(cfg)
 
     # -- the certification model's factors ---------------------------------------------------
     def _right_subspace(self, i: int, weight_matrix: torch.Tensor) -> torch.Tensor:
@@ -123,8 +124,8 @@ class Duet(GlobalNormMethod):
     def bounds(self, x, y, logits, eps, index):
         # The paper form already ran this step's power iteration; BCP reuses its norms.
         sigmas, self._sigmas = (self._sigmas or self.layer_norms()), None
-        worst = bcp_worst_logits(self.model, x, y, eps, sigmas, self.cfg["translation_iterations"],
-                                 clean=self.clean_pass(x))
+        worst = self.worst_logits(self.model, x, y, eps, sigmas, self.cfg["translation_iterations"],
+                                  clean=self.clean_pass(x))
         return StepBounds(worst, torch.stack(sigmas).prod().detach())
 
     def state_dict(self):
