@@ -97,8 +97,9 @@ def benchmark(params: dict, root: Path, methods: list[str], arch: str | None, wa
               steps: int, duet_ranks: list | None = None, compiled: bool = False) -> dict:
     """`methods`: run names of `method_runs` (a method, or a Duet grid point);
     `duet_ranks`: also time Duet at each of these ranks (its cost against r);
-    `compiled`: also time each method that has a `compile` key with it on (rows
-    `bcp+compile`; the compilation happens in the untimed warm-up steps)."""
+    `compiled`: time each method that has a `compile` key both eager and compiled
+    (rows `bcp` and `bcp+compile`); without it, as its block says (a compiled row is
+    named `+compile`). Compilation happens in the untimed warm-up steps."""
     layout = RunLayout.of(params)
     device = resolve_device(params["run"]["device"])
     use_fp32_numerics()
@@ -121,6 +122,7 @@ def benchmark(params: dict, root: Path, methods: list[str], arch: str | None, wa
         step = make_step(model, optimizer, generator)
         per_step, memory = _time_steps(step, batches, warmup_steps, steps, device)
         rows.append({"method": name, "arch": arch, "batch_size": batch_size,
+                     "compiled": name.endswith("+compile"),
                      "seconds_per_step": per_step,
                      "seconds_per_epoch": per_step * (n_train // batch_size),
                      "peak_memory_mb": memory})
@@ -146,15 +148,17 @@ def benchmark(params: dict, root: Path, methods: list[str], arch: str | None, wa
     timed = [(name, *runs[name]) for name in methods]
     for rank in duet_ranks or []:
         timed.append((f"duet-r{rank}", "duet", {**params["duet"], "rank": rank if rank == "full" else int(rank)}))
-    if compiled:
-        timed += [(f"{name}+compile", method, {**cfg, "compile": True})
-                  for name, method, cfg in list(timed) if "compile" in cfg]
+    timed = compile_variants(timed, compiled)
     floor_batch = params["bcp"]["batch_size"]
     run("floor", floor_batch, params["model"], plain_step)
     guide_root = _guide_root(params, root, arch) if any(m == "duet" for _, m, _ in timed) else root
     for name, method_name, cfg in timed:
 
         def method_step(model, optimizer, generator, method_name=method_name, cfg=cfg):
+            if cfg.get("compile"):
+                # A fresh compilation per row: rows of other models would otherwise pile up
+                # recompilations of the same function towards dynamo's limit.
+                torch._dynamo.reset()
             method = build_method(method_name, model, cfg, generator, n_train,
                                   method_context(method_name, guide_root, layout, device))
 
@@ -176,7 +180,9 @@ def benchmark(params: dict, root: Path, methods: list[str], arch: str | None, wa
         shutil.rmtree(guide_root, ignore_errors=True)
 
     floor = rows[0]["seconds_per_epoch"]
-    bcp = next((r["seconds_per_epoch"] for r in rows if r["method"] == "bcp"), None)
+    # The ratio's reference: BCP as timed (eager if both were).
+    bcp = next((r["seconds_per_epoch"] for name in ("bcp", "bcp+compile") for r in rows if r["method"] == name),
+               None)
     for row in rows:
         row["ratio_to_floor"] = row["seconds_per_epoch"] / floor
         row["ratio_to_bcp"] = row["seconds_per_epoch"] / bcp if bcp else None
@@ -189,6 +195,17 @@ def benchmark(params: dict, root: Path, methods: list[str], arch: str | None, wa
     print(markdown_table(result))
     print(f"[benchmark] wrote {out}")
     return result
+
+
+def compile_variants(timed: list[tuple[str, str, dict]], both: bool) -> list[tuple[str, str, dict]]:
+    """Rows of (name, method, params block). A block with `compile: true` is timed
+    compiled and named `<name>+compile`; with `both`, every block that has the key
+    is timed eager under its plain name and compiled under `<name>+compile`."""
+    if not both:
+        return [(f"{name}+compile" if cfg.get("compile") else name, method, cfg) for name, method, cfg in timed]
+    eager = [(name, method, {**cfg, "compile": False} if "compile" in cfg else cfg) for name, method, cfg in timed]
+    return eager + [(f"{name}+compile", method, {**cfg, "compile": True})
+                    for name, method, cfg in timed if "compile" in cfg]
 
 
 def markdown_table(result: dict) -> str:

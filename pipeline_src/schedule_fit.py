@@ -23,6 +23,8 @@ from .paths import RunLayout
 EPOCH_OVERHEAD_S = 2.5
 # The benchmark extrapolates from a few steps; leave room for its error.
 BENCHMARK_SLACK = 1.15
+# One-off cost of `compile: true` (seen on an H100: ~45 s for BCP's two batch shapes).
+COMPILE_S = 60.0
 
 
 def _share(epochs: int, part: int, whole: int) -> int:
@@ -36,6 +38,8 @@ def scaled_schedule(paper: dict, epochs: int) -> dict[str, int]:
               "warmup_epochs": _share(epochs, paper["warmup_epochs"], whole),
               "ramp_epochs": _share(epochs, paper["ramp_epochs"], whole),
               "step_epochs": _share(epochs, paper["lr_schedule"]["step_epochs"], whole)}
+    if "delay_epochs" in paper["lr_schedule"]:
+        scaled["delay_epochs"] = math.floor(epochs * paper["lr_schedule"]["delay_epochs"] / whole + 0.5)
     if scaled["warmup_epochs"] + scaled["ramp_epochs"] > epochs:
         raise ValueError(f"{epochs} epochs are too few for a warm-up and a ramp")
     return scaled
@@ -82,7 +86,10 @@ def fit_epochs(params: dict, root: Path, method: str, budget_s: float) -> dict[s
     rows = {row["method"]: row for row in json.loads(result_path.read_text())["rows"]}
     if method not in rows:
         raise ValueError(f"{result_path} has no row for '{method}' (rows: {', '.join(rows)})")
+    # The profile's epochs are the most it may get (so a refit never lengthens a run).
     most = params[method]["epochs"]
+    if params[method].get("compile"):
+        budget_s -= COMPILE_S
     epochs = affordable_epochs(rows[method]["seconds_per_epoch"], budget_s, most)
     if epochs < 3:
         raise ValueError(f"{budget_s:.0f} s fit {epochs} epochs of {method} at "

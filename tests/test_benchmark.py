@@ -88,3 +88,15 @@ def test_benchmark_depth_times_every_method_at_every_architecture(tmp_path: Path
     assert "| duet |" in depth_markdown_table(depth) and "8C2F" in depth_markdown_table(depth)
     assert not (tmp_path / layout.vanilla_model).exists(), "the stand-in guide stays out of the run folder"
     assert not list(scratch.iterdir()), "the scratch guides are removed"
+
+
+def test_compile_variants_name_what_was_timed():
+    from pipeline_src.benchmark import compile_variants
+
+    timed = [("lmt", "lmt", {"epochs": 1}), ("bcp", "bcp", {"compile": True}), ("duet", "duet", {"compile": False})]
+    # The profile's own setting, named by it.
+    assert [(n, c.get("compile")) for n, _, c in compile_variants(timed, False)] == [
+        ("lmt", None), ("bcp+compile", True), ("duet", False)]
+    # Both: every method that can compile, eager under its name and compiled beside it.
+    assert [(n, c.get("compile")) for n, _, c in compile_variants(timed, True)] == [
+        ("lmt", None), ("bcp", False), ("duet", False), ("bcp+compile", True), ("duet+compile", True)]

@@ -715,6 +715,12 @@ def test_bounds_reusing_the_clean_pass_equal_the_recomputed_ones(method_name, ac
         logits = method.forward(x) if reuse else model(x)
         assert (method.clean_pass(x) is not None) == reuse
         assert method.clean_pass(x.clone()) is None          # only for this very batch
+        if reuse:                                             # ... and these very weights
+            first = next(model.parameters())
+            with torch.no_grad():
+                first.mul_(1.0)
+            assert method.clean_pass(x) is None
+            logits = method.forward(x)
         bounds = method.bounds(x, y, logits, 0.1, index)
         loss, _ = certified_loss(torch.nn.functional.cross_entropy(logits, y), bounds, y, 0.3)
         model.zero_grad()
@@ -744,6 +750,10 @@ def test_compiled_bcp_bounds_equal_the_eager_ones():
     g = torch.Generator().manual_seed(32)
     batches = [(torch.rand(n, *TINY["tiny_conv"][0], generator=g), torch.randint(0, 3, (n,), generator=g))
                for n in (6, 6, 4)]
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
     runs = {}
     for compiled in (False, True):
         method = build_method("bcp", model, {**cfg, "compile": compiled}, torch.Generator().manual_seed(0),
@@ -758,6 +768,12 @@ def test_compiled_bcp_bounds_equal_the_eager_ones():
             out.append((bounds.worst_logits.detach(), loss.detach(), [p.grad.clone() for p in model.parameters()]))
             method.after_step()
         runs[compiled] = out
+        if not compiled:
+            assert not counters["stats"]["unique_graphs"]          # the eager path compiles nothing
+    # Compiled for real, in one graph without breaks, once per batch size (6, then 4):
+    # the three eps of the ramp did not recompile it.
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
     for (worst_e, loss_e, grads_e), (worst_c, loss_c, grads_c) in zip(runs[False], runs[True]):
         torch.testing.assert_close(worst_c, worst_e, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(loss_c, loss_e, rtol=1e-4, atol=1e-5)

@@ -752,3 +752,22 @@ def test_per_example_power_iteration_float16_cache_is_written_back_before_it_is_
     for a, b in zip(again, converged):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
     assert set(power.state_dict()) == {"cache", "seen"} and power._pending is None
+
+
+def test_per_example_power_iteration_restarts_a_vector_that_went_to_zero():
+    """An example whose layer had every unit fixed stores a zero vector; the next time its
+    masks let units vary, it must start afresh, not stay at zero (a zero local radius)."""
+    model = tiny_net("tiny_conv", "relu", 7, scale=1.0)
+    layers = model.weight_layers()
+    masks = power_masks(model, 2, seed=4)
+    index = torch.tensor([3, 8])
+    power = PerExamplePowerIteration(layers, 10, True, torch.Generator().manual_seed(0))
+    dead = [m.clone() for m in masks]
+    dead[1][0] = 0                                    # example 3: layer 1 entirely fixed
+    with torch.no_grad():
+        first = power.norms(layers, dead, index, 20)
+    assert first[1][0] == 0 and first[1][1] > 0
+    assert power.cache[1][3].abs().max() == 0         # the zero vector was stored
+    with torch.no_grad():
+        again = power.norms(layers, masks, index, 20)
+    assert (masks[1][0] > 0).any() and again[1][0] > 0

@@ -26,6 +26,9 @@ def test_scaled_schedule_keeps_the_paper_shares():
                                        "step_epochs": 1}
     with pytest.raises(ValueError, match="too few"):
         scaled_schedule(bcp, 1)
+    # LocalBCP's lr hold after the ramp (5 of 800 epochs) scales too.
+    local = read_base_params(ROOT)["localbcp"]
+    assert scaled_schedule(local, 400)["delay_epochs"] == 3 and scaled_schedule(local, 40)["delay_epochs"] == 0
 
 
 def test_affordable_epochs_counts_the_overhead_and_caps_at_the_profile():
@@ -68,6 +71,9 @@ def test_fit_epochs_writes_the_profile_from_the_benchmark(tmp_path: Path):
     assert (fitted["bcp"]["epochs"], fitted["bcp"]["warmup_epochs"], fitted["bcp"]["ramp_epochs"],
             fitted["bcp"]["lr_schedule"]["step_epochs"]) == (21, 1, 13, 1)
     assert "# GPU profile" in (tmp_path / "profiles/gpu_bcp/params.yaml").read_text()
+    # A compiled run pays its compilation once: fewer epochs in the same budget.
+    compiled = {**fitted, "bcp": {**fitted["bcp"], "compile": True, "epochs": 30}}
+    assert fit_epochs(compiled, tmp_path, "bcp", 300)["epochs"] == 17      # (300 - 60) // 14
     with pytest.raises(ValueError, match="too few to train"):
         fit_epochs(fitted, tmp_path, "bcp", 20)
     with pytest.raises(ValueError, match="no row for 'lmt'"):

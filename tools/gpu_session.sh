@@ -8,8 +8,9 @@
 #
 # PROFILE     profiles/<name>/params.yaml (default gpu_bcp)
 # BUDGET_S    seconds the whole command may take; training gets what the other
-#             stages leave (RESERVE_S, default 200), split among the trained methods,
-#             and `fit-epochs` shrinks each method's schedule to it from the benchmark
+#             stages leave (RESERVE_S, default 200), split among the trained methods
+#             (one run each: no seeds, no Duet grid), and `fit-epochs` shrinks each
+#             method's schedule to it from the benchmark; a method it cannot fit is skipped
 # CARRY       a folder sent along: the data archive (put where data.path says when it
 #             is missing) and wheels of packages the machine lacks (torchattacks,
 #             jsonschema and its dependencies)
@@ -68,9 +69,15 @@ stage data || { echo "no data, nothing else can run"; exit 1; }
 stage benchmark
 n=$(echo "$methods" | wc -w)
 train_budget=$(( (BUDGET_S - $(elapsed) - RESERVE_S) / n ))
-for method in $methods; do stage fit-epochs --method "$method" --seconds "$train_budget"; done
+fitted=""
+for method in $methods; do
+  stage fit-epochs --method "$method" --seconds "$train_budget" && fitted="$fitted $method"
+done
 cp "profiles/$PROFILE/params.yaml" "$OUT/params.yaml"
 for run in $runs; do
+  method=$(params_value "method_runs(p)['$run'].method")
+  # An unfitted schedule could outrun the budget and lose everything: skip it.
+  case " $fitted " in *" $method "*) ;; *) echo "!! $run: no fitted schedule, not trained"; status=1; continue;; esac
   stage train --method "$run" && stage certify --method "$run" && stage pgd --method "$run"
 done
 if time_left 90; then

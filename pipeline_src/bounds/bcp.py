@@ -156,7 +156,7 @@ def translation_upper_bound(c: torch.Tensor, low: torch.Tensor, high: torch.Tens
     return bound + 1e-9 * (bound.abs() + ball_only.squeeze(-1))
 
 
-def bcp_worst_logits(model: CertifiableNet, x: torch.Tensor, y: torch.Tensor, eps: float,
+def bcp_worst_logits(model: CertifiableNet, x: torch.Tensor, y: torch.Tensor, eps: float | torch.Tensor,
                      layer_norms: list, translation_iterations: int | None,
                      clean: CleanPass | None = None) -> torch.Tensor:
     """The worst-case logits z_hat: z_hat_i = z_i + t_iy for i != y, z_hat_y = z_y.

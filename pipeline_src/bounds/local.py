@@ -113,12 +113,13 @@ class PerExamplePowerIteration:
         self._pending = None
 
     def _buffer(self, direction: str, layer: int, like: torch.Tensor, rows: int, pin: bool) -> torch.Tensor:
-        shape = (rows, *like.shape[1:])
+        """`rows` rows of a staging buffer kept at the largest batch (the last, smaller
+        batch of an epoch slices it instead of pinning new memory)."""
         buffer = self._buffers.get((direction, layer))
-        if buffer is None or buffer.shape != shape:
-            buffer = torch.empty(shape, dtype=like.dtype, pin_memory=pin)
+        if buffer is None or buffer.shape[0] < rows:
+            buffer = torch.empty((rows, *like.shape[1:]), dtype=like.dtype, pin_memory=pin)
             self._buffers[(direction, layer)] = buffer
-        return buffer
+        return buffer[:rows]
 
     def norms(self, layers: list[WeightLayer], masks: list[torch.Tensor], index: torch.Tensor | None,
               iterations: int) -> list[torch.Tensor]:
@@ -129,6 +130,7 @@ class PerExamplePowerIteration:
         if caching:
             self._flush()   # also: the pinned buffers' last copies have landed
             host_index = index.cpu()
+            seen = self.seen[host_index].to(masks[0].device)
         for layer in layers[:-1]:
             mask_in, mask_out = _input_mask(layer, masks), masks[layer.index]
             weight = layer.module.weight
@@ -139,8 +141,11 @@ class PerExamplePowerIteration:
                 stored = self._cache[layer.index]
                 gathered = torch.index_select(stored, 0, host_index,
                                               out=self._buffer("in", layer.index, stored, batch, pin))
-                seen = self.seen[host_index].to(weight.device).view(-1, *([1] * (v.dim() - 1)))
-                v = torch.where(seen, gathered.to(weight.device, non_blocking=True).to(weight.dtype), v)
+                gathered = gathered.to(weight.device, non_blocking=True).to(weight.dtype)
+                # A zero vector (every unit of the layer was fixed for the example last
+                # time) would stay zero under the masks: such examples start afresh too.
+                usable = seen & (gathered.flatten(1).abs().amax(1) > 0)
+                v = torch.where(usable.view(-1, *([1] * (v.dim() - 1))), gathered, v)
             with torch.no_grad():
                 v = v if mask_in is None else mask_in * v
                 v = _per_example_normalise(v)

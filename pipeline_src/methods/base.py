@@ -52,13 +52,19 @@ class CertifiedMethod:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The clean logits of the batch. The pass is kept until `after_step`, so that
         bounds around this batch can reuse its activations (`clean_pass`)."""
-        self._clean = (x, self.model.forward_trace(x))
-        return self._clean[1].logits
+        self._clean = (x, self._weights_version(), self.model.forward_trace(x))
+        return self._clean[2].logits
+
+    def _weights_version(self) -> tuple[int, ...]:
+        return tuple(p._version for p in self.model.parameters())
 
     def clean_pass(self, x: torch.Tensor) -> CleanPass | None:
-        """This step's clean pass, if `forward` ran on this very batch tensor."""
+        """This step's clean pass, if `forward` ran on this very batch tensor and no
+        weight has changed since (then the bounds recompute the centres)."""
         kept = getattr(self, "_clean", None)
-        return kept[1] if kept is not None and kept[0] is x else None
+        if kept is None or kept[0] is not x or kept[1] != self._weights_version():
+            return None
+        return kept[2]
 
     def regulariser(self, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor) -> torch.Tensor | None:
         """A loss term added at every step, warm-up included; None for none."""

@@ -21,9 +21,11 @@ def worst_logits_function(cfg: dict):
     if not cfg.get("compile", False):
         return bcp_worst_logits
     compiled = torch.compile(bcp_worst_logits)
+    eps_on_device: dict = {}   # one scalar per device, refilled each step (no blocking copy)
 
     def worst_logits(model, x, y, eps, sigmas, iterations, clean=None):
-        return compiled(model, x, y, torch.tensor(float(eps), device=x.device), sigmas, iterations, clean)
+        scalar = eps_on_device.setdefault(x.device, torch.zeros((), device=x.device, dtype=x.dtype))
+        return compiled(model, x, y, scalar.fill_(float(eps)), sigmas, iterations, clean)
     return worst_logits
 
 

@@ -7,7 +7,8 @@ Schedule (per method, from its params block), with t = epoch + batch/steps:
   * loss = kappa * CE(z, y) + (1 - kappa) * (CE(z_hat, y) + the method's robust-loss
     penalty, e.g. LocalBCP's sparsity term) (+ the method's regulariser, applied at
     every step, warm-up included, e.g. Duet's similarity term); the history's
-    `regulariser` column is the sum of both, unweighted,
+    `regulariser` column is the sum of both, each with its own weight (lambda,
+    sparsity_weight) but not (1 - kappa),
     z_hat the method's worst-case logits; Adam;
   * learning rate: constant through warm-up and ramp, then the reference's
     decay: `step` (x gamma every step_epochs) or `exponential` (to final_lr at
