@@ -69,7 +69,7 @@ stage data || { echo "no data, nothing else can run"; exit 1; }
 stage benchmark
 n=$(echo "$methods" | wc -w)
 train_budget=$(( (BUDGET_S - $(elapsed) - RESERVE_S) / n ))
-fitted=""
+fitted="" trained=""
 for method in $methods; do
   stage fit-epochs --method "$method" --seconds "$train_budget" && fitted="$fitted $method"
 done
@@ -78,10 +78,10 @@ for run in $runs; do
   method=$(params_value "method_runs(p)['$run'].method")
   # An unfitted schedule could outrun the budget and lose everything: skip it.
   case " $fitted " in *" $method "*) ;; *) echo "!! $run: no fitted schedule, not trained"; status=1; continue;; esac
-  stage train --method "$run" && stage certify --method "$run" && stage pgd --method "$run"
+  stage train --method "$run" && trained="$trained $run" && stage certify --method "$run" && stage pgd --method "$run"
 done
 if time_left 90; then
-  stage vanilla && stage svd && for run in $runs; do stage similarity --method "$run"; done
+  stage vanilla && stage svd && for run in $trained; do stage similarity --method "$run"; done
   stage tables; stage figures; stage report
 else
   echo "!! $(elapsed)s of $BUDGET_S: no time left for the vanilla model and the report"; status=1
