@@ -25,8 +25,8 @@ import torch
 
 from ..spectral.rotation import (SubspaceIteration, apply_rotation, layer_matrix, rotation_cosine,
                                  rotation_from_subspace, top_right_subspace)
-from .base import GlobalNormMethod, StepBounds, register
-from .bcp import worst_logits_function
+from .base import register
+from .bcp import BCP
 
 SIM_FORMS = ("paper", "direction", "cosine")
 
@@ -37,7 +37,8 @@ def resolve_rank(rank: int | str, matrix_shape: tuple[int, int]) -> int:
 
 
 @register
-class Duet(GlobalNormMethod):
+class Duet(BCP):
+    """BCP's bounds and certificate, plus the similarity regulariser."""
     name = "duet"
     certifier = "bcp"
 
@@ -66,7 +67,6 @@ class Duet(GlobalNormMethod):
         self.vanilla = self.guide["model"].to(device).eval() if cfg["probe"] == "van" else None
         self.steps = 0
         self._sigmas = None
-        self.worst_logits = worst_logits_function(cfg)
 
     # -- the certification model's factors ---------------------------------------------------
     def _right_subspace(self, i: int, weight_matrix: torch.Tensor) -> torch.Tensor:
@@ -121,12 +121,10 @@ class Duet(GlobalNormMethod):
                 terms.append((rota_van - rota_cer).norm(dim=1).mean() / math.sqrt(rota_van.shape[1]))
         return self.cfg["lambda"] * torch.stack(terms).sum()
 
-    def bounds(self, x, y, logits, eps, index):
+    def step_norms(self):
         # The paper form already ran this step's power iteration; BCP reuses its norms.
         sigmas, self._sigmas = (self._sigmas or self.layer_norms()), None
-        worst = self.worst_logits(self.model, x, y, eps, sigmas, self.cfg["translation_iterations"],
-                                  clean=self.clean_pass(x))
-        return StepBounds(worst, torch.stack(sigmas).prod().detach())
+        return sigmas
 
     def state_dict(self):
         state = super().state_dict()
