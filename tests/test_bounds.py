@@ -568,7 +568,9 @@ def test_certified_points_survive_pgd(certified_setup, eps):
     model, x, y, logits, norms = certified_setup
     with sound_numerics(model):
         out = certify_batch(model, x, y, eps, norms, ["lipschitz", "bcp"])
-        radius = certified_radius_lipschitz(logits, y, norms.lipschitz_upper)
+        # The certifiers decide on the float64 model's logits.
+        radius = certified_radius_lipschitz(certifiers.float64_model(model)(x.double()), y,
+                                            norms.lipschitz_upper)
     assert out["bcp"].sum() > 0, "vacuous: nothing certified"
     if eps == 0.01:
         assert out["lipschitz"].sum() > 0, "vacuous: nothing certified by LMT"
@@ -588,9 +590,12 @@ def test_certified_points_survive_pgd(certified_setup, eps):
 def test_lipschitz_margin_by_hand():
     logits = torch.tensor([[3.0, 1.0, 2.0], [0.0, 4.0, 1.0]])
     y = torch.tensor([0, 0])
-    # Example 0: margin 3 - 2 = 1, radius 1 / (sqrt 2 * L) with L = 2; example 1 is wrong: 0.
+    # Example 0: margin 3 - 2 = 1, less the relative-margin rule's 1e-6 (|3| + |2|), over
+    # sqrt 2 * L (1 + 1e-6) with L = 2 (class 1: (2 - 4e-6) / ..., larger); example 1 is wrong: 0.
+    assert certifiers.MARGIN_RTOL == 1e-6
     radius = certified_radius_lipschitz(logits, y, 2.0)
-    close(radius, [1 / (2 * math.sqrt(2)), 0.0])
+    assert radius.dtype == torch.float64
+    close(radius, [(1 - 5e-6) / (2 * math.sqrt(2) * (1 + 1e-6)), 0.0])
     assert torch.equal(certifiers.lipschitz_certified(logits, y, 2.0, 0.35), torch.tensor([True, False]))
     assert torch.equal(certifiers.lipschitz_certified(logits, y, 2.0, 0.36), torch.tensor([False, False]))
     # Worst-case logits: every wrong class raised by sqrt 2 * L * eps = sqrt 2 * 2 * 0.25.

@@ -12,7 +12,16 @@ each tightening the other.
 The inner maximum (the "translation") is solved in training by the
 reference's clip-and-rescale iterations (a feasible point, differentiable);
 for certification it is bounded from above by Lagrangian duality, which is
-sound whatever the iterations did.
+sound whatever the iterations did (`certified_translation`).
+
+Numerics of the certification path: the certifiers
+(`pipeline_src/certify/certifiers.py`) run this module on a float64 copy of the
+model with float64 inputs, so every ball, box and translation is float64; the
+translation bound is float64 whatever the model, its feasible interval is
+widened to contain 0 (sound: a larger set has a larger maximum), and where it
+is added to lower-precision logits (`translated_logits` on a float32 model) it
+is rounded upwards, never to nearest. The training path is float32 (or the
+model's dtype) and approximate by design.
 """
 from __future__ import annotations
 
@@ -133,10 +142,14 @@ def translation_upper_bound(c: torch.Tensor, low: torch.Tensor, high: torch.Tens
         g(nu) = nu r^2 / 2 + sum_j max_{low_j <= d_j <= high_j} (c_j d_j - nu d_j^2 / 2)
     bounds the maximum from above (weak duality), so the result is sound even if
     the bisection is short. It is also capped by the ball-only value r ||c||
-    and the box-only value sum_j max(c_j low_j, c_j high_j), both upper bounds."""
+    and the box-only value sum_j max(c_j low_j, c_j high_j), both upper bounds.
+    The box is first widened to contain 0: low = min(low, 0), high = max(high, 0)."""
     c, low, high = c.double(), low.double(), high.double()
     r = radius.double().view(-1, 1, 1)
     low, high = torch.minimum(low, high), torch.maximum(low, high)
+    # The interval must contain 0 (the centre); rounding can leave the centre a hair
+    # outside its box. Widening only enlarges the feasible set: still an upper bound.
+    low, high = low.clamp_max(0.0), high.clamp_min(0.0)
     box_only = torch.maximum(c * low, c * high).sum(-1, keepdim=True)
     ball_only = r * c.norm(dim=-1, keepdim=True)
     # Bisection on lam: ||clip(lam c)|| grows with lam.
@@ -167,18 +180,44 @@ def bcp_worst_logits(model: CertifiableNet, x: torch.Tensor, y: torch.Tensor, ep
     return translated_logits(model, state, logits, y, translation_iterations)
 
 
-def translated_logits(model: CertifiableNet, state: BallBox, logits: torch.Tensor, y: torch.Tensor,
-                      translation_iterations: int | None) -> torch.Tensor:
-    """z_hat from the ball and box at the input of the logit layer (see bcp_worst_logits)."""
+def certified_translation(model: CertifiableNet, state: BallBox, y: torch.Tensor) -> torch.Tensor:
+    """t (B, C), float64: t_i a guaranteed upper bound of the translation max (w_i - w_y) . d
+    over the ball and box at the input of the logit layer, for every class i (t_y = 0)."""
     last = model.weight_layers()[-1].module
     c = _pairwise_directions(last, y)
     low = (state.lower - state.centre).unsqueeze(1)
     high = (state.upper - state.centre).unsqueeze(1)
-    if translation_iterations is None:
-        shift = translation_upper_bound(c, low, high, state.radius).to(logits.dtype)
-    else:
-        # Rounding can put the centre a hair outside its box; the translation needs 0 inside.
-        shift = translation_clip_rescale(c, low.clamp_max(0), high.clamp_min(0), state.radius,
-                                         translation_iterations)
+    shift = translation_upper_bound(c, low, high, state.radius)
+    wrong = 1.0 - F.one_hot(y, shift.shape[1]).to(shift.dtype)
+    return shift * wrong
+
+
+def round_up(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`value` cast to `dtype`, rounded towards +inf (a cast rounds to nearest)."""
+    cast = value.to(dtype)
+    if cast.dtype == value.dtype:
+        return cast
+    below = cast.to(value.dtype) < value
+    return torch.where(below, torch.nextafter(cast, torch.full_like(cast, float("inf"))), cast)
+
+
+def translated_logits(model: CertifiableNet, state: BallBox, logits: torch.Tensor, y: torch.Tensor,
+                      translation_iterations: int | None) -> torch.Tensor:
+    """z_hat from the ball and box at the input of the logit layer (see bcp_worst_logits).
+
+    With translation_iterations=None the translation is the float64 upper bound of
+    `certified_translation`, rounded upwards to the logits' dtype (the sum z_i + t_i
+    is then rounded to nearest in that dtype: the certifiers decide on z and t in
+    float64, never on these float32 sums)."""
     wrong = 1.0 - F.one_hot(y, logits.shape[1]).to(logits.dtype)
+    if translation_iterations is None:
+        shift = round_up(certified_translation(model, state, y), logits.dtype)
+        return logits + shift * wrong
+    last = model.weight_layers()[-1].module
+    c = _pairwise_directions(last, y)
+    low = (state.lower - state.centre).unsqueeze(1)
+    high = (state.upper - state.centre).unsqueeze(1)
+    # Rounding can put the centre a hair outside its box; the translation needs 0 inside.
+    shift = translation_clip_rescale(c, low.clamp_max(0), high.clamp_min(0), state.radius,
+                                     translation_iterations)
     return logits + shift * wrong

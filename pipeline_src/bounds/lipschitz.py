@@ -3,8 +3,11 @@ margin certificate of LMT (Tsuzuku et al. 2018): a prediction is certified at
 radius eps when z_y - z_i > sqrt(2) * L * eps for every i != y.
 
 Training uses power iteration with persistent vectors (cheap, differentiable,
-an estimate); certification uses guaranteed upper bounds
-(`spectral.operator_norm.operator_norm_upper_bound`)."""
+an estimate) and `lipschitz_worst_logits` in the model's dtype; certification
+uses guaranteed upper bounds (`spectral.operator_norm.operator_norm_upper_bound`,
+float64 python floats) and decides in float64 under the relative-margin rule
+of `pipeline_src/certify/certifiers.py` (`lipschitz_certified`), never on the
+float32 worst-case logits of this module."""
 from __future__ import annotations
 
 import math

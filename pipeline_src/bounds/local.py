@@ -15,7 +15,17 @@ layer *per training example*, cached between epochs. A certificate needs
 upper bounds: a dense layer's masked norm is computed exactly (float64
 eigenvalues of its Gram matrix); a convolution keeps its global guaranteed
 bound (the masked norm can only be smaller), so the certified local radius is
-sound but tighter only through the dense layers.
+sound but tighter only through the dense layers. The certifier runs this on a
+float64 copy of the model (`pipeline_src/certify/certifiers.py`), so the
+masks, boxes, radius and translation are float64.
+
+`local_estimated_state` is the reference's evaluation instead (Huang et al.'s
+code, `evaluate.py --test_sniter 2000`): every hidden layer's masked norm,
+convolutions included, estimated by per-example masked power iteration
+(`REFERENCE_POWER_ITERATIONS`, stopping early as the reference does when no
+example's vector moves by `REFERENCE_TOLERANCE`). An estimate is a lower bound
+of each norm, so the radius it gives is *not* guaranteed: the certify stage
+reports the accuracy it gives beside the certificates, never as one.
 """
 from __future__ import annotations
 
@@ -28,6 +38,11 @@ from ..spectral.operator_norm import apply_adjoint, apply_operator
 from .bcp import BallBox, ball_box_bounds, translated_logits
 
 FLOAT64_MARGIN = 1e-9
+# The LocalBCP reference's evaluation: `--test_sniter 2000` (its README's CIFAR-10
+# evaluation commands) and the stopping rule of its `local_linear` (tol 1e-3 on the
+# largest change of an example's unit vector).
+REFERENCE_POWER_ITERATIONS = 2000
+REFERENCE_TOLERANCE = 1e-3
 
 
 def varying_unit_masks(model: CertifiableNet, boxes: list[tuple[torch.Tensor, torch.Tensor]]
@@ -197,6 +212,14 @@ def masked_dense_norm_upper(layer: WeightLayer, mask_in: torch.Tensor | None,
     return torch.where(upper > 0, torch.nextafter(upper, torch.full_like(upper, float("inf"))), upper)
 
 
+def _local_ball(state: BallBox, eps: float, factors: list) -> BallBox:
+    """The ball at the logit layer with radius eps * prod(factors), capped by BCP's."""
+    radius = torch.full_like(state.radius, float(eps))
+    for factor in factors:
+        radius = radius * factor
+    return BallBox(state.centre, torch.minimum(radius, state.radius), state.lower, state.upper)
+
+
 def local_certified_state(model: CertifiableNet, x: torch.Tensor, eps: float,
                           global_upper: list[float]) -> tuple[BallBox, torch.Tensor]:
     """The BCP ball and box at the logit layer with the ball's radius tightened to
@@ -204,13 +227,59 @@ def local_certified_state(model: CertifiableNet, x: torch.Tensor, eps: float,
     boxes: list = []
     state, logits = ball_box_bounds(model, x, eps, global_upper, pre_activation=boxes)
     masks = varying_unit_masks(model, boxes)
-    radius = torch.full_like(state.radius, float(eps))
+    factors = [masked_dense_norm_upper(layer, _input_mask(layer, masks), masks[layer.index])
+               if isinstance(layer.module, nn.Linear) else global_upper[layer.index]
+               for layer in model.weight_layers()[:-1]]
+    return _local_ball(state, eps, factors), logits
+
+
+@torch.no_grad()
+def masked_norm_estimates(model: CertifiableNet, masks: list[torch.Tensor], iterations: int,
+                          tolerance: float, generator: torch.Generator,
+                          dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    """Per-example estimates of ||M_l W_l M_{l-1}|| for every hidden layer, convolutions
+    included, by masked power iteration from random vectors in `dtype` (the reference's
+    evaluation: at most `iterations` steps, stopping once no example's unit vector moves
+    by `tolerance`). ||M W M v|| for a unit v: never above the norm up to rounding, so
+    NOT an upper bound. Returns (B,) tensors in `dtype`."""
+    sigmas = []
     for layer in model.weight_layers()[:-1]:
-        if isinstance(layer.module, nn.Linear):
-            radius = radius * masked_dense_norm_upper(layer, _input_mask(layer, masks), masks[layer.index])
-        else:
-            radius = radius * global_upper[layer.index]
-    return BallBox(state.centre, torch.minimum(radius, state.radius), state.lower, state.upper), logits
+        weight = layer.module.weight.detach().to(dtype)
+        mask_in, mask_out = _input_mask(layer, masks), masks[layer.index].to(dtype)
+        mask_in = None if mask_in is None else mask_in.to(dtype)
+
+        def forward(v):
+            return mask_out * apply_operator(layer, v if mask_in is None else mask_in * v, weight)
+
+        def backward(u):
+            v = apply_adjoint(layer, mask_out * u, weight)
+            return v if mask_in is None else mask_in * v
+
+        batch = mask_out.shape[0]
+        v = torch.randn((batch, *layer.input_shape), generator=generator, device=generator.device,
+                        dtype=dtype).to(weight.device)
+        v = _per_example_normalise(v if mask_in is None else mask_in * v)
+        for _ in range(iterations):
+            previous = v
+            v = _per_example_normalise(backward(forward(v)))
+            if (v - previous).flatten(1).norm(dim=1).max() < tolerance:
+                break
+        sigmas.append(forward(v).flatten(1).norm(dim=1))
+    return sigmas
+
+
+def local_estimated_state(model: CertifiableNet, x: torch.Tensor, eps: float, global_upper: list[float],
+                          generator: torch.Generator, iterations: int = REFERENCE_POWER_ITERATIONS,
+                          tolerance: float = REFERENCE_TOLERANCE, estimate_dtype: torch.dtype = torch.float32
+                          ) -> tuple[BallBox, torch.Tensor]:
+    """As `local_certified_state`, but every hidden layer's masked norm is a power-iteration
+    estimate (`masked_norm_estimates`, in `estimate_dtype`): the reference's evaluation,
+    an estimate and not a certificate. Boxes, masks and translation as the certificate's."""
+    boxes: list = []
+    state, logits = ball_box_bounds(model, x, eps, global_upper, pre_activation=boxes)
+    masks = varying_unit_masks(model, boxes)
+    estimates = masked_norm_estimates(model, masks, iterations, tolerance, generator, estimate_dtype)
+    return _local_ball(state, eps, [s.to(state.radius.dtype) for s in estimates]), logits
 
 
 def sparsity_penalty(model: CertifiableNet, boxes: list[tuple[torch.Tensor, torch.Tensor]],

@@ -13,6 +13,7 @@ from ..data.cifar import load_cache
 from ..io import git_commit, state_dict_sha256, save_json
 from ..paths import RunLayout
 from ..training.common import device_name, resolve_device
+from .certifiers import fp32_numerics
 from .stage import load_trained, evaluated_test_split
 
 
@@ -45,19 +46,20 @@ def attack_model(params: dict, method: str, root: Path) -> dict:
 
     test_x, test_y = evaluated_test_split(data, params["certify"])
     robust = []
-    for start in range(0, len(test_y), cfg["batch_size"]):
-        x = test_x[start:start + cfg["batch_size"]].to(device).float() / 255.0
-        y = test_y[start:start + cfg["batch_size"]].to(device)
-        with torch.no_grad():
-            survived = model(x).argmax(1) == y
-        for _, attack, attack_seed in _attacks(model, cfg, eps, seed):
-            torch.manual_seed(attack_seed + start)
-            adversarial = attack(x, y)
-            delta = (adversarial - x).flatten(1).norm(dim=1)
-            assert (delta <= eps * (1 + 1e-4)).all(), "attack left the l2 ball"
+    with fp32_numerics(model):
+        for start in range(0, len(test_y), cfg["batch_size"]):
+            x = test_x[start:start + cfg["batch_size"]].to(device).float() / 255.0
+            y = test_y[start:start + cfg["batch_size"]].to(device)
             with torch.no_grad():
-                survived &= model(adversarial).argmax(1) == y
-        robust.append(survived.cpu())
+                survived = model(x).argmax(1) == y
+            for _, attack, attack_seed in _attacks(model, cfg, eps, seed):
+                torch.manual_seed(attack_seed + start)
+                adversarial = attack(x, y)
+                delta = (adversarial - x).flatten(1).norm(dim=1)
+                assert (delta <= eps * (1 + 1e-4)).all(), "attack left the l2 ball"
+                with torch.no_grad():
+                    survived &= model(adversarial).argmax(1) == y
+            robust.append(survived.cpu())
     robust = torch.cat(robust)
     broken = torch.nonzero(certified_any & ~robust).flatten().tolist()
     metrics = {
@@ -70,6 +72,7 @@ def attack_model(params: dict, method: str, root: Path) -> dict:
         "pgd_accuracy": 100.0 * robust.float().mean().item(),
         "certified_points": int(certified_any.sum()),
         "certified_points_broken": len(broken),
+        "numerics": "the float32 model, TF32 off, eval mode",
         "device": device_name(device), "git_commit": git_commit(root),
     }
     if broken:

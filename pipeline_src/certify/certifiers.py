@@ -1,37 +1,87 @@
 """Sound certification of a trained model: which test points provably keep
 their (correct) prediction for every l2 perturbation of norm <= eps.
 
-Soundness rules, enforced here: the model in eval mode, fp32 with TF32 off,
-and every spectral norm a guaranteed upper bound of the layer's operator norm
-(`spectral.operator_norm.operator_norm_upper_bound`), never a power-iteration
-estimate; the BCP translation bounded from above by duality."""
+What is certified is the network with the trained (float32) weights, in exact
+arithmetic. Soundness rules, enforced here:
+
+  * numerics: every certifier runs on a float64 copy of the model
+    (`float64_model`) with float64 inputs, TF32 off, eval mode, no gradients
+    (`sound_numerics`); balls, boxes, radii and the BCP translation are float64
+    end to end, and the spectral norms are float64 python floats;
+  * every spectral norm is a guaranteed upper bound of the layer's operator
+    norm (`spectral.operator_norm.operator_norm_upper_bound`), never a
+    power-iteration estimate; the BCP translation is bounded from above by
+    duality (`bounds.bcp.certified_translation`);
+  * the relative-margin rule: with z the float64 logits at x, y the label and
+    t_i >= 0 the certifier's bound on how far the margin z_i - z_y can rise in
+    the ball (Lipschitz: t_i = sqrt(2) L eps for every i; BCP and local: the
+    translation bound of class i), x is certified iff for every wrong class i
+
+        z_y - z_i - t_i  >  MARGIN_RTOL * (|z_y| + |z_i| + |t_i|),
+
+    with MARGIN_RTOL = 1e-6. A margin within a relative 1e-6 of zero is not
+    certified: the slack absorbs the float64 round-off of the propagation
+    (unit round-off 1.1e-16, accumulated over at most a few thousand terms per
+    dot product and a handful of layers) unless cancellation amplifies it by
+    more than about 1e9; this is an error argument, not interval arithmetic;
+  * a point must also be classified correctly by the deployed float32 model
+    (the `logits` the caller passes).
+
+Radius 0 is accuracy, not a certificate: `certified_at(..., 0, ...)` is the
+float32 model's correctness alone."""
 from __future__ import annotations
 
+import copy
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
-from ..bounds.bcp import bcp_worst_logits
-from ..bounds.local import local_worst_logits
+from ..bounds.bcp import ball_box_bounds, certified_translation
+from ..bounds.local import local_certified_state
 from ..models.architectures import CertifiableNet
 from ..spectral.operator_norm import operator_norm_upper_bound, power_iteration
 
+# The relative-margin rule (module docstring): a margin must exceed this fraction of
+# |z_y| + |z_i| + |t_i| to be certified.
+MARGIN_RTOL = 1e-6
+
 
 @contextmanager
-def sound_numerics(model: CertifiableNet):
-    """fp32, TF32 off, eval mode, no gradients; restores the previous settings."""
+def fp32_numerics(model: torch.nn.Module):
+    """TF32 off for matmul and cuDNN, eval mode; restores the previous settings.
+    Gradients stay as they were (the attack stage needs them)."""
     matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     was_training = model.training
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     model.eval()
     try:
-        with torch.no_grad():
-            yield
+        yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
         model.train(was_training)
+
+
+@contextmanager
+def sound_numerics(model: CertifiableNet):
+    """TF32 off, eval mode, no gradients; restores the previous settings. (The
+    certifiers themselves move to float64: `float64_model`.)"""
+    with fp32_numerics(model), torch.no_grad():
+        yield
+
+
+def float64_model(model: CertifiableNet) -> CertifiableNet:
+    """The model itself if it is float64 already, else a float64 copy in eval mode
+    (the float32 weights are exactly representable, so it is the same network)."""
+    if all(p.dtype == torch.float64 for p in model.parameters()):
+        return model
+    twin = copy.deepcopy(model)
+    for p in twin.parameters():
+        p.grad = None
+        p.requires_grad_(False)
+    return twin.double().eval()
 
 
 @dataclass
@@ -77,44 +127,67 @@ def certifiers_for(model: CertifiableNet) -> list[str]:
     return names
 
 
+def margin_certified(logits: torch.Tensor, shift: torch.Tensor | float, y: torch.Tensor) -> torch.Tensor:
+    """The relative-margin rule (module docstring), in float64: for every i != y,
+    z_y - z_i - t_i > MARGIN_RTOL * (|z_y| + |z_i| + |t_i|). `shift` is t, (B, C) or a
+    scalar for every class; its entry at y is ignored."""
+    z = logits.double()
+    t = shift.double() if torch.is_tensor(shift) else torch.full_like(z, float(shift))
+    true = z.gather(1, y[:, None])
+    holds = (true - z - t) > MARGIN_RTOL * (true.abs() + z.abs() + t.abs())
+    return (holds | F.one_hot(y, z.shape[1]).bool()).all(1)
+
+
 def lipschitz_certified(logits: torch.Tensor, y: torch.Tensor, lipschitz: float, eps: float) -> torch.Tensor:
-    """z_y - max_{i != y} z_i > sqrt(2) L eps (and the prediction is y)."""
-    return certified_radius_lipschitz(logits, y, lipschitz) > eps
+    """The Lipschitz margin (LMT) under the relative-margin rule: every wrong class may
+    rise by t = sqrt(2) L eps (float64); `logits` should be the float64 logits."""
+    return margin_certified(logits, math.sqrt(2.0) * float(lipschitz) * float(eps), y)
 
 
 def certified_radius_lipschitz(logits: torch.Tensor, y: torch.Tensor, lipschitz: float) -> torch.Tensor:
-    """The largest radius the Lipschitz margin certifies (0 for a wrong prediction)."""
-    true = logits.gather(1, y[:, None]).squeeze(1)
-    others = logits.scatter(1, y[:, None], float("-inf")).amax(1)
-    return ((true - others) / (math.sqrt(2.0) * lipschitz)).clamp_min(0.0)
-
-
-def _margin_positive(worst: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    true = worst.gather(1, y[:, None]).squeeze(1)
-    others = worst.scatter(1, y[:, None], float("-inf")).amax(1)
-    return true > others
+    """The radius below which the Lipschitz margin certifies under the relative-margin
+    rule (0 for a wrong prediction), float64: min over i != y of
+    (z_y - z_i - MARGIN_RTOL (|z_y| + |z_i|)) / (sqrt(2) L (1 + MARGIN_RTOL)).
+    `lipschitz_certified` at eps is radius > eps (both sides of that equivalence are
+    rounded in float64, so they can differ only for eps within rounding of the radius)."""
+    z = logits.double()
+    true = z.gather(1, y[:, None])
+    room = true - z - MARGIN_RTOL * (true.abs() + z.abs())
+    radius = room / (math.sqrt(2.0) * float(lipschitz) * (1 + MARGIN_RTOL))
+    radius = radius.masked_fill(F.one_hot(y, z.shape[1]).bool(), float("inf")).amin(1)
+    return radius.clamp_min(0.0)
 
 
 def bcp_certified(model: CertifiableNet, x: torch.Tensor, y: torch.Tensor, eps: float,
                   norms: LayerNorms) -> torch.Tensor:
-    return _margin_positive(bcp_worst_logits(model, x, y, eps, norms.upper, translation_iterations=None), y)
+    """BCP's certificate in float64 under the relative-margin rule."""
+    model = float64_model(model)
+    state, logits = ball_box_bounds(model, x.double(), float(eps), norms.upper)
+    return margin_certified(logits, certified_translation(model, state, y), y)
 
 
 def local_certified(model: CertifiableNet, x: torch.Tensor, y: torch.Tensor, eps: float,
                     norms: LayerNorms) -> torch.Tensor:
-    worst, _ = local_worst_logits(model, x, y, eps, norms.upper, power=None, index=None,
-                                  power_iterations=0, translation_iterations=None)
-    return _margin_positive(worst, y)
+    """The local-Lipschitz (LocalBCP) certificate in float64 under the relative-margin rule."""
+    model = float64_model(model)
+    state, logits = local_certified_state(model, x.double(), float(eps), norms.upper)
+    return margin_certified(logits, certified_translation(model, state, y), y)
 
 
 def certified_at(name: str, model: CertifiableNet, x: torch.Tensor, y: torch.Tensor,
-                 logits: torch.Tensor, radius: float, norms: LayerNorms) -> torch.Tensor:
-    """Bool per example: correctly classified and certified by `name` at `radius`."""
+                 logits: torch.Tensor, radius: float, norms: LayerNorms,
+                 exact_logits: torch.Tensor | None = None) -> torch.Tensor:
+    """Bool per example: correctly classified (by `logits`, the deployed model's) and
+    certified by `name` at `radius`. `model` may be the float32 model or its
+    `float64_model` (pass the latter when calling many times: no copy each call);
+    `exact_logits`: the float64 model's logits at x, if the caller has them."""
     correct = logits.argmax(1) == y
     if radius == 0:
         return correct
     if name == "lipschitz":
-        certified = lipschitz_certified(logits, y, norms.lipschitz_upper, radius)
+        if exact_logits is None:
+            exact_logits = float64_model(model)(x.double())
+        certified = lipschitz_certified(exact_logits, y, norms.lipschitz_upper, radius)
     elif name == "bcp":
         certified = bcp_certified(model, x, y, radius, norms)
     elif name == "local":
@@ -126,6 +199,9 @@ def certified_at(name: str, model: CertifiableNet, x: torch.Tensor, y: torch.Ten
 
 def certify_batch(model: CertifiableNet, x: torch.Tensor, y: torch.Tensor, eps: float,
                   norms: LayerNorms, certifiers: list[str]) -> dict[str, torch.Tensor]:
-    """{certifier: certified (bool per example)}; correct predictions only."""
+    """{certifier: certified (bool per example)}; correct predictions (of `model`) only.
+    The certifiers run on one float64 copy of the model (module docstring)."""
     logits = model(x)
-    return {name: certified_at(name, model, x, y, logits, eps, norms) for name in certifiers}
+    exact = float64_model(model)
+    exact_logits = exact(x.double())
+    return {name: certified_at(name, exact, x, y, logits, eps, norms, exact_logits) for name in certifiers}
