@@ -73,6 +73,24 @@ def _stage_similarity(params: dict, root: Path, args) -> None:
     similarity_metrics(params, args.method, root)
 
 
+def _stage_vanilla_control(params: dict, root: Path, args) -> None:
+    from .training.vanilla import train_vanilla_control
+
+    train_vanilla_control(params, root)
+
+
+def _stage_similarity_control(params: dict, root: Path, args) -> None:
+    from .certify.similarity import control_metrics
+
+    control_metrics(params, "vanilla_control", root)
+
+
+def _stage_similarity_random(params: dict, root: Path, args) -> None:
+    from .certify.similarity import control_metrics
+
+    control_metrics(params, "random", root)
+
+
 def _stage_tables(params: dict, root: Path, args) -> None:
     from .report.stage import make_tables
 
@@ -124,6 +142,12 @@ STAGES = {
     "certify": (_stage_certify, "certify the test set of one trained method (--method)"),
     "pgd": (_stage_pgd, "attack one trained method and cross-check its certificates (--method)"),
     "similarity": (_stage_similarity, "rotation similarity of one trained method to the vanilla model"),
+    "vanilla_control": (_stage_vanilla_control,
+                        "Table 1's control: a second vanilla model, the same recipe from another seed"),
+    "similarity_control": (_stage_similarity_control,
+                           "Table 1's control row: the second vanilla model against the vanilla model"),
+    "similarity_random": (_stage_similarity_random,
+                          "Table 1's control row: the architecture at initialisation against the vanilla model"),
     "tables": (_stage_tables, "Tables 1-3 from every run's metrics, beside the paper's numbers"),
     "figures": (_stage_figures, "Figures 2-3, the radius curve and per-layer similarity"),
     "report": (_stage_report, "REPORT.md: the tables, figures and provenance of the run"),

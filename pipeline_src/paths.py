@@ -11,6 +11,31 @@ from dataclasses import dataclass
 REPORT_TABLES = (1, 2, 3)
 REPORT_FIGURES = ("fig2_clean", "fig3_certified", "radius_curve", "similarity_per_layer")
 
+# Table 1's control rows: what an unrelated network scores against the vanilla model.
+#   vanilla_control: a second vanilla model, trained like the first from another seed;
+#   random: the certified architecture at initialisation, from its own seed.
+SIMILARITY_CONTROLS = ("vanilla_control", "random")
+SIMILARITY_DEFAULTS = {"controls": True, "control_seed_offset": 1}
+
+
+def similarity_settings(params: dict) -> dict:
+    """The `similarity` params block with its defaults (the block is optional)."""
+    return {**SIMILARITY_DEFAULTS, **(params.get("similarity") or {})}
+
+
+def similarity_rank(params: dict, run_name: str):
+    """The rank a run's similarity is measured at: a Duet run's own `rank` (a grid
+    point's, e.g. duet-r4-l1-paper at 4), `duet.rank` for every other method."""
+    from .config import method_runs
+
+    run = method_runs(params)[run_name]
+    return run.config["rank"] if run.method == "duet" else params["duet"]["rank"]
+
+
+def control_seed(params: dict) -> int:
+    """The seed of the controls: run.seed + similarity.control_seed_offset."""
+    return params["run"]["seed"] + similarity_settings(params)["control_seed_offset"]
+
 
 @dataclass(frozen=True)
 class RunLayout:
@@ -49,6 +74,11 @@ class RunLayout:
     def vanilla_checkpoint(self) -> str:
         return self._at("vanilla", "checkpoint.pt")
 
+    # the second vanilla model, a control of Table 1 (another seed, same recipe)
+    def vanilla_control(self, name: str) -> str:
+        """model.pt, history.csv, metrics.json, checkpoint.pt"""
+        return self._at("vanilla_control", name)
+
     # offline SVD export stage
     @property
     def svd_factors(self) -> str:
@@ -75,6 +105,11 @@ class RunLayout:
     def similarity(self, method: str, name: str) -> str:
         """metrics.json (rotation similarity to the vanilla model, Lipschitz product)"""
         return self._at("similarity", method, name)
+
+    def similarity_control(self, control: str, name: str = "metrics.json") -> str:
+        """metrics.json of a control row of Table 1 (SIMILARITY_CONTROLS) against the vanilla model.
+        A folder of its own, so no {method} pattern of the per-run stages can match it."""
+        return self._at("similarity_control", control, name)
 
     # the benchmark (seconds per epoch and peak memory beside the floor)
     def benchmark_result(self, arch: str) -> str:
@@ -111,3 +146,11 @@ def benchmark_outputs(params: dict) -> list[str]:
 
     layout, archs = RunLayout.of(params), benchmark_archs(params)
     return [layout.benchmark_result(arch) for arch in archs] + ([layout.benchmark_depth] if len(archs) > 1 else [])
+
+
+def control_outputs(params: dict) -> dict[str, str]:
+    """{control: its similarity metrics file} when `similarity.controls` is on, else {}."""
+    if not similarity_settings(params)["controls"]:
+        return {}
+    layout = RunLayout.of(params)
+    return {control: layout.similarity_control(control) for control in SIMILARITY_CONTROLS}

@@ -18,7 +18,7 @@ from ..data.cifar import load_cache
 from ..data.loader import DeviceBatches
 from ..io import save_json, save_torch, state_dict_sha256
 from ..models import build_model
-from ..paths import RunLayout
+from ..paths import RunLayout, control_seed
 from .common import (Checkpoint, evaluate, learning_rate, make_generator, params_fingerprint,
                      peak_memory_mb, reset_peak_memory, resolve_device, run_provenance, use_fp32_numerics,
                      seed_everything, stage_seed, set_learning_rate, write_history)
@@ -32,9 +32,31 @@ def make_optimizer(model: torch.nn.Module, params: dict) -> torch.optim.Optimize
     return torch.optim.Adam(model.parameters(), lr=params["lr"], weight_decay=params["weight_decay"])
 
 
-def train_vanilla(params: dict, root: Path) -> dict:
+def vanilla_outputs(layout: RunLayout, control: bool = False) -> dict[str, str]:
+    """Where a vanilla training writes: the vanilla stage's folder, or the control's."""
+    if control:
+        return {name: layout.vanilla_control(f"{name}.{ext}") for name, ext in
+                (("model", "pt"), ("history", "csv"), ("metrics", "json"), ("checkpoint", "pt"))}
+    return {"model": layout.vanilla_model, "history": layout.vanilla_history,
+            "metrics": layout.vanilla_metrics, "checkpoint": layout.vanilla_checkpoint}
+
+
+def train_vanilla_control(params: dict, root: Path) -> dict:
+    """Table 1's control: a second vanilla model, the same recipe from seed run.seed +
+    similarity.control_seed_offset, into results/<run>/vanilla_control/."""
     layout = RunLayout.of(params)
-    cfg, seed = params["vanilla"], params["run"]["seed"]
+    return train_vanilla(params, root, seed=control_seed(params), outputs=vanilla_outputs(layout, control=True),
+                         stage="vanilla_control")
+
+
+def train_vanilla(params: dict, root: Path, seed: int | None = None, outputs: dict[str, str] | None = None,
+                  stage: str = "vanilla") -> dict:
+    """Train a vanilla model; by default the vanilla stage's (run.seed, results/<run>/vanilla/).
+    `seed` and `outputs` (vanilla_outputs) train another one with the same recipe."""
+    layout = RunLayout.of(params)
+    cfg = params["vanilla"]
+    seed = params["run"]["seed"] if seed is None else seed
+    paths = outputs or vanilla_outputs(layout)
     device = resolve_device(params["run"]["device"])
     use_fp32_numerics()
     seed_everything(stage_seed(seed, "vanilla"))
@@ -48,7 +70,7 @@ def train_vanilla(params: dict, root: Path) -> dict:
     val = DeviceBatches(data.val_x, data.val_y, cfg["eval_batch_size"], device)
     test = DeviceBatches(data.test_x, data.test_y, cfg["eval_batch_size"], device)
 
-    checkpoint = Checkpoint(root / layout.vanilla_checkpoint,
+    checkpoint = Checkpoint(root / paths["checkpoint"],
                             params_fingerprint(params["model"], cfg, seed, data.provenance["sha256"],
                                                data.provenance["images"]))
     resumed = checkpoint.load(model, optimizer, generator)
@@ -62,7 +84,7 @@ def train_vanilla(params: dict, root: Path) -> dict:
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
-        bar = tqdm(train, total=steps, desc=f"vanilla {epoch + 1}/{cfg['epochs']}", leave=False,
+        bar = tqdm(train, total=steps, desc=f"{stage} {epoch + 1}/{cfg['epochs']}", leave=False,
                    mininterval=2.0, dynamic_ncols=True)
         for step, (x, y) in enumerate(bar):
             lr = learning_rate(cfg, epoch + step / steps)
@@ -86,7 +108,7 @@ def train_vanilla(params: dict, root: Path) -> dict:
                "val_loss": val_metrics["loss"], "val_accuracy": val_metrics["accuracy"],
                "lr": lr, "seconds": seconds, "peak_memory_mb": peak_memory_mb(device)}
         history.append(row)
-        print(f"[vanilla] epoch {row['epoch']}/{cfg['epochs']} train loss {row['train_loss']:.4f} "
+        print(f"[{stage}] epoch {row['epoch']}/{cfg['epochs']} train loss {row['train_loss']:.4f} "
               f"acc {row['train_accuracy']:.2f}% | val acc {row['val_accuracy']:.2f}% | lr {lr:.4g} | "
               f"{seconds:.1f}s", flush=True)
         checkpoint.save(epoch=epoch + 1, model=model, optimizer=optimizer, generator=generator,
@@ -94,10 +116,10 @@ def train_vanilla(params: dict, root: Path) -> dict:
 
     test_metrics = evaluate(model, test)
     save_torch({"state_dict": model.state_dict(), "model": params["model"],
-                "data_sha256": data.provenance["sha256"]}, root / layout.vanilla_model)
-    write_history(history, root / layout.vanilla_history)
+                "data_sha256": data.provenance["sha256"]}, root / paths["model"])
+    write_history(history, root / paths["history"])
     metrics = {
-        "stage": "vanilla",
+        "stage": stage,
         "profile": params["profile"],
         "arch": params["model"]["arch"],
         "activation": params["model"]["activation"],
@@ -110,8 +132,10 @@ def train_vanilla(params: dict, root: Path) -> dict:
         "train_accuracy": history[-1]["train_accuracy"],
         **run_provenance(history, data.provenance, device, root),
     }
-    save_json(metrics, root / layout.vanilla_metrics)
+    if stage != "vanilla":
+        metrics["control_seed_offset"] = seed - params["run"]["seed"]
+    save_json(metrics, root / paths["metrics"])
     checkpoint.remove()
-    print(f"[vanilla] test accuracy {metrics['test_accuracy']:.2f}% "
+    print(f"[{stage}] test accuracy {metrics['test_accuracy']:.2f}% "
           f"({data.provenance['source']}{', lossy JPEG copy' if data.provenance['lossy_jpeg'] else ''})")
     return metrics
