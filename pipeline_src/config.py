@@ -127,6 +127,10 @@ def _grid_value_name(key: str, value) -> str:
     return prefix + text.replace(".", "p").replace("-", "m").replace("+", "")
 
 
+# How a run that starts from another initialisation than its block's is named.
+INIT_SUFFIX = {"scratch": "scratch", "vanilla_init": "vinit"}
+
+
 class CertifiedRun(NamedTuple):
     """One certified training run of the DAG."""
     method: str   # lmt | bcp | localbcp | duet: the module that trains it
@@ -145,7 +149,9 @@ def method_runs(params: dict) -> dict[str, CertifiedRun]:
     Every method in `methods` runs once under its own name; Duet also runs once
     per point of its ablation grid (`duet.ranks` x `duet.lambdas` x
     `duet.sim_forms`, a missing list meaning the base value) other than the
-    base point, named e.g. `duet-r4-l0p1-direction`. With `seeds` set, each of
+    base point, named e.g. `duet-r4-l0p1-direction`. With `init_variants` set,
+    each of these also runs from every listed initialisation other than its own
+    (`init_from`), named e.g. `bcp-vinit`. With `seeds` set, each of
     these runs once per seed, named with the seed (`bcp-s1`); without it, once
     with run.seed under the plain name."""
     import itertools
@@ -163,6 +169,13 @@ def method_runs(params: dict) -> dict[str, CertifiedRun]:
                 continue
             name = "-".join(["duet"] + [_grid_value_name(k, v) for k, v in point.items()])
             groups[name] = (method, {**cfg, **point})
+    # `init_variants`: every run also from the other initialisations, named after them
+    # (`bcp-vinit`: BCP started from the vanilla model's initial weights).
+    base_groups = list(groups.items())
+    for init in params.get("init_variants") or []:
+        for group, (method, cfg) in base_groups:
+            if cfg["init_from"] != init:
+                groups[f"{group}-{INIT_SUFFIX[init]}"] = (method, {**cfg, "init_from": init})
     seeds = params.get("seeds")
     if seeds is None:
         return {group: CertifiedRun(method, cfg, params["run"]["seed"], group)

@@ -1,11 +1,11 @@
 """Duet (pipeline_src/methods/duet.py): BCP plus lambda * loss_sim pulling each
-layer's rank-r rotation U_r V_r^T towards the vanilla model's; the rotation
+layer's rotation towards the vanilla model's rank-r U_r V_r^T; the rotation
 factors (pipeline_src/spectral/rotation.py) and the similarity metric
 (pipeline_src/certify/similarity.py).
 
 Everything runs on the CPU with one torch thread; the guide (vanilla model and
-its SVD factors) is built here, except in the training test, which lays out a
-tiny run (data cache, vanilla model, `export_svd`) and calls `train_certified`.
+its SVD factors) is built here, except in the training tests, which lay out a
+tiny run (data cache, vanilla model, `export_svd`) and call `train_certified`.
 """
 from __future__ import annotations
 
@@ -25,15 +25,16 @@ from pipeline_src.certify.similarity import rotation_similarity
 from pipeline_src.config import load_params
 from pipeline_src.data.cifar import build_cache
 from pipeline_src.methods import METHODS, build_method
+from pipeline_src.methods.base import CertifiedMethod
 from pipeline_src.methods.duet import Duet
 from pipeline_src.models import WeightLayer, build_model
 from pipeline_src.paths import RunLayout
-from pipeline_src.spectral.operator_norm import matrix_view, power_iteration
-from pipeline_src.spectral.rotation import (SubspaceIteration, apply_rotation, exact_rotation, layer_matrix,
-                                            polar_factor, rotation_cosine, rotation_from_subspace,
-                                            top_right_subspace)
+from pipeline_src.spectral.operator_norm import apply_operator, matrix_view, power_iteration
+from pipeline_src.spectral.rotation import (FactorisedRotation, apply_rotation, exact_rotation, layer_matrix,
+                                            rotation_cosine, top_rank_rotation)
 from pipeline_src.spectral.svd_export import export_svd
 from pipeline_src.training import certified as certified_training
+from pipeline_src.training import vanilla as vanilla_training
 from pipeline_src.training.common import seed_everything, stage_seed
 
 SEED = 0
@@ -61,9 +62,9 @@ def _vanilla_model(params: dict) -> nn.Module:
 
 
 def _certification_model(params: dict) -> nn.Module:
-    """The certification model as `train_certified` initialises it for duet."""
-    seed_everything(stage_seed(SEED, "train", "duet"))
-    return build_model(params["model"])
+    """The certification model as `train_certified` initialises it for duet (BCP's seed)."""
+    seed_everything(stage_seed(SEED, "train", "bcp"))
+    return build_model({**params["model"], **params["duet"]["model"]})
 
 
 @pytest.fixture(scope="module")
@@ -120,21 +121,10 @@ def sim_loss(method, x, y) -> torch.Tensor:
     return method.regulariser(x, y, logits)
 
 
-def rota_scale(vanilla, factors, rank, x) -> float:
-    """sum over layers of mean_batch ||Rota_van(x_l)||: the size of what the paper form compares."""
-    _, inputs = vanilla.forward_with_layer_inputs(x)
-    total = 0.0
-    for layer, f, h in zip(vanilla.weight_layers(), factors["layers"], inputs):
-        r = min(f["matrix_shape"]) if rank == "full" else min(rank, min(f["matrix_shape"]))
-        rotation = f["U"][:, :r] @ f["V"][:, :r].t()
-        total += apply_rotation(layer, rotation, h).flatten(1).norm(dim=1).mean().item()
-    return total
-
-
-def projector_distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Spectral norm of the difference of the orthogonal projectors onto span(a), span(b)."""
-    a, b = a.double(), b.double()
-    return torch.linalg.matrix_norm(a @ a.t() - b @ b.t(), ord=2).item()
+def van_rotation(factors: dict, i: int, rank) -> torch.Tensor:
+    f = factors["layers"][i]
+    r = min(f["matrix_shape"]) if rank == "full" else min(rank, min(f["matrix_shape"]))
+    return f["U"][:, :r] @ f["V"][:, :r].t()
 
 
 def with_singular_values(rows: int, cols: int, values: torch.Tensor, seed: int) -> torch.Tensor:
@@ -144,82 +134,245 @@ def with_singular_values(rows: int, cols: int, values: torch.Tensor, seed: int) 
     return u @ torch.diag(values.double()) @ v.t()
 
 
-# ---------------------------------------------------------------- 1. zero for identical weights
-@pytest.mark.parametrize("form,rank,probe", [("direction", 1, "cer"), ("direction", 4, "van"),
-                                             ("direction", "full", "cer"), ("cosine", 4, "cer"),
-                                             ("cosine", "full", "van")])
-def test_similarity_loss_vanishes_for_the_vanilla_weights(params, vanilla, factors, batch, form, rank, probe):
+def by_hand_loss(model, vanilla, factors, cfg, x, sigmas) -> torch.Tensor:
+    """loss_sim from its definition, with full-size rotation matrices and explicit
+    layer maps (none of the method's shortcuts): eq. 11 / the direction form, with
+    Rota_cer(x) = W x / sigma (normalized_weight) or U_r V_r^T x of an exact SVD (polar)."""
+    _, van_inputs = vanilla.forward_with_layer_inputs(x)
+    _, cer_inputs = model.forward_with_layer_inputs(x)
+    if cfg["detach_probe"]:
+        cer_inputs = [h.detach() for h in cer_inputs]
+    probes = {"own": (van_inputs, cer_inputs), "cer": (cer_inputs, cer_inputs),
+              "van": (van_inputs, van_inputs)}[cfg["probe"]]
+    total = 0.0
+    for i, layer in enumerate(model.weight_layers()):
+        van_x, cer_x = probes[0][i], probes[1][i]
+        rota_van = apply_rotation(layer, van_rotation(factors, i, cfg["rank"]), van_x).flatten(1)
+        if cfg["cert_rotation"] == "polar":
+            r = min(layer_matrix(layer).shape) if cfg["rank"] == "full" else cfg["rank"]
+            rota_cer = apply_rotation(layer, exact_rotation(layer_matrix(layer), r).float(), cer_x).flatten(1)
+        else:
+            rota_cer = (apply_operator(layer, cer_x) / sigmas[i]).flatten(1)
+        if cfg["sim_form"] == "paper":
+            ratio = sigmas[i] / factors["layers"][i]["operator_norm_estimate"]
+            total = total + (ratio * rota_van - rota_cer / ratio).norm(dim=1).mean()
+        else:
+            total = total + (rota_van - rota_cer).norm(dim=1).mean() / math.sqrt(rota_van.shape[1])
+    return cfg["lambda"] * total
+
+
+# ---------------------------------------------------------------- 1. the paper's reading: normalized_weight
+def test_the_paper_reading_is_the_default(params):
+    base = load_params("paper")["duet"]
+    assert (base["sim_form"], base["cert_rotation"], base["probe"], base["lambda"]) == \
+        ("paper", "normalized_weight", "own", 1.0)
+    assert base["detach_probe"] is False
+
+
+@pytest.mark.parametrize("form,probe,rotation,detach", [
+    ("paper", "own", "normalized_weight", False), ("paper", "cer", "normalized_weight", False),
+    ("paper", "van", "normalized_weight", False), ("paper", "own", "normalized_weight", True),
+    ("direction", "own", "normalized_weight", False), ("paper", "own", "polar", False),
+    ("direction", "cer", "polar", True)])
+def test_loss_matches_its_definition(params, vanilla, factors, batch, form, probe, rotation, detach):
+    """The method's loss (clean-pass reuse, factorised vanilla map) equals the by-hand
+    value for each probe, rotation and form, and so does its gradient."""
     x, y = batch
-    cfg = duet_cfg(params, sim_form=form, rank=rank, probe=probe, cert_factors="svd")
-    method = make_duet(copy_of(vanilla), cfg, vanilla, factors)
+    cfg = duet_cfg(params, sim_form=form, probe=probe, cert_rotation=rotation, detach_probe=detach, rank=4)
+    model = _certification_model(params)
+    method = make_duet(model, cfg, vanilla, factors)
+    power = copy.deepcopy(method.power)
     loss = sim_loss(method, x, y)
-    assert loss.dim() == 0 and torch.isfinite(loss)
-    if form == "direction":
-        assert abs(loss.item()) < 1e-5
-    else:
-        # The rotations themselves agree (cosine 1 in float64); the float32 cosine of the
-        # 512 x 4096 layer would be off by ~1e-4, hence rotation_cosine works in float64.
-        rotations = method.cert_rotations()
-        for i, rotation in rotations.items():
-            cos64 = rotation_cosine(method.van_rotation[i].double(), rotation.double()).item()
-            assert cos64 == pytest.approx(1.0, abs=1e-6), i
-        assert abs(loss.item()) < 1e-3
-    if rank == 4:  # ... and the same method on other weights does see a difference
-        other = make_duet(_certification_model(params), cfg, vanilla, factors)
-        assert sim_loss(other, x, y).item() > 1e-2
+    (grad,) = torch.autograd.grad(loss, model.weight_layers()[3].module.weight)
+    sigmas = power.norms(model.weight_layers(), cfg["power_iterations"])
+    expected = by_hand_loss(model, vanilla, factors, cfg, x, sigmas)
+    (expected_grad,) = torch.autograd.grad(expected, model.weight_layers()[3].module.weight)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+    cosine = (grad * expected_grad).sum() / (grad.norm() * expected_grad.norm())
+    assert cosine.item() > 0.9999 and grad.norm().item() == pytest.approx(expected_grad.norm().item(), rel=1e-3)
 
 
-def test_cosine_form_is_exactly_zero_for_the_vanilla_weights(params, vanilla, factors, batch):
+def test_the_probe_choice_matters(params, vanilla, factors, batch):
+    """own, cer and van are three different terms (the test above is not vacuous)."""
     x, y = batch
-    cfg = duet_cfg(params, sim_form="cosine", rank=1, cert_factors="svd")
-    loss = sim_loss(make_duet(copy_of(vanilla), cfg, vanilla, factors), x, y)
-    assert loss.item() >= -1e-5 and abs(loss.item()) < 1e-5
+    model = _certification_model(params)
+    values = {probe: sim_loss(make_duet(copy_of(model), duet_cfg(params, probe=probe), vanilla, factors), x, y).item()
+              for probe in ("own", "cer", "van")}
+    assert len({round(v, 3) for v in values.values()}) == 3, values
 
 
-@pytest.fixture(scope="module")
-def exact_sigma_factors(params, vanilla, factors) -> dict:
-    """Factors whose operator-norm estimates are exactly the sigmas the method's own
-    persistent power iteration (same generator seed) reaches after 200 iterations."""
-    cfg = duet_cfg(params, sim_form="paper", rank=4, cert_factors="svd", power_iterations=200)
-    probe = make_duet(copy_of(vanilla), cfg, vanilla, factors)
-    state = copy.deepcopy(probe.power)
-    sigmas = [s.item() for s in state.norms(probe.model.weight_layers(), 200)]
-    return {**factors, "layers": [{**f, "operator_norm_estimate": s} for f, s in zip(factors["layers"], sigmas)]}
-
-
-@pytest.mark.parametrize("rank", [4, "full"])
-def test_paper_form_vanishes_when_the_norm_estimates_agree(params, vanilla, exact_sigma_factors, batch, rank):
+def test_gradient_reaches_earlier_layers_unless_the_probe_is_detached(params, vanilla, factors, batch):
     x, y = batch
-    cfg = duet_cfg(params, sim_form="paper", rank=rank, cert_factors="svd", power_iterations=200)
-    loss = sim_loss(make_duet(copy_of(vanilla), cfg, vanilla, exact_sigma_factors), x, y).item()
-    scale = rota_scale(vanilla, exact_sigma_factors, rank, x)
-    assert scale > 1.0
-    # sigma ratio exactly 1: only float32 rounding of the rotations is left.
-    assert abs(loss) < 1e-5 * scale
+    layers = [0, 3]
+    for detach, reaches in ((False, True), (True, False)):
+        model = _certification_model(params)
+        cfg = duet_cfg(params, layers=[3], detach_probe=detach)
+        loss = sim_loss(make_duet(model, cfg, vanilla, factors), x, y)
+        first, own = torch.autograd.grad(loss, [model.weight_layers()[i].module.weight for i in layers],
+                                         allow_unused=True)
+        assert own is not None and own.abs().sum() > 0
+        assert (first is not None and first.abs().sum() > 0) == reaches
 
 
-@pytest.mark.parametrize("rank", [4, "full"])
-def test_paper_form_vanishes_with_power_iteration_estimates(params, vanilla, factors, batch, rank):
-    """The guide's sigma is power_iteration's estimate (200 steps), the method's its own
-    persistent power iteration (200 steps): both are estimates from below that agree to
-    ~1e-3 on these convs (close top singular values), so the loss is ~|s/s' - s'/s| of the
-    rotation terms' size, not 0."""
+def test_gradient_flows_through_the_step_sigma(params, vanilla, factors, batch):
+    """sigma_cer is the power iteration's ||W v|| with v fixed (as in BCP's bound): the
+    term's gradient includes its path through sigma (dropping it changes the gradient)."""
     x, y = batch
-    cfg = duet_cfg(params, sim_form="paper", rank=rank, cert_factors="svd", power_iterations=200)
-    method = make_duet(copy_of(vanilla), cfg, vanilla, factors)
-    loss = sim_loss(method, x, y).item()
-    scale = rota_scale(vanilla, factors, rank, x)
-    ratio_tolerance = 2e-3
-    assert 0.0 <= loss <= 2.0 * ratio_tolerance * scale + 1e-5 * scale
-    # sigma_cer (the method's power iteration, kept for BCP's bounds) against the guide's estimate
-    for sigma, f in zip(method._sigmas, factors["layers"]):
-        assert sigma.item() == pytest.approx(f["operator_norm_estimate"], rel=ratio_tolerance)
-    if rank == 4:  # other weights are far off (power factors: no second SVD needed)
-        other = make_duet(_certification_model(params), {**cfg, "cert_factors": "power"}, vanilla, factors)
-        assert sim_loss(other, x, y).item() > 0.1 * scale
+    model = _certification_model(params)
+    cfg = duet_cfg(params, layers=[6], rank=4)
+    method = make_duet(model, cfg, vanilla, factors)
+    power = copy.deepcopy(method.power)
+    weight = model.weight_layers()[6].module.weight
+    (with_sigma,) = torch.autograd.grad(sim_loss(method, x, y), weight)
+    sigmas = [s.detach() for s in power.norms(model.weight_layers(), cfg["power_iterations"])]
+    (without,) = torch.autograd.grad(by_hand_loss(model, vanilla, factors, cfg, x, sigmas), weight)
+    assert not torch.allclose(with_sigma, without, rtol=1e-3, atol=0)
 
 
-# ---------------------------------------------------------------- 2. SVD sign invariance
+def test_normalized_weight_is_the_rotation_when_all_singular_values_agree(params, vanilla, factors, batch):
+    """The paper's premise (eq. 8): a certified layer's singular values all equal sigma,
+    so W / sigma = U V^T and the two readings coincide at full rank."""
+    x, _ = batch
+    model = _certification_model(params)
+    generator = torch.Generator().manual_seed(3)
+    dense = [layer for layer in model.weight_layers() if layer.kind == "linear"]
+    probe = torch.randn(4, dense[0].input_shape[0], generator=generator)
+    for layer in dense:
+        rows, cols = layer_matrix(layer).shape
+        q = torch.linalg.qr(torch.randn(cols, rows, generator=generator, dtype=torch.float64)).Q.t()
+        with torch.no_grad():
+            layer.module.weight.copy_(2.5 * q)
+        h = probe if layer.input_shape[0] == probe.shape[1] else torch.randn(4, cols, generator=generator)
+        normalized = make_duet(model, duet_cfg(params, rank="full", detach_probe=True), vanilla, factors)
+        polar = make_duet(model, duet_cfg(params, rank="full", cert_rotation="polar", detach_probe=True),
+                          vanilla, factors)
+        sigma = torch.tensor(2.5)
+        got = normalized._rota_cer(x, layer.index, h, sigma)
+        torch.testing.assert_close(got, apply_operator(layer, h) / sigma)
+        torch.testing.assert_close(got, polar._rota_cer(x, layer.index, h, sigma), rtol=1e-5, atol=1e-5)
+
+
+def test_cosine_form_of_normalized_weight_is_the_top_singular_mass(params, vanilla, factors, batch):
+    """cos(U_r V_r^T, W) = sum_{i<=r} s_i / (sqrt(r) ||W||_F): for the vanilla weights
+    themselves the cosine form reads the energy of the top r singular values."""
+    x, y = batch
+    rank = 4
+    cfg = duet_cfg(params, sim_form="cosine", rank=rank)
+    loss = sim_loss(make_duet(copy_of(vanilla), cfg, vanilla, factors), x, y).item()
+    expected = 0.0
+    for layer in vanilla.weight_layers():
+        s = torch.linalg.svdvals(layer_matrix(layer).double())
+        r = min(rank, len(s))
+        expected += 1.0 - (s[:r].sum() / (math.sqrt(r) * s.norm())).item()
+    assert loss == pytest.approx(cfg["lambda"] * expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("rank", [1, 4, "full"])
+def test_polar_cosine_and_direction_vanish_for_the_vanilla_weights(params, vanilla, factors, batch, rank):
+    x, y = batch
+    for form, tolerance in (("cosine", 1e-3), ("direction", 1e-5)):   # float32 cosines of 8 layers
+        cfg = duet_cfg(params, sim_form=form, rank=rank, cert_rotation="polar", probe="van")
+        assert abs(sim_loss(make_duet(copy_of(vanilla), cfg, vanilla, factors), x, y).item()) < tolerance
+    other = make_duet(_certification_model(params), duet_cfg(params, sim_form="cosine", rank=rank,
+                                                             cert_rotation="polar"), vanilla, factors)
+    assert sim_loss(other, x, y).item() > 1e-2
+
+
+# ---------------------------------------------------------------- 2. the exact reading: polar's gradient
+@pytest.mark.parametrize("rows,cols,rank", [(20, 30, 1), (20, 30, 4), (20, 30, 20), (30, 20, 4), (30, 20, 20),
+                                            (12, 12, 5)])
+def test_polar_gradient_matches_autograd_through_the_svd(rows, cols, rank):
+    values = torch.linspace(3.0, 0.5, min(rows, cols))
+    w = with_singular_values(rows, cols, values, seed=rank)
+    target = torch.randn(rows, cols, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def loss_of(rotation):
+        return (rotation * target).sum() + (rotation.square() * target.abs()).sum()
+
+    reference_w = w.clone().requires_grad_(True)
+    u, _, vh = torch.linalg.svd(reference_w, full_matrices=False)
+    loss_of(u[:, :rank] @ vh[:rank]).backward()
+    ours_w = w.clone().requires_grad_(True)
+    rotation = top_rank_rotation(ours_w, rank)
+    torch.testing.assert_close(rotation, exact_rotation(w, rank))
+    loss_of(rotation).backward()
+    cosine = (reference_w.grad * ours_w.grad).sum() / (reference_w.grad.norm() * ours_w.grad.norm())
+    assert cosine.item() >= 0.99
+    torch.testing.assert_close(ours_w.grad, reference_w.grad, rtol=1e-8, atol=1e-10)
+
+
+def test_polar_gradient_stays_finite_at_repeated_singular_values():
+    """An SVD's own gradient has 1/(s_i^2 - s_j^2) terms; ours clamps them."""
+    w = with_singular_values(8, 12, torch.tensor([2.0, 2.0, 2.0, 1.0, 1.0, 0.5, 0.5, 0.5]), seed=6)
+    for rank in (2, 3, 5):
+        weight = w.float().clone().requires_grad_(True)
+        target = torch.randn(8, 12, generator=torch.Generator().manual_seed(0))
+        (top_rank_rotation(weight, rank) * target).sum().backward()
+        assert torch.isfinite(weight.grad).all() and weight.grad.abs().sum() > 0
+
+
+def test_polar_rotation_is_invariant_to_svd_sign_choices(monkeypatch):
+    w = with_singular_values(12, 30, torch.linspace(3.0, 0.5, 12), seed=4)
+    reference = top_rank_rotation(w, 5)
+    original_svd = torch.linalg.svd
+
+    def flipping_svd(a, *args, **kwargs):
+        u, s, vh = original_svd(a, *args, **kwargs)
+        signs = torch.tensor([1.0, -1.0] * (len(s) // 2) + [1.0] * (len(s) % 2), dtype=u.dtype)
+        return torch.return_types.linalg_svd((u * signs, s, vh * signs[:, None]))
+
+    monkeypatch.setattr(torch.linalg, "svd", flipping_svd)
+    torch.testing.assert_close(top_rank_rotation(w, 5), reference, rtol=0, atol=1e-12)
+
+
+# ---------------------------------------------------------------- 3. the vanilla rotation, factorised
+def _conv(c_in, c_out, k, s, p, side, dtype=torch.float64) -> WeightLayer:
+    torch.manual_seed(7)
+    module = nn.Conv2d(c_in, c_out, k, s, p).to(dtype)
+    out = (side + 2 * p - k) // s + 1
+    return WeightLayer(0, module, (c_in, side, side), (c_out, out, out), None, False)
+
+
+@pytest.mark.parametrize("c_in,c_out,k,s,p,side,rank", [(3, 5, 3, 1, 1, 8, 2), (2, 4, 4, 2, 1, 9, 4),
+                                                        (3, 6, 3, 2, 0, 9, 1), (4, 3, 3, 1, 0, 7, 3)])
+def test_factorised_rotation_of_a_conv_is_u_r_v_r_transposed_on_unfolded_input(c_in, c_out, k, s, p, side, rank):
+    layer = _conv(c_in, c_out, k, s, p, side)
+    generator = torch.Generator().manual_seed(0)
+    u, _, vh = torch.linalg.svd(torch.randn(c_out, c_in * k * k, generator=generator, dtype=torch.float64),
+                                full_matrices=False)
+    u_r, v_r = u[:, :rank], vh[:rank].t()
+    x = torch.randn(3, c_in, side, side, generator=generator, dtype=torch.float64)
+    rotation_map = FactorisedRotation(layer, u_r, v_r)
+    # r filters of the layer's shape and an r -> C_out 1x1 map: never the full-size weight
+    assert tuple(rotation_map.filters.shape) == (rank, c_in, k, k)
+    assert tuple(rotation_map.mixing.shape) == (c_out, rank, 1, 1)
+    expected = ((u_r @ v_r.t()) @ F.unfold(x, k, padding=p, stride=s)).reshape(3, *layer.output_shape)
+    torch.testing.assert_close(rotation_map(x), expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(apply_rotation(layer, u_r @ v_r.t(), x), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_factorised_rotation_of_a_dense_layer_is_two_thin_matmuls():
+    torch.manual_seed(0)
+    layer = WeightLayer(0, nn.Linear(20, 7).double(), (20,), (7,), None, False)
+    u_r = torch.linalg.qr(torch.randn(7, 3, dtype=torch.float64)).Q
+    v_r = torch.linalg.qr(torch.randn(20, 3, dtype=torch.float64)).Q
+    x = torch.randn(5, 20, dtype=torch.float64)
+    torch.testing.assert_close(FactorisedRotation(layer, u_r, v_r)(x), x @ (u_r @ v_r.t()).t(),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_factorised_rotation_on_the_model_layers(params, factors, vanilla):
+    """The 6C2F layers (stride 1 and 2 convs, padding 1, dense), in float32."""
+    model = _certification_model(params)
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    _, inputs = model.forward_with_layer_inputs(x)
+    for layer, h in zip(model.weight_layers(), inputs):
+        f = factors["layers"][layer.index]
+        got = FactorisedRotation(layer, f["U"][:, :4], f["V"][:, :4])(h)
+        torch.testing.assert_close(got, apply_rotation(layer, van_rotation(factors, layer.index, 4), h),
+                                   rtol=1e-4, atol=1e-4)
+
+
 def flipped(factors: dict, columns=(0, 2, 5)) -> dict:
     layers = []
     for f in factors["layers"]:
@@ -235,131 +388,17 @@ def flipped(factors: dict, columns=(0, 2, 5)) -> dict:
 def test_loss_is_invariant_to_singular_vector_sign_flips(params, vanilla, factors, batch, form):
     x, y = batch
     model = _certification_model(params)
-    cfg = duet_cfg(params, sim_form=form, rank=8, cert_factors="power")
+    cfg = duet_cfg(params, sim_form=form, rank=8)
     losses = []
     for guide in (factors, flipped(factors)):
         method = make_duet(copy.deepcopy(model), cfg, vanilla, guide, seed=3)
         losses.append([sim_loss(method, x, y).item() for _ in range(2)])
     assert all(math.isfinite(v) and v > 0 for v in losses[0])
-    assert losses[1] == pytest.approx(losses[0], rel=1e-6, abs=1e-7)
-    # The flips did change the factors (the test is not vacuous).
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5, abs=1e-7)
     assert not torch.equal(factors["layers"][0]["U"], flipped(factors)["layers"][0]["U"])
 
 
-def test_certification_rotation_is_invariant_to_subspace_sign_flips():
-    w = with_singular_values(12, 30, torch.linspace(3.0, 0.5, 12), seed=4).float()
-    basis = top_right_subspace(w, 5)
-    signs = torch.tensor([1.0, -1.0, -1.0, 1.0, -1.0])
-    torch.testing.assert_close(rotation_from_subspace(w, basis * signs, 15),
-                               rotation_from_subspace(w, basis, 15), rtol=0, atol=1e-6)
-
-
-# ---------------------------------------------------------------- 3. Rota as the matrix view
-def _conv(c_in, c_out, k, s, p, side, dtype=torch.float64) -> WeightLayer:
-    torch.manual_seed(7)
-    module = nn.Conv2d(c_in, c_out, k, s, p).to(dtype)
-    out = (side + 2 * p - k) // s + 1
-    return WeightLayer(0, module, (c_in, side, side), (c_out, out, out), None, False)
-
-
-@pytest.mark.parametrize("c_in,c_out,k,s,p,side", [(3, 5, 3, 1, 1, 8), (2, 4, 4, 2, 1, 9), (3, 6, 3, 2, 0, 9),
-                                                   (4, 3, 3, 1, 0, 7)])
-def test_rota_of_a_conv_is_the_matrix_view_on_unfolded_input(c_in, c_out, k, s, p, side):
-    layer = _conv(c_in, c_out, k, s, p, side)
-    generator = torch.Generator().manual_seed(0)
-    rotation = torch.randn(c_out, c_in * k * k, generator=generator, dtype=torch.float64)
-    x = torch.randn(3, c_in, side, side, generator=generator, dtype=torch.float64)
-    out = layer.output_shape
-    expected = (rotation @ F.unfold(x, k, padding=p, stride=s)).reshape(3, *out)
-    got = apply_rotation(layer, rotation, x)
-    assert tuple(got.shape) == (3, *out)
-    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
-    assert layer_matrix(layer).shape == rotation.shape
-
-
-def test_rota_on_the_model_layers(params):
-    """The 6C2F layers (stride 1 and 2 convs, padding 1, dense), in float32."""
-    model = _certification_model(params)
-    generator = torch.Generator().manual_seed(0)
-    x = torch.rand(2, 3, 32, 32, generator=generator)
-    _, inputs = model.forward_with_layer_inputs(x)
-    strides = set()
-    for layer, h in zip(model.weight_layers(), inputs):
-        rotation = torch.randn(layer_matrix(layer).shape, generator=generator)
-        got = apply_rotation(layer, rotation, h)
-        if isinstance(layer.module, nn.Conv2d):
-            m = layer.module
-            strides.add(m.stride[0])
-            expected = (rotation @ F.unfold(h, m.kernel_size, padding=m.padding, stride=m.stride)
-                        ).reshape(len(h), *layer.output_shape)
-        else:
-            expected = h @ rotation.t()
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
-    assert strides == {1, 2}
-
-
-def test_rota_of_a_linear_layer_is_x_times_r_transposed():
-    torch.manual_seed(0)
-    layer = WeightLayer(0, nn.Linear(20, 7).double(), (20,), (7,), None, False)
-    rotation, x = torch.randn(7, 20, dtype=torch.float64), torch.randn(5, 20, dtype=torch.float64)
-    torch.testing.assert_close(apply_rotation(layer, rotation, x), x @ rotation.t(), rtol=1e-12, atol=1e-12)
-
-
-# ---------------------------------------------------------------- 4. rotation factors
-@pytest.mark.parametrize("rank,iterations", [(1, 15), (4, 15), (10, 15), (40, 30)])
-def test_rotation_from_the_exact_subspace_is_u_r_v_r_transposed(rank, iterations):
-    w64 = with_singular_values(40, 90, 2.0 * torch.logspace(0, -1.3, 40), seed=1)
-    w = w64.float()
-    got = rotation_from_subspace(w, top_right_subspace(w, rank), iterations)
-    expected = exact_rotation(w64, rank)
-    assert got.shape == expected.shape == (40, 90)
-    assert (got.double() - expected).abs().max().item() < 1e-4
-    # and not the rotation of another rank (the comparison can fail)
-    if rank < 40:
-        assert (got.double() - exact_rotation(w64, rank + 1)).abs().max().item() > 1e-2
-
-
-def test_exact_rotation_full_rank_and_none():
-    w = with_singular_values(6, 9, torch.tensor([5.0, 4, 3, 2, 1, 0.5]), seed=2)
-    r = exact_rotation(w, None)
-    torch.testing.assert_close(r @ r.t(), torch.eye(6, dtype=torch.float64))
-    torch.testing.assert_close(exact_rotation(w, 100), r)
-
-
-def test_subspace_iteration_converges_to_the_top_subspace():
-    values = torch.cat([torch.tensor([4.0, 3.6, 3.3, 3.0]), torch.linspace(1.5, 0.1, 26)])
-    w = with_singular_values(30, 50, values, seed=3).float()
-    exact = top_right_subspace(w, 4)
-    iteration = SubspaceIteration(50, 4, torch.Generator().manual_seed(0), torch.device("cpu"))
-    assert iteration.basis.shape == (50, 4)
-    torch.testing.assert_close(iteration.basis.t() @ iteration.basis, torch.eye(4), rtol=0, atol=1e-5)
-    assert projector_distance(iteration.basis, exact) > 0.1   # a random start is far off
-    for _ in range(25):   # gap sigma_5 / sigma_4 = 0.5: error ~ 0.25 per step
-        basis = iteration.step(w)
-    assert projector_distance(basis, exact) < 1e-4
-    torch.testing.assert_close(basis.t() @ basis, torch.eye(4), rtol=0, atol=1e-5)
-
-
-@pytest.mark.parametrize("shape,iterations", [((50, 6), 15), ((64, 64), 40), ((200, 1), 2)])
-def test_polar_factor_has_orthonormal_columns(shape, iterations):
-    b = torch.randn(*shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    q = polar_factor(b, iterations)
-    torch.testing.assert_close(q.t() @ q, torch.eye(shape[1], dtype=torch.float64), rtol=0, atol=1e-6)
-    u, _, vh = torch.linalg.svd(b, full_matrices=False)
-    torch.testing.assert_close(q, u @ vh, rtol=0, atol=1e-6)
-
-
-def test_rotation_gradient_stays_finite_at_repeated_singular_values():
-    """The reason for the polar route: an SVD's gradient has 1/(s_i^2 - s_j^2) terms."""
-    w = with_singular_values(8, 12, torch.tensor([2.0, 2.0, 2.0, 1.0, 1.0, 0.5, 0.5, 0.5]), seed=6)
-    w = w.float().requires_grad_(True)
-    rotation = rotation_from_subspace(w, top_right_subspace(w.detach(), 5), 15)
-    target = torch.randn(8, 12, generator=torch.Generator().manual_seed(0))
-    (rotation * target).sum().backward()
-    assert torch.isfinite(w.grad).all() and w.grad.abs().sum() > 0
-
-
-# ---------------------------------------------------------------- 5. rotation similarity metric
+# ---------------------------------------------------------------- 4. rotation similarity metric
 RANKS = [1, 4, "full", None]
 
 
@@ -371,37 +410,20 @@ def test_rotation_similarity_of_identical_models_is_100(vanilla):
         assert all(abs(v - 100.0) < 1e-6 for v in values), (rank, values)
 
 
-def test_rotation_similarity_of_an_independent_model_is_low_and_sign_free(params, vanilla, monkeypatch):
-    """Much lower than 100% for an independently initialised model, and the same
-    whatever signs the SVD picks for its singular-vector pairs."""
+def test_rotation_similarity_of_an_independent_model_is_low(params, vanilla):
     other = _certification_model(params)
     reference = rotation_similarity(other, vanilla, RANKS)
     assert sum(reference["full"]) / len(reference["full"]) < 50.0
-    assert max(abs(v) for v in reference["full"]) < 50.0
     assert sum(reference[4]) / len(reference[4]) < 50.0
     assert reference[None] == reference["full"]
 
-    original_svd = torch.linalg.svd
-    generator = torch.Generator().manual_seed(11)
-    flips = []
 
-    def sign_flipping_svd(a, *args, **kwargs):
-        u, s, vh = original_svd(a, *args, **kwargs)
-        signs = torch.where(torch.rand(s.shape[-1], generator=generator) < 0.5, -1.0, 1.0).to(u.dtype)
-        flips.append(int((signs < 0).sum()))
-        return torch.return_types.linalg_svd((u * signs, s, vh * signs[:, None]))
-
-    monkeypatch.setattr(torch.linalg, "svd", sign_flipping_svd)
-    flipped_similarity = rotation_similarity(other, vanilla, RANKS)
-    for rank, values in reference.items():
-        assert flipped_similarity[rank] == pytest.approx(values, abs=1e-9), rank
-    assert flips and min(flips) > 0   # the SVDs it used did pick other signs
-
-
-# ---------------------------------------------------------------- 6. the certificate is BCP's
-def test_duet_is_certified_by_bcp():
+# ---------------------------------------------------------------- 5. the certificate is BCP's
+def test_duet_is_certified_by_bcp_and_paired_with_it():
     assert METHODS["duet"] is Duet
     assert METHODS["duet"].certifier == "bcp" == METHODS["bcp"].certifier
+    assert METHODS["duet"].seed_family() == "bcp" == METHODS["bcp"].seed_family()
+    assert METHODS["localbcp"].seed_family() == "localbcp"
 
 
 @pytest.mark.parametrize("form", ["paper", "direction", "cosine"])
@@ -409,8 +431,7 @@ def test_duet_bounds_are_bcp_worst_logits(params, vanilla, factors, batch, form)
     x, y = batch
     eps, index = params["duet"]["eps_train"], torch.arange(len(y))
     model = _certification_model(params)
-    cfg = duet_cfg(params, sim_form=form, rank=4, cert_factors="power", power_iterations=2,
-                   translation_iterations=2)
+    cfg = duet_cfg(params, sim_form=form, rank=4, power_iterations=2, translation_iterations=2)
     method = make_duet(model, cfg, vanilla, factors, seed=5)
     bcp = build_method("bcp", model, {**params["bcp"], "power_iterations": 2, "translation_iterations": 2},
                        torch.Generator().manual_seed(5), 200)
@@ -424,41 +445,15 @@ def test_duet_bounds_are_bcp_worst_logits(params, vanilla, factors, batch, form)
         expected = bcp_worst_logits(model, x, y, eps, sigmas, cfg["translation_iterations"])
         torch.testing.assert_close(got.worst_logits, expected, rtol=0, atol=0)
         torch.testing.assert_close(got.lipschitz, torch.stack(sigmas).prod().detach(), rtol=1e-6, atol=0)
-        # Step by step the same as the BCP method with the same generator seed (same power state).
         reference = bcp.bounds(x, y, bcp.forward(x), eps, index)
         torch.testing.assert_close(got.worst_logits, reference.worst_logits, rtol=0, atol=0)
-        # The worst logits do depend on the norms: the check is not vacuous.
         doubled = bcp_worst_logits(model, x, y, eps, [2 * s for s in sigmas], cfg["translation_iterations"])
         assert not torch.allclose(doubled, expected)
+        method.after_step()
+        bcp.after_step()
 
 
-def test_lambda_zero_adds_nothing_and_keeps_bcp(params, vanilla, factors, batch):
-    x, y = batch
-    model = _certification_model(params)
-    method = make_duet(model, duet_cfg(params, **{"lambda": 0.0}), vanilla, factors, seed=5)
-    bcp = build_method("bcp", model, params["bcp"], torch.Generator().manual_seed(5), 200)
-    logits = method.forward(x)
-    assert method.regulariser(x, y, logits) is None
-    eps = params["duet"]["eps_train"]
-    torch.testing.assert_close(method.bounds(x, y, logits, eps, None).worst_logits,
-                               bcp.bounds(x, y, bcp.forward(x), eps, None).worst_logits, rtol=0, atol=0)
-
-
-def test_method_state_resumes_the_same_steps(params, vanilla, factors, batch):
-    x, y = batch
-    model = _certification_model(params)
-    for cert in ("power", "svd"):
-        cfg = duet_cfg(params, cert_factors=cert, rank=4, refresh_every=3)
-        first = make_duet(copy.deepcopy(model), cfg, vanilla, factors, seed=2)
-        for _ in range(2):
-            sim_loss(first, x, y)
-        second = make_duet(copy.deepcopy(model), cfg, vanilla, factors, seed=9)
-        second.load_state_dict(copy.deepcopy(first.state_dict()))
-        assert second.steps == first.steps == 2
-        assert sim_loss(second, x, y).item() == pytest.approx(sim_loss(first, x, y).item(), rel=1e-6)
-
-
-# ---------------------------------------------------------------- 7. training stays finite
+# ---------------------------------------------------------------- 6. training: finite, paired, lambda = 0 is BCP
 @pytest.fixture(scope="module")
 def guide_root(tmp_path_factory, params, vanilla) -> Path:
     """A tiny run's inputs to duet training: a 200-image cut of the sample cache, the
@@ -476,48 +471,128 @@ def guide_root(tmp_path_factory, params, vanilla) -> Path:
     return root
 
 
-# A few hundred optimizer steps per rank (batch 4 of the 200 images: 50 steps per epoch).
-TRAIN_BATCH = 4
-# Full rank takes exact SVD factors, refreshed every 10 steps (an exact SVD of the
-# 512 x 4096 layer at every step would cost minutes of CI); gradients still flow
-# through the polar factor at every step.
-TRAIN_RUNS = [pytest.param(1, "power", 1, 6, id="rank1-power"),
-              pytest.param(4, "power", 1, 6, id="rank4-power"),
-              pytest.param("full", "svd", 10, 4, id="full-svd")]
-
-
-@pytest.mark.parametrize("rank,cert_factors,refresh_every,epochs", TRAIN_RUNS)
-def test_training_stays_finite(params, guide_root, vanilla, tmp_path, monkeypatch, rank, cert_factors,
-                               refresh_every, epochs):
-    params = copy.deepcopy(params)
+def run_root(guide_root: Path, params: dict, tmp_path: Path, name: str) -> Path:
     layout = RunLayout.of(params)
-    root = tmp_path / "run"
+    root = tmp_path / name
     for rel in (layout.data_cache, layout.vanilla_model, layout.svd_factors):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(guide_root / rel, root / rel)
+    return root
+
+
+def short_schedule(params: dict, method: str, **overrides) -> dict:
+    params = copy.deepcopy(params)
+    params[method].update({"epochs": 2, "warmup_epochs": 0, "ramp_epochs": 1, "batch_size": 50,
+                           "lr_schedule": {**params[method]["lr_schedule"], "kind": "constant"}, **overrides})
+    params["certify"] = {**params["certify"], "batch_size": 100}
+    return params
+
+
+class Recorder:
+    """The weights a training run started from (at its first step) and the batches it saw."""
+
+    def __init__(self, monkeypatch):
+        self.initial, self.batches = None, []
+        original_forward = CertifiedMethod.forward
+
+        def forward(method, x):
+            if self.initial is None:
+                self.initial = {k: v.detach().clone() for k, v in method.model.state_dict().items()}
+            self.batches.append(x.detach().clone())
+            return original_forward(method, x)
+
+        monkeypatch.setattr(CertifiedMethod, "forward", forward)
+
+
+def test_lambda_zero_is_bcp_bit_for_bit(params, guide_root, tmp_path):
+    """Same seed, lambda = 0: Duet's weights are BCP's, bit for bit."""
+    bcp = certified_training.train_certified(short_schedule(params, "bcp"), "bcp",
+                                             run_root(guide_root, params, tmp_path, "bcp"))
+    duet = certified_training.train_certified(short_schedule(params, "duet", **{"lambda": 0.0}), "duet",
+                                              run_root(guide_root, params, tmp_path, "duet"))
+    assert duet["weights_sha256"] == bcp["weights_sha256"]
+    # ... and with the term on, the weights do move away (the comparison can fail)
+    on = certified_training.train_certified(short_schedule(params, "duet"), "duet",
+                                            run_root(guide_root, params, tmp_path, "duet-on"))
+    assert on["weights_sha256"] != bcp["weights_sha256"]
+
+
+def test_duet_and_bcp_start_from_the_same_weights_and_batches(params, guide_root, tmp_path, monkeypatch):
+    seen = {}
+    for method in ("bcp", "duet"):
+        recorder = Recorder(monkeypatch)
+        run = short_schedule(params, method, epochs=1)
+        certified_training.train_certified(run, method, run_root(guide_root, params, tmp_path, method))
+        seen[method] = recorder
+        monkeypatch.undo()
+    bcp, duet = seen["bcp"], seen["duet"]
+    assert bcp.initial.keys() == duet.initial.keys()
+    assert all(torch.equal(bcp.initial[k], duet.initial[k]) for k in bcp.initial)
+    assert len(bcp.batches) == len(duet.batches) == 4
+    assert all(torch.equal(a, b) for a, b in zip(bcp.batches, duet.batches))
+    # LMT is not paired: its own seed
+    recorder = Recorder(monkeypatch)
+    certified_training.train_certified(short_schedule(params, "lmt", epochs=1), "lmt",
+                                       run_root(guide_root, params, tmp_path, "lmt"))
+    assert any(not torch.equal(recorder.initial[k], bcp.initial[k]) for k in bcp.initial)
+
+
+@pytest.mark.parametrize("method", ["bcp", "localbcp"])
+def test_vanilla_init_starts_from_the_vanilla_models_initial_weights(params, guide_root, tmp_path, monkeypatch,
+                                                                     method):
+    """`init_from: vanilla_init`: exactly the weights the vanilla stage starts from."""
+    captured = {}
+    original = vanilla_training.build_model
+
+    def build(model_params):
+        model = original(model_params)
+        captured["vanilla"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        raise KeyboardInterrupt   # only the initial weights are wanted
+
+    root = run_root(guide_root, params, tmp_path, "vanilla")
+    monkeypatch.setattr(vanilla_training, "build_model", build)
+    with pytest.raises(KeyboardInterrupt):
+        vanilla_training.train_vanilla(params, root)
+    monkeypatch.undo()
+    recorder = Recorder(monkeypatch)
+    run = short_schedule(params, method, epochs=1, init_from="vanilla_init")
+    metrics = certified_training.train_certified(run, method, root)
+    weights = [k for k in captured["vanilla"] if k.endswith(("weight", "bias"))]
+    assert len(weights) == 2 * len(build_model(params["model"]).weight_layers())
+    for key in weights:
+        assert torch.equal(recorder.initial[key], captured["vanilla"][key]), key
+    assert metrics["config"]["init_from"] == "vanilla_init"
+    # the scratch run starts elsewhere
+    monkeypatch.undo()
+    scratch = Recorder(monkeypatch)
+    certified_training.train_certified(short_schedule(params, method, epochs=1), method,
+                                       run_root(guide_root, params, tmp_path, "scratch"))
+    assert any(not torch.equal(scratch.initial[k], captured["vanilla"][k]) for k in weights)
+
+
+# A few hundred optimizer steps (batch 4 of the 200 images: 50 steps per epoch).
+TRAIN_BATCH = 4
+TRAIN_RUNS = [pytest.param({"rank": 8}, 6, id="paper-normalized-rank8"),
+              pytest.param({"rank": "full"}, 4, id="paper-normalized-full"),
+              pytest.param({"rank": 4, "cert_rotation": "polar"}, 1, id="paper-polar-rank4")]
+
+
+@pytest.mark.parametrize("overrides,epochs", TRAIN_RUNS)
+def test_training_stays_finite(params, guide_root, vanilla, tmp_path, monkeypatch, overrides, epochs):
+    params = copy.deepcopy(params)
+    layout = RunLayout.of(params)
+    root = run_root(guide_root, params, tmp_path, "run")
     assert params["duet"]["sim_form"] == "paper" and params["duet"]["lambda"] == 1.0
-    params["duet"].update(epochs=epochs, warmup_epochs=0, ramp_epochs=0.5, batch_size=TRAIN_BATCH, rank=rank,
-                          cert_factors=cert_factors, refresh_every=refresh_every,
-                          lr_schedule={**params["duet"]["lr_schedule"], "kind": "constant"})
+    params["duet"].update(epochs=epochs, warmup_epochs=0, ramp_epochs=0.5, batch_size=TRAIN_BATCH,
+                          lr_schedule={**params["duet"]["lr_schedule"], "kind": "constant"}, **overrides)
     params["certify"] = {**params["certify"], "batch_size": 100}
 
-    seen = {"steps": 0, "bounds": 0, "regulariser": [], "initial": None}
-    original_build_model = certified_training.build_model
-
-    def recording_build_model(model_params):
-        model = original_build_model(model_params)
-        seen["initial"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        return model
+    seen = {"steps": 0, "bounds": 0, "regulariser": []}
 
     def finite(tensor, what):
         assert torch.isfinite(tensor).all(), f"step {seen['steps']}: non-finite {what}"
 
-    original_forward, original_regulariser, original_bounds = Duet.forward, Duet.regulariser, Duet.bounds
-
-    def forward(self, x):
-        logits = original_forward(self, x)
-        finite(logits, "logits")
-        return logits
+    original_regulariser, original_bounds = Duet.regulariser, Duet.bounds
 
     def regulariser(self, x, y, logits):
         value = original_regulariser(self, x, y, logits)
@@ -528,7 +603,6 @@ def test_training_stays_finite(params, guide_root, vanilla, tmp_path, monkeypatc
     def bounds(self, x, y, logits, eps, index):
         out = original_bounds(self, x, y, logits, eps, index)
         finite(out.worst_logits, "worst logits")
-        finite(out.lipschitz, "Lipschitz product")
         finite(F.cross_entropy(out.worst_logits, y), "robust loss")
         seen["bounds"] += 1
         return out
@@ -546,8 +620,6 @@ def test_training_stays_finite(params, guide_root, vanilla, tmp_path, monkeypatc
             seen["steps"] += 1
             return out
 
-    monkeypatch.setattr(certified_training, "build_model", recording_build_model)
-    monkeypatch.setattr(Duet, "forward", forward)
     monkeypatch.setattr(Duet, "regulariser", regulariser)
     monkeypatch.setattr(Duet, "bounds", bounds)
     monkeypatch.setattr(torch.optim, "Adam", CheckedAdam)
@@ -555,48 +627,26 @@ def test_training_stays_finite(params, guide_root, vanilla, tmp_path, monkeypatc
     metrics = certified_training.train_certified(params, "duet", root)
 
     steps_per_epoch = -(-200 // TRAIN_BATCH)
-    assert seen["steps"] == epochs * steps_per_epoch >= 200
+    assert seen["steps"] == epochs * steps_per_epoch
     assert len(seen["regulariser"]) == seen["steps"]
     assert all(math.isfinite(v) and v > 0 for v in seen["regulariser"])
-    assert seen["bounds"] >= seen["steps"] - 1          # the BCP term is on from the second step
-    # The certification model did not start from the vanilla weights.
-    vanilla_state = vanilla.state_dict()
-    assert any(not torch.equal(seen["initial"][k], vanilla_state[k]) for k in vanilla_state if k.endswith("weight"))
-
+    assert seen["bounds"] >= seen["steps"] - 1
     with open(root / layout.train("duet", "history.csv")) as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == epochs
     for row in rows:
         for column in ("clean_loss", "robust_loss", "lipschitz", "regulariser"):
             assert math.isfinite(float(row[column])), (column, row)
-        assert float(row["regulariser"]) > 0
-        assert float(row["kappa"]) < 1.0
     trained = torch.load(root / layout.train("duet", "model.pt"), weights_only=False)["state_dict"]
     assert all(torch.isfinite(v).all() for v in trained.values())
     assert metrics["method"] == "duet"
 
 
-# ---------------------------------------------------------------- 8. other starting weights
-def test_certification_model_starts_from_other_weights(params, vanilla):
-    assert stage_seed(SEED, "vanilla") != stage_seed(SEED, "train", "duet")
-    assert stage_seed(SEED, "train", "duet") == stage_seed(SEED, "train", "duet")
-    first, second = _vanilla_model(params), _certification_model(params)
-    vanilla_state = vanilla.state_dict()
-    for key, value in first.state_dict().items():          # the stage seed does fix the weights
-        assert torch.equal(value, vanilla_state[key]), key
-    for layer_a, layer_b in zip(first.weight_layers(), second.weight_layers()):
-        assert not torch.allclose(layer_a.module.weight, layer_b.module.weight)
-        # not merely a sign or a permutation away: the rotations of the first layers differ
-        if layer_a.index == 0:
-            cosine = rotation_cosine(exact_rotation(layer_matrix(layer_a).detach(), None),
-                                     exact_rotation(layer_matrix(layer_b).detach(), None)).item()
-            assert abs(cosine) < 0.5
-
-
-# ---------------------------------------------------------------- 9. bad config
-def test_unknown_sim_form_is_a_clear_error(params, vanilla, factors):
-    with pytest.raises(ValueError, match=r"duet\.sim_form"):
-        make_duet(_certification_model(params), duet_cfg(params, sim_form="foo"), vanilla, factors)
+# ---------------------------------------------------------------- 7. bad config
+@pytest.mark.parametrize("key,value", [("sim_form", "foo"), ("cert_rotation", "svd"), ("probe", "both")])
+def test_unknown_choice_is_a_clear_error(params, vanilla, factors, key, value):
+    with pytest.raises(ValueError, match=rf"duet\.{key}"):
+        make_duet(_certification_model(params), duet_cfg(params, **{key: value}), vanilla, factors)
 
 
 @pytest.mark.parametrize("context", [None, {}, {"root": "x"}])

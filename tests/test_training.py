@@ -158,8 +158,15 @@ def test_eps_and_kappa_ramp_per_batch():
 
 def test_certified_lr_schedules():
     step = _method_cfg()
-    assert [certified_learning_rate(step, e) for e in (0, 9, 10, 12, 13, 16)] == pytest.approx(
-        [1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4, 1.25e-4])
+    # The first halving comes step_epochs after the ramp ends (warm-up 2 + ramp 8 = epoch 10).
+    assert [certified_learning_rate(step, e) for e in (0, 9, 10, 12, 13, 16, 19)] == pytest.approx(
+        [1e-3, 1e-3, 1e-3, 1e-3, 5e-4, 2.5e-4, 1.25e-4])
+    # BCP's reference: StepLR(step_size=10, gamma=0.5).step(epoch=max(t - 131, 0)), t from 0.
+    bcp = _method_cfg(epochs=200, warmup_epochs=10, ramp_epochs=121,
+                      lr_schedule={"kind": "step", "step_epochs": 10, "gamma": 0.5, "final_lr": 1e-6})
+    reference = [1e-3 * 0.5 ** (max(t - 131, 0) // 10) for t in range(200)]
+    assert [certified_learning_rate(bcp, t) for t in range(200)] == pytest.approx(reference)
+    assert certified_learning_rate(bcp, 140) == 1e-3 and certified_learning_rate(bcp, 141) == 5e-4
     exp = _method_cfg(lr_schedule={"kind": "exponential", "step_epochs": 1, "gamma": 0.5, "final_lr": 1e-6})
     assert certified_learning_rate(exp, 9) == 1e-3 and certified_learning_rate(exp, 10) == pytest.approx(1e-3)
     assert certified_learning_rate(exp, 19) == pytest.approx(1e-6)

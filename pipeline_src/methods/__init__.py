@@ -13,6 +13,6 @@ def method_context(name: str, root: Path, layout, device: torch.device) -> dict:
     """What a method may read of the run: Duet also gets its guide (the vanilla
     model and its SVD factors)."""
     context = {"root": root, "layout": layout, "device": device}
-    if name == "duet":
+    if METHODS[name].reads_guide:
         context["guide"] = duet.load_guide(root, layout, device)
     return context

@@ -42,6 +42,17 @@ class CertifiedMethod:
     name: str = ""
     # The certifier whose result is this method's headline number.
     certifier: str = ""
+    # A method that is another plus a term (Duet: BCP plus the similarity term) names
+    # it here: for a seed, both start from the same weights and see the same batches,
+    # so their difference per seed is a paired measurement.
+    paired_with: str | None = None
+    # Whether the method reads the vanilla model and its SVD factors (the guide).
+    reads_guide: bool = False
+
+    @classmethod
+    def seed_family(cls) -> str:
+        """The name the run's seeds are derived from (`training.common.stage_seed`)."""
+        return cls.paired_with or cls.name
 
     def __init__(self, model: CertifiableNet, cfg: dict, generator: torch.Generator, num_examples: int,
                  context: dict | None = None):

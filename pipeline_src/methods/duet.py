@@ -1,19 +1,25 @@
 """Duet (the paper, sections 4.3-4.4, Algorithm 1): BCP plus a term that pulls
-the rank-r rotation factors U_r V_r^T of every layer of the certification
-model towards those of a pretrained vanilla model:
+the rank-r rotation of every layer of the certification model towards the
+vanilla model's U_r V_r^T:
 
-    loss = kappa CE(z, y) + (1 - kappa) CE(z_hat_BCP, y) + lambda * loss_sim.
+    loss = kappa CE(z, y) + (1 - kappa) CE(z_hat_BCP, y) + lambda * loss_sim,
+    loss_sim = sum_l mean_batch || (s_cer/s_van) Rota_van(x_l) - (s_van/s_cer) Rota_cer(x_l) ||_2
 
-The vanilla factors and spectral norms come from the offline SVD export; the
-certification model's factors are computed as in `spectral.rotation`. The
-open choices of the paper are params (`duet.*`), explained in
-docs/duet-method.md:
-  sim_form   paper:     sum_l mean_batch || (s_cer/s_van) Rota_van(x_l) - (s_van/s_cer) Rota_cer(x_l) ||_2
-             direction: sum_l mean_batch || Rota_van(x_l) - Rota_cer(x_l) ||_2 / sqrt(output size)
-             cosine:    sum_l (1 - cos(U_r V_r^T van, U_r V_r^T cer)), no data needed
-  probe      x_l: the layer inputs of the certification model (cer) or of the vanilla model (van)
-  cert_factors  svd: exact top-r subspace (refreshed every `refresh_every` steps); power:
-             subspace iteration carried across steps (one iteration per step)
+(eq. 11, Algorithm 1 line 12). The vanilla factors and spectral norms come
+from the offline SVD export; s_cer,l is the spectral norm that BCP's power
+iteration computes for the layer at this step (the same tensor BCP's bound
+uses). The open choices are params (`duet.*`, docs/duet-method.md):
+  cert_rotation  normalized_weight (default, the paper's): Rota_cer(x) = W x / s_cer,
+                 Algorithm 1 line 9, W x taken from the step's clean pass;
+                 polar: Rota_cer(x) = U_r V_r^T x of the exact SVD of W, with the
+                 SVD's own gradient (`spectral.rotation.top_rank_rotation`)
+  sim_form       paper (eq. 11) | direction (no sigma factors, / sqrt(output size))
+                 | cosine (1 - Frobenius cosine of the two rotations, no data)
+  probe          x_l: own (default: each model's own layer input, Algorithm 1 runs
+                 both models on the batch, lines 3-4) | cer | van (both the
+                 certification model's, or both the vanilla model's)
+  detach_probe   false (default): the term's gradient also reaches earlier layers
+                 through x_l, as Algorithm 1 differentiates the total loss
 The certificate is BCP's: the added term changes training, never the bound.
 """
 from __future__ import annotations
@@ -23,12 +29,16 @@ from pathlib import Path
 
 import torch
 
-from ..spectral.rotation import (SubspaceIteration, apply_rotation, layer_matrix, rotation_cosine,
-                                 rotation_from_subspace, top_right_subspace)
+from ..models.loading import load_trained
+from ..spectral.operator_norm import apply_operator
+from ..spectral.rotation import (FactorisedRotation, apply_rotation, factorised_inner, layer_matrix,
+                                 top_rank_rotation)
 from .base import register
 from .bcp import BCP
 
 SIM_FORMS = ("paper", "direction", "cosine")
+CERT_ROTATIONS = ("normalized_weight", "polar")
+PROBES = ("own", "cer", "van")
 
 
 def resolve_rank(rank: int | str, matrix_shape: tuple[int, int]) -> int:
@@ -41,112 +51,110 @@ class Duet(BCP):
     """BCP's bounds and certificate, plus the similarity regulariser."""
     name = "duet"
     certifier = "bcp"
+    paired_with = "bcp"   # same initial weights and batches as BCP for a seed: a paired comparison
+    reads_guide = True
 
     def __init__(self, model, cfg, generator, num_examples, context=None):
         super().__init__(model, cfg, generator, num_examples, context)
-        if cfg["sim_form"] not in SIM_FORMS:
-            raise ValueError(f"duet.sim_form: '{cfg['sim_form']}' is not one of {SIM_FORMS}")
+        for key, allowed in (("sim_form", SIM_FORMS), ("cert_rotation", CERT_ROTATIONS), ("probe", PROBES)):
+            if cfg[key] not in allowed:
+                raise ValueError(f"duet.{key}: '{cfg[key]}' is not one of {allowed}")
         if context is None or "guide" not in context:
             raise ValueError("duet needs the vanilla model and its SVD factors (context['guide'])")
-        self.guide = context["guide"]
+        guide = context["guide"]
         layers = model.weight_layers()
-        chosen = range(len(layers)) if cfg["layers"] == "all" else cfg["layers"]
-        self.layer_ids = [i for i in chosen]
-        device = layers[0].module.weight.device
-        self.rank = {}
-        self.van_rotation, self.van_sigma = {}, {}
-        self.subspaces: dict[int, SubspaceIteration | torch.Tensor] = {}
+        self.layer_ids = list(range(len(layers))) if cfg["layers"] == "all" else list(cfg["layers"])
+        self.rank, self.van_sigma, self.van_map, self.van_factors = {}, {}, {}, {}
         for i in self.layer_ids:
-            factors = self.guide["factors"]["layers"][i]
+            factors = guide["factors"]["layers"][i]
             r = resolve_rank(cfg["rank"], factors["matrix_shape"])
+            u_r, v_r = factors["U"][:, :r], factors["V"][:, :r]
             self.rank[i] = r
-            self.van_rotation[i] = (factors["U"][:, :r] @ factors["V"][:, :r].t()).to(device)
             self.van_sigma[i] = float(factors["operator_norm_estimate"])
-            if cfg["cert_factors"] == "power":
-                self.subspaces[i] = SubspaceIteration(factors["matrix_shape"][1], r, generator, device)
-        self.vanilla = self.guide["model"].to(device).eval() if cfg["probe"] == "van" else None
-        self.steps = 0
+            self.van_map[i] = FactorisedRotation(layers[i], u_r, v_r)
+            self.van_factors[i] = (self.van_map[i].u_r, self.van_map[i].v_r)
+        self.vanilla = guide["model"].to(layers[0].module.weight.device).eval() if cfg["probe"] != "cer" else None
+        self._inputs = None
         self._sigmas = None
-
-    # -- the certification model's factors ---------------------------------------------------
-    def _right_subspace(self, i: int, weight_matrix: torch.Tensor) -> torch.Tensor:
-        if self.cfg["cert_factors"] == "power":
-            return self.subspaces[i].step(weight_matrix.detach())
-        if self.steps % self.cfg["refresh_every"] == 0 or i not in self.subspaces:
-            self.subspaces[i] = top_right_subspace(weight_matrix.detach(), self.rank[i])
-        return self.subspaces[i]
-
-    def cert_rotations(self) -> dict[int, torch.Tensor]:
-        layers = self.model.weight_layers()
-        out = {}
-        for i in self.layer_ids:
-            matrix = layer_matrix(layers[i])
-            out[i] = rotation_from_subspace(matrix, self._right_subspace(i, matrix),
-                                            self.cfg["polar_iterations"])
-        return out
 
     # -- the interface ------------------------------------------------------------------------
     def forward(self, x):
         logits = super().forward(x)
-        inputs = self.clean_pass(x).inputs
-        if self.vanilla is not None:
+        self._inputs = None
+        if self.vanilla is not None and self.cfg["lambda"] != 0:
             with torch.no_grad():
-                _, inputs = self.vanilla.forward_with_layer_inputs(x)
-        # The probes only carry the data: the term acts on the rotations, not on earlier layers.
-        self._inputs = [h.detach() for h in inputs]
+                self._inputs = self.vanilla.forward_trace(x).inputs
         return logits
+
+    def _probes(self, x: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_l for Rota_van, x_l for Rota_cer) of layer i."""
+        own = self.clean_pass(x).inputs[i]
+        if self.cfg["detach_probe"]:
+            own = own.detach()
+        probe = self.cfg["probe"]
+        if probe == "own":
+            return self._inputs[i], own
+        if probe == "cer":
+            return own, own
+        return self._inputs[i], self._inputs[i]
+
+    def _rota_cer(self, x: torch.Tensor, i: int, probe: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        layer = self.model.weight_layers()[i]
+        if self.cfg["cert_rotation"] == "polar":
+            return apply_rotation(layer, top_rank_rotation(layer_matrix(layer), self.rank[i]), probe)
+        if self.cfg["probe"] != "van" and not self.cfg["detach_probe"]:
+            # W x_l is the clean pass's pre-activation less the bias: no extra pass.
+            pre, bias = self.clean_pass(x).pre[i], layer.module.bias
+            linear = pre - (bias.view(1, -1, 1, 1) if pre.dim() == 4 else bias)
+        else:
+            linear = apply_operator(layer, probe)
+        return linear / sigma
+
+    def _cosine(self, i: int, sigma: torch.Tensor) -> torch.Tensor:
+        """1 - cos(U_r V_r^T van, rotation of the certification model), factorised."""
+        layer = self.model.weight_layers()[i]
+        u_r, v_r = self.van_factors[i]
+        matrix = layer_matrix(layer)
+        if self.cfg["cert_rotation"] == "polar":
+            matrix = top_rank_rotation(matrix, self.rank[i])
+        else:
+            matrix = matrix / sigma
+        cosine = factorised_inner(u_r, v_r, matrix) / (math.sqrt(self.rank[i]) * matrix.norm().clamp_min(1e-30))
+        return 1.0 - cosine
 
     def regulariser(self, x, y, logits):
         if self.cfg["lambda"] == 0:
             return None
-        rotations = self.cert_rotations()
-        self.steps += 1
-        layers = self.model.weight_layers()
+        # This step's power iteration: the sigmas of line 7, reused by BCP's bound (step_norms).
+        self._sigmas = self.layer_norms()
         form = self.cfg["sim_form"]
-        if form == "paper":
-            self._sigmas = self.layer_norms()
         terms = []
         for i in self.layer_ids:
+            sigma = self._sigmas[i]
             if form == "cosine":
-                terms.append(1.0 - rotation_cosine(self.van_rotation[i], rotations[i]))
+                terms.append(self._cosine(i, sigma))
                 continue
-            probe = self._inputs[i]
-            rota_van = apply_rotation(layers[i], self.van_rotation[i], probe).flatten(1)
-            rota_cer = apply_rotation(layers[i], rotations[i], probe).flatten(1)
+            van_probe, cer_probe = self._probes(x, i)
+            rota_van = self.van_map[i](van_probe).flatten(1)
+            rota_cer = self._rota_cer(x, i, cer_probe, sigma).flatten(1)
             if form == "paper":
-                ratio = self._sigmas[i] / self.van_sigma[i]
-                diff = ratio * rota_van - rota_cer / ratio
-                terms.append(diff.norm(dim=1).mean())
+                ratio = sigma / self.van_sigma[i]
+                terms.append((ratio * rota_van - rota_cer / ratio).norm(dim=1).mean())
             else:  # direction
                 terms.append((rota_van - rota_cer).norm(dim=1).mean() / math.sqrt(rota_van.shape[1]))
         return self.cfg["lambda"] * torch.stack(terms).sum()
 
     def step_norms(self):
-        # The paper form already ran this step's power iteration; BCP reuses its norms.
         sigmas, self._sigmas = (self._sigmas or self.layer_norms()), None
         return sigmas
 
-    def state_dict(self):
-        state = super().state_dict()
-        state["steps"] = self.steps
-        state["subspaces"] = {i: (s.basis if isinstance(s, SubspaceIteration) else s).detach().cpu()
-                              for i, s in self.subspaces.items()}
-        return state
-
-    def load_state_dict(self, state):
-        super().load_state_dict(state)
-        self.steps = state["steps"]
-        for i, basis in state["subspaces"].items():
-            device = self.van_rotation[i].device
-            if isinstance(self.subspaces.get(i), SubspaceIteration):
-                self.subspaces[i].basis = basis.to(device)
-            else:
-                self.subspaces[i] = basis.to(device)
+    def after_step(self) -> None:
+        super().after_step()
+        self._inputs = None
 
 
 def load_guide(root: Path, layout, device: torch.device) -> dict:
     """The frozen vanilla model and its offline SVD factors."""
-    from ..certify.stage import load_trained
     from ..spectral.svd_export import load_factors
 
     return {"model": load_trained(root / layout.vanilla_model, device).requires_grad_(False),

@@ -32,12 +32,13 @@ from ..certify.certifiers import certify_batch, layer_norms, sound_numerics
 from ..data.cifar import load_cache
 from ..data.loader import DeviceBatches
 from ..io import save_json, save_torch, state_dict_sha256
-from ..methods import build_method, certified_loss, method_context
+from ..methods import METHODS, build_method, certified_loss, method_context
 from ..models import build_model
+from ..models.loading import copy_weight_layers
 from ..paths import RunLayout
 from .common import (Checkpoint, make_generator, params_fingerprint, peak_memory_mb,
                      reset_peak_memory, resolve_device, run_provenance, seed_everything, stage_seed,
-                     set_learning_rate, use_fp32_numerics, write_history)
+                     set_learning_rate, use_fp32_numerics, vanilla_initial_model, write_history)
 
 
 def eps_kappa(cfg: dict, progress: float) -> tuple[float, float]:
@@ -51,13 +52,17 @@ def eps_kappa(cfg: dict, progress: float) -> tuple[float, float]:
 
 def certified_learning_rate(cfg: dict, epoch: int) -> float:
     """Constant until the ramp ends (and `delay_epochs` more), then the method's
-    decay (per epoch)."""
+    decay (per epoch, `epoch` counted from 0).
+
+    `step` is the BCP reference's `StepLR.step(epoch=max(t - ramp - warmup, 0))`:
+    the lr is first multiplied by gamma `step_epochs` epochs after the ramp ends
+    (epoch 141 of BCP's 200: warm-up 10, ramp 121, step 10)."""
     schedule = cfg["lr_schedule"]
     decay_start = cfg["warmup_epochs"] + cfg["ramp_epochs"] + schedule.get("delay_epochs", 0)
     if schedule["kind"] == "constant" or epoch < decay_start:
         return cfg["lr"]
     if schedule["kind"] == "step":
-        return cfg["lr"] * schedule["gamma"] ** ((epoch - decay_start) // schedule["step_epochs"] + 1)
+        return cfg["lr"] * schedule["gamma"] ** ((epoch - decay_start) // schedule["step_epochs"])
     # exponential: lr -> final_lr over the remaining epochs
     span = max(cfg["epochs"] - 1 - decay_start, 1)
     return cfg["lr"] * (schedule["final_lr"] / cfg["lr"]) ** ((epoch - decay_start) / span)
@@ -82,11 +87,17 @@ def train_certified(params: dict, run_name: str, root: Path) -> dict:
     eps_test = params["certify"]["eps"]
     device = resolve_device(params["run"]["device"])
     use_fp32_numerics()
-    seed_everything(stage_seed(seed, "train", method_name))
+    # A method paired with another (Duet with BCP) draws its seeds as that one does:
+    # same initial weights, same batches, for each seed.
+    family = METHODS[method_name].seed_family()
+    seed_everything(stage_seed(seed, "train", family))
     data = load_cache(root / layout.data_cache)
     model_params = {**params["model"], **cfg.get("model", {})}
-    model = build_model(model_params).to(device)
-    generator = make_generator(stage_seed(seed, "train", method_name, "data"), device)
+    model = build_model(model_params)
+    if cfg["init_from"] == "vanilla_init":
+        copy_weight_layers(vanilla_initial_model(params), model)
+    model = model.to(device)
+    generator = make_generator(stage_seed(seed, "train", family, "data"), device)
     method = build_method(method_name, model, cfg, generator, len(data.train_y),
                           method_context(method_name, root, layout, device))
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..io import atomic_path, save_torch
+from ..models import build_model
 
 
 def resolve_device(name: str) -> torch.device:
@@ -48,6 +49,17 @@ def stage_seed(seed: int, *tags: str) -> int:
     model initialised like the vanilla one would look trivially similar to it."""
     digest = hashlib.sha256(json.dumps([seed, *tags]).encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def vanilla_initial_model(params: dict):
+    """The vanilla model exactly as the vanilla stage initialises it (its seed and its
+    model block), before any training; the global RNG is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        random_state = random.getstate()
+        seed_everything(stage_seed(params["run"]["seed"], "vanilla"))
+        model = build_model(params["model"])
+        random.setstate(random_state)
+    return model
 
 
 def make_generator(seed: int, device: torch.device) -> torch.Generator:
