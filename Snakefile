@@ -10,7 +10,7 @@ sys.path.insert(0, workflow.basedir)
 from snakemake.exceptions import WorkflowError
 
 from pipeline_src.config import ParamsError, load_params, method_runs, read_base_params
-from pipeline_src.paths import RunLayout, benchmark_outputs
+from pipeline_src.paths import RunLayout, benchmark_outputs, control_outputs
 
 
 configfile: "params.yaml"
@@ -40,6 +40,7 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/vanilla.smk"
 include: "workflow/rules/svd.smk"
 include: "workflow/rules/certified.smk"
+include: "workflow/rules/controls.smk"
 include: "workflow/rules/report.smk"
 
 
@@ -50,6 +51,7 @@ rule all:
         expand(rules.certify.output.metrics, method=RUNS),
         expand(rules.pgd.output.metrics, method=RUNS),
         expand(rules.similarity.output.metrics, method=RUNS),
+        list(CONTROLS.values()),  # Table 1's control rows (similarity.controls)
         rules.tables.output,
         rules.figures.output,
         rules.report.output,

@@ -21,6 +21,10 @@ STAGE_MODULES = {
     "certify": "pipeline_src.certify.stage",
     "pgd": "pipeline_src.certify.attack",
     "similarity": "pipeline_src.certify.similarity",
+    # Table 1's control rows (similarity.controls, on in the smoke profile)
+    "vanilla_control": "pipeline_src.training.vanilla",
+    "similarity_control": "pipeline_src.certify.similarity",
+    "similarity_random": "pipeline_src.certify.similarity",
     "tables": "pipeline_src.report.tables",
     "figures": "pipeline_src.report.figures",
     "report": "pipeline_src.report.document",
@@ -68,7 +72,7 @@ def test_every_rule_has_log_benchmark_and_resources():
         assert list(rule.log), f"rule {name} has no log:"
         assert rule.benchmark, f"rule {name} has no benchmark:"
         assert rule.resources["mem_mb"].value > 0 and rule.resources["runtime"].value > 0, name
-    for name in ("vanilla", "train", "certify", "pgd"):
+    for name in ("vanilla", "vanilla_control", "train", "certify", "pgd"):
         assert rules[name].resources["gpu"].value == 1, name
     assert "gpu" not in rules["data"].resources
 
@@ -106,3 +110,27 @@ def test_seeds_give_one_job_per_run_and_seed_and_tables_read_them_all(tmp_path: 
         assert {f"results/smoke/certify/{g}-s{s}/metrics.json" for g in groups for s in (0, 1)} <= set(
             stages[rule].deps), rule
     assert "seeds" in stages["tables"].params
+
+
+def test_control_stages_follow_similarity_controls(tmp_path: Path):
+    """Table 1's control rows are stages of the DAG, read by the report stages, and
+    leave it when `similarity.controls` is off."""
+    from conftest import copy_project
+
+    controls = {"vanilla_control", "similarity_control", "similarity_random"}
+    stages = {s.name: s for s in workflow_stages("smoke")}
+    assert controls <= set(stages)
+    assert "results/smoke/similarity_control/random/metrics.json" in stages["similarity_random"].outs
+    assert "results/smoke/vanilla_control/model.pt" in stages["similarity_control"].deps
+    assert "--profile smoke" in stages["vanilla_control"].cmd and "similarity" in stages["vanilla_control"].params
+    for rule in ("tables", "figures", "report"):
+        assert {"results/smoke/similarity_control/vanilla_control/metrics.json",
+                "results/smoke/similarity_control/random/metrics.json"} <= set(stages[rule].deps), rule
+    all_inputs = {str(f) for f in workflow_rules("smoke")["all"].input}
+    assert "results/smoke/similarity_control/random/metrics.json" in all_inputs
+
+    project = copy_project(tmp_path / "project")
+    override = project / "profiles/smoke/params.yaml"
+    override.write_text(override.read_text() + "\nsimilarity: {controls: false}\n")
+    off = {s.name for s in workflow_stages("smoke", project)}
+    assert not controls & off and "similarity_bcp" in off

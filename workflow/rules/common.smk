@@ -51,6 +51,7 @@ METHOD_CODE = [
     "pipeline_src/spectral/rotation.py",
 ]
 EVAL_CODE = CORE_CODE + BOUND_CODE + METHOD_CODE + [
+    "pipeline_src/models/loading.py",
     "pipeline_src/data/cifar.py",
     "pipeline_src/data/loader.py",
     "pipeline_src/training/common.py",

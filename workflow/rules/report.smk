@@ -16,6 +16,7 @@ def run_metrics(wildcards):
         "certify": per_run(LAYOUT.certify("{method}", "metrics.json")),
         "pgd": per_run(LAYOUT.attack("{method}", "metrics.json")),
         "similarity": per_run(LAYOUT.similarity("{method}", "metrics.json")),
+        "controls": list(CONTROLS.values()),
         "timing": BENCHMARK_OUTPUTS,
     }
 
@@ -54,7 +55,8 @@ if P["benchmark"]["enabled"]:
 REPORT_PARAMS = dict(run=P["run"], methods=P["methods"], seeds=P["seeds"], model=P["model"],
                      benchmark=P["benchmark"],
                      certify=P["certify"], pgd=P["pgd"], lmt=P["lmt"], bcp=P["bcp"],
-                     localbcp=P["localbcp"], duet=P["duet"], vanilla=P["vanilla"])
+                     localbcp=P["localbcp"], duet=P["duet"], vanilla=P["vanilla"],
+                     **({"similarity": P["similarity"]} if "similarity" in P else {}))
 
 
 rule tables:

@@ -1,0 +1,83 @@
+# Table 1's control rows, when `similarity.controls` is on: what a network
+# unrelated to the vanilla model scores on the similarity measures. A second
+# vanilla model, trained exactly like `vanilla` from seed run.seed +
+# similarity.control_seed_offset, and the certified architecture at
+# initialisation (its own seed), each compared to the vanilla model with
+# every measure of the similarity stage and given its Lipschitz product.
+
+CONTROLS = control_outputs(P)  # {control: its similarity metrics file}; {} when off
+
+
+if CONTROLS:
+
+    rule vanilla_control:
+        """A second vanilla model: the vanilla stage's recipe from another seed."""
+        input:
+            code=CODE["vanilla"],
+            cache=LAYOUT.data_cache,
+        output:
+            model=LAYOUT.vanilla_control("model.pt"),
+            history=LAYOUT.vanilla_control("history.csv"),
+            metrics=LAYOUT.vanilla_control("metrics.json"),
+        params:
+            run=P["run"],
+            model=P["model"],
+            vanilla=P["vanilla"],
+            similarity=P["similarity"],
+        log:
+            LAYOUT.log("vanilla_control"),
+        benchmark:
+            LAYOUT.benchmark("vanilla_control")
+        resources:
+            gpu=1,
+            mem_mb=16000,
+            runtime=240,
+        shell:
+            stage_command("vanilla_control")
+
+    rule similarity_control:
+        """Table 1's control row: the second vanilla model against the vanilla model."""
+        input:
+            code=CODE["similarity"],
+            model=LAYOUT.vanilla_control("model.pt"),
+            trained=LAYOUT.vanilla_control("metrics.json"),
+            vanilla=LAYOUT.vanilla_model,
+        output:
+            metrics=CONTROLS["vanilla_control"],
+        params:
+            run=P["run"],
+            duet=P["duet"],
+            certify=P["certify"],
+            similarity=P["similarity"],
+        log:
+            LAYOUT.log("similarity_control"),
+        benchmark:
+            LAYOUT.benchmark("similarity_control")
+        resources:
+            mem_mb=8000,
+            runtime=30,
+        shell:
+            stage_command("similarity_control")
+
+    rule similarity_random:
+        """Table 1's control row: the certified architecture at initialisation against the vanilla model."""
+        input:
+            code=CODE["similarity"],
+            vanilla=LAYOUT.vanilla_model,
+        output:
+            metrics=CONTROLS["random"],
+        params:
+            run=P["run"],
+            model=P["model"],
+            duet=P["duet"],
+            certify=P["certify"],
+            similarity=P["similarity"],
+        log:
+            LAYOUT.log("similarity_random"),
+        benchmark:
+            LAYOUT.benchmark("similarity_random")
+        resources:
+            mem_mb=8000,
+            runtime=30,
+        shell:
+            stage_command("similarity_random")
