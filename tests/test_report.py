@@ -15,12 +15,13 @@ from PIL import Image
 from pipeline_src.cli import main
 from pipeline_src.config import load_params, method_runs
 from pipeline_src.io import save_json
-from pipeline_src.paths import RunLayout
+from pipeline_src.paths import RunLayout, control_outputs, control_seed, similarity_rank
 from pipeline_src.report import paper
 from pipeline_src.report.collect import ReportError, collect
 from pipeline_src.report.figures import DPI, FIGURES, SIZES, write_figures
 from pipeline_src.report.stage import make_figures, make_report, make_tables
-from pipeline_src.report.tables import summary, table1, table2, table3
+from pipeline_src.report.document import similarity_findings
+from pipeline_src.report.tables import REFERENCE_ESTIMATE, summary, table1, table2, table3
 
 N_TEST = 500
 PROVENANCE = {"source": "sample", "path": "cifar10-sample.tar.gz", "sha256": "ab" * 32, "lossy_jpeg": True,
@@ -41,19 +42,53 @@ def _weights(name: str) -> str:
     return hashlib.sha256(name.encode()).hexdigest()
 
 
+VANILLA_WEIGHTS = _weights("vanilla")
+# Table 1's measures in a similarity metrics file (`<key>_per_layer`, `<key>_mean`).
+SIMILARITY_KEYS = ("similarity", "similarity_full_rank", "matched_similarity", "matched_similarity_full_rank",
+                   "subspace_overlap", "matched_subspace_overlap", "subspace_overlap_u", "subspace_overlap_v",
+                   "matched_subspace_overlap_u", "matched_subspace_overlap_v", "subspace_overlap_chance",
+                   "unit_match_cosine")
+
+
+def _similarity_measures(v: dict) -> dict:
+    """Per-layer and mean values of every measure: v[key] where given, else v['similarity']
+    for the cosines, 1.0 at full rank, 5.0 for the overlaps."""
+    out = {}
+    for key in SIMILARITY_KEYS:
+        default = 1.0 if key.endswith("full_rank") else (v["similarity"] if "similarity" in key else 5.0)
+        value = v.get(key, default)
+        out[f"{key}_per_layer"], out[f"{key}_mean"] = [value] * 8, value
+    return out
+
+
+def write_fake_controls(root: Path, params: dict, values: dict | None = None) -> None:
+    """The control rows' files (similarity.controls), values[control] = {measure: value}."""
+    for control, rel in control_outputs(params).items():
+        v = {"similarity": 0.5, "matched_similarity": 20.0, **(values or {}).get(control, {})}
+        save_json({"stage": "similarity_control", "control": control, "profile": params["profile"],
+                   "seed": control_seed(params) if control == "vanilla_control" else 12345,
+                   "control_seed_offset": params["similarity"]["control_seed_offset"],
+                   "weights_sha256": _weights(control), "vanilla_weights_sha256": VANILLA_WEIGHTS,
+                   "rank": params["duet"]["rank"], **_similarity_measures(v),
+                   **({"test_accuracy": 87.0} if control == "vanilla_control" else {}),
+                   "lipschitz_upper": 3000.0, "lipschitz_estimate": 2900.0, "git_commit": "c0ffee"}, root / rel)
+
+
 def write_fake_runs(root: Path, params: dict, values: dict) -> None:
     """Metrics files as the stages write them. values[run name] = dict of clean, pgd,
-    certified, similarity, seconds, epochs (missing: defaults)."""
+    certified, similarity (and the other measures of SIMILARITY_KEYS), seconds, reference
+    (LocalBCP's reference estimate) (missing: defaults); values["_controls"] for the controls."""
     layout = RunLayout.of(params)
     eps = params["certify"]["eps"]
     n_test = min(params["certify"]["test_images"] or N_TEST, N_TEST)
     save_json(PROVENANCE, root / layout.data_provenance)
     save_json({"stage": "vanilla", "arch": params["model"]["arch"], "activation": "relu",
                "epochs": params["vanilla"]["epochs"], "seed": params["run"]["seed"], "test_accuracy": 88.5,
-               "data": {"sha256": PROVENANCE["sha256"]}, "git_commit": "c0ffee"},
+               "weights_sha256": VANILLA_WEIGHTS, "data": {"sha256": PROVENANCE["sha256"]}, "git_commit": "c0ffee"},
               root / layout.vanilla_metrics)
     save_json({"lipschitz_upper_bound": 1234.5, "lipschitz_estimate": 1200.0,
                "layers": [{"name": f"L{k}"} for k in range(8)]}, root / layout.svd_summary)
+    write_fake_controls(root, params, values.get("_controls"))
     for name, run in method_runs(params).items():
         v = {"clean": 50.0, "pgd": 40.0, "certified": 30.0, "similarity": 10.0, "seconds": 2.0,
              **values.get(name, {})}
@@ -84,15 +119,17 @@ def write_fake_runs(root: Path, params: dict, values: dict) -> None:
                    "headline_certified_accuracy": v["certified"],
                    "radius_curve": {"radii": radii, "bcp": [v["clean"], v["certified"], 0.0]},
                    "spectral_norms": {"method": "upper: test", "upper_over_estimate": [1.01] * 8},
+                   **({"reference_estimates": {"local_masked_power_iteration": v["reference"], "note": "estimate"}}
+                      if "reference" in v else {}),
                    "numerics": "fp32", "git_commit": "c0ffee"}, root / layout.certify(name, "metrics.json"))
         save_json({"stage": "pgd", "method": name, "eps": eps, "test_images": n_test, "weights_sha256": weights,
                    "steps": params["pgd"]["steps"], "restarts": params["pgd"]["restarts"],
                    "attacks": ["pgd_l2_restart0", "apgd_l2"], "pgd_accuracy": v["pgd"], "certified_points": 7,
                    "certified_points_broken": 0, "git_commit": "c0ffee"}, root / layout.attack(name, "metrics.json"))
-        save_json({"stage": "similarity", "method": name, "rank": params["duet"]["rank"],
-                   "weights_sha256": weights, "similarity_per_layer": [v["similarity"]] * 8,
-                   "similarity_mean": v["similarity"], "similarity_full_rank_per_layer": [1.0] * 8,
-                   "similarity_full_rank_mean": 1.0, "lipschitz_upper": 100.0, "lipschitz_estimate": 90.0,
+        save_json({"stage": "similarity", "method": name, "rank": similarity_rank(params, name),
+                   "init_from": run.config.get("init_from", "scratch"), "weights_sha256": weights,
+                   "vanilla_weights_sha256": VANILLA_WEIGHTS, **_similarity_measures(v),
+                   "lipschitz_upper": 100.0, "lipschitz_estimate": 90.0,
                    "git_commit": "c0ffee"}, root / layout.similarity(name, "metrics.json"))
 
 
@@ -151,10 +188,11 @@ def test_grid_points_have_no_paper_column_and_table1_table3_cells(tmp_path: Path
                                        "duet-r1-l1-paper": {"similarity": 7.0}})
     inputs = collect(params, tmp_path)
     one = table1(inputs)
-    assert _row(one, "Duet")[f"Similarity, r = {params['duet']['rank']} (%)"] == "42.0"
+    assert _row(one, "Duet")["Cosine, r (%)"] == "42.0" and _row(one, "Duet")["r"] == str(params["duet"]["rank"])
     assert _row(one, "Duet")["Similarity, paper (%)"] == "95.6"
     grid = _row(one, "Duet r=1 λ=1 paper")
     assert grid["Similarity, paper (%)"] == "—" and grid["Lipschitz, paper"] == "—"
+    assert grid["r"] == "1" and grid["Cosine, r (%)"] == "7.0"   # measured at its own rank
     assert _row(one, "Vanilla")["Lipschitz bound"] == "1234"
     three = table3(inputs)
     assert _row(three, "Duet")["× BCP"] == "1.50" and _row(three, "Duet")["Time, paper (s)"] == "38.5"
@@ -295,3 +333,145 @@ def test_report_shows_the_benchmark_stage_when_enabled(tmp_path: Path):
     assert "## Cost, measured by the benchmark stage" in text and "NVIDIA H100" in text
     assert "| duet | 128 | 5.40 | 100 | 3.60 | 1.20 |" in text     # the 6C2F row: x floor, x BCP
     assert "| bcp | 3.00 (×1.00) | 4.50 (×1.50) |" in text
+
+
+# ------------------------------------------------------------------ Table 1's measures, controls, init, paired seeds
+def test_table1_shows_every_measure_and_the_labelled_control_rows(tmp_path: Path):
+    params = _params(methods=("bcp", "duet"))
+    write_fake_runs(tmp_path, params, {
+        "duet": {"similarity": 3.0, "similarity_full_rank": 2.0, "matched_similarity": 61.0,
+                 "matched_similarity_full_rank": 40.0, "subspace_overlap": 30.0, "matched_subspace_overlap": 55.0},
+        "_controls": {"vanilla_control": {"matched_similarity": 21.0}, "random": {"matched_similarity": 4.0}}})
+    inputs = collect(params, tmp_path)
+    assert set(inputs.controls) == {"vanilla_control", "random"}
+    one = table1(inputs)
+    duet = _row(one, "Duet")
+    assert (duet["Cosine, r (%)"], duet["Cosine, full rank (%)"], duet["Matched cosine, r (%)"],
+            duet["Matched cosine, full rank (%)"], duet["Subspace overlap, r (%)"],
+            duet["Matched subspace overlap, r (%)"]) == ("3.0", "2.0", "61.0", "40.0", "30.0", "55.0")
+    assert duet["Similarity, paper (%)"] == "95.6" and duet["Δ cosine, r (ours − paper)"] == "−92.6"
+    assert duet["Init"] == "scratch" and duet["Lipschitz bound"] == "100" and duet["Lipschitz, paper"] == "7.8"
+    second, random = _row(one, "Control: vanilla, other seed"), _row(one, "Control: random network (at init)")
+    assert second["Matched cosine, r (%)"] == "21.0" and random["Matched cosine, r (%)"] == "4.0"
+    assert second["Init"] == f"seed {control_seed(params)}" and second["Lipschitz bound"] == "3000"
+    assert second["Similarity, paper (%)"] == "—" and random["Lipschitz, paper"] == "—"
+    data = one.data.set_index("run_group")
+    assert data.loc["control_vanilla_control", "row_kind"] == "control"
+    assert data.loc["control_vanilla_control", "control_test_accuracy"] == 87.0
+    assert data.loc["duet", "matched_similarity_mean"] == 61.0 and data.loc["duet", "init_from"] == "scratch"
+    assert data.loc["duet", "subspace_overlap_u_mean"] == 5.0   # the two sides, in the CSV only
+
+
+def test_controls_missing_or_against_another_vanilla_model_are_refused(tmp_path: Path):
+    params = _params(methods=("bcp",))
+    write_fake_runs(tmp_path, params, {})
+    path = tmp_path / control_outputs(params)["random"]
+    path.write_text(json.dumps({**json.loads(path.read_text()), "vanilla_weights_sha256": "0" * 64}))
+    with pytest.raises(ReportError, match=f"{path}: vanilla_weights_sha256 is"):
+        collect(params, tmp_path)
+    path.unlink()
+    with pytest.raises(ReportError, match=f"{path}: missing; run the similarity_random stage"):
+        collect(params, tmp_path)
+    params["similarity"] = {"controls": False, "control_seed_offset": 1}
+    assert collect(params, tmp_path).controls == {}
+    assert "Control" not in " ".join(row[0] for row in table1(collect(params, tmp_path)).rows)
+
+
+def test_a_grid_runs_similarity_must_be_at_its_own_rank(tmp_path: Path):
+    params = _params(methods=("bcp", "duet"), grid=[1, 4])
+    write_fake_runs(tmp_path, params, {})
+    path = tmp_path / RunLayout.of(params).similarity("duet-r1-l1-paper", "metrics.json")
+    assert json.loads(path.read_text())["rank"] == 1
+    collect(params, tmp_path)
+    path.write_text(json.dumps({**json.loads(path.read_text()), "rank": params["duet"]["rank"]}))
+    with pytest.raises(ReportError, match="rank is 4 but the params ask for 1"):
+        collect(params, tmp_path)
+
+
+def test_table2_paired_duet_minus_bcp_over_the_shared_seeds(tmp_path: Path):
+    params = _params(seeds=[0, 1, 2], methods=("bcp", "duet"), grid=[1, 4])
+    values = {}
+    for s in range(3):
+        values[f"bcp-s{s}"] = {"clean": 60.0 + 2 * s, "pgd": 50.0, "certified": 40.0 + s}
+        values[f"duet-s{s}"] = {"clean": 61.0 + 3 * s, "pgd": 50.0, "certified": 40.0}
+    write_fake_runs(tmp_path, params, values)
+    two = table2(collect(params, tmp_path))
+    duet = _row(two, "Duet")
+    # Per seed: clean +1, +2, +3 (mean 2, SE 1/sqrt(3)); certified 0, −1, −2.
+    assert duet["Duet − BCP, clean (paired)"] == f"+2.00 ± {1 / 3 ** 0.5:.2f}"
+    assert duet["Duet − BCP, certified (paired)"] == f"−1.00 ± {1 / 3 ** 0.5:.2f}"
+    assert duet["Duet − BCP, PGD (paired)"] == "+0.00 ± 0.00" and duet["Paired seeds (n)"] == "3"
+    assert _row(two, "Duet r=1 λ=1 paper")["Paired seeds (n)"] == "3"
+    assert _row(two, "BCP")["Duet − BCP, clean (paired)"] == "—"
+    data = two.data.set_index("run_group")
+    assert data.loc["duet", "clean_paired_diff_bcp_mean"] == pytest.approx(2.0)
+    assert data.loc["duet", "clean_paired_diff_bcp_se"] == pytest.approx(1 / 3 ** 0.5)
+    assert data.loc["duet", "paired_n"] == 3 and data.loc["duet", "paired_with"] == "bcp"
+
+
+def test_table2_paired_difference_with_one_seed_has_no_standard_error(tmp_path: Path):
+    params = _params(methods=("bcp", "duet"))
+    write_fake_runs(tmp_path, params, {"bcp": {"clean": 60.0}, "duet": {"clean": 64.5}})
+    duet = _row(table2(collect(params, tmp_path)), "Duet")
+    assert duet["Duet − BCP, clean (paired)"] == "+4.50 ± n/a" and duet["Paired seeds (n)"] == "1"
+
+
+def test_table2_shows_the_localbcp_reference_estimate_when_present(tmp_path: Path):
+    params = _params(methods=("bcp", "localbcp"))
+    write_fake_runs(tmp_path, params, {"localbcp": {"certified": 30.0, "reference": 54.25}})
+    two = table2(collect(params, tmp_path))
+    assert _row(two, "LocalBCP")[REFERENCE_ESTIMATE] == "54.25"
+    assert _row(two, "BCP")[REFERENCE_ESTIMATE] == "" and _row(two, "Vanilla")[REFERENCE_ESTIMATE] == ""
+    assert _row(two, "LocalBCP")["Certified (%)"] == "30.00"   # the certificate, not the estimate
+
+
+def test_init_column_and_vanilla_init_rows_pair_with_their_own_bcp(tmp_path: Path):
+    params = _params(methods=("bcp", "duet"))
+    params["init_variants"] = ["vanilla_init"]
+    write_fake_runs(tmp_path, params, {"bcp": {"clean": 60.0}, "duet": {"clean": 61.0},
+                                       "bcp-vinit": {"clean": 70.0}, "duet-vinit": {"clean": 75.0}})
+    inputs = collect(params, tmp_path)
+    one, two = table1(inputs), table2(inputs)
+    assert _row(one, "BCP (vanilla init)")["Init"] == "vanilla init" and _row(one, "BCP")["Init"] == "scratch"
+    assert _row(one, "Duet (vanilla init)")["Similarity, paper (%)"] == "95.6"   # the paper's column, unchanged
+    assert _row(two, "Duet (vanilla init)")["Duet − BCP, clean (paired)"] == "+5.00 ± n/a"
+    assert _row(two, "Duet (vanilla init)")["Clean (%)"] == "75.00 (+5.00)"
+    assert _row(two, "Duet")["Duet − BCP, clean (paired)"] == "+1.00 ± n/a"
+    assert two.data.set_index("run_group").loc["duet-vinit", "paired_with"] == "bcp-vinit"
+
+
+def _findings_params_and_values(vanilla_init: bool) -> tuple[dict, dict]:
+    params = _params(methods=("lmt", "bcp", "localbcp", "duet"))
+    params["init_variants"] = ["vanilla_init"] if vanilla_init else None
+    matched = {"lmt": 45.0, "bcp": 65.0, "localbcp": 75.0, "duet": 90.0}          # the paper's ordering
+    plain = {"lmt": 1.0, "bcp": 3.0, "localbcp": 2.0, "duet": 0.5}                # not
+    values = {m: {"matched_similarity": matched[m], "similarity": plain[m]} for m in matched}
+    if vanilla_init:   # plain cosine of vanilla_init runs: the ordering and the paper's levels within 1 point
+        values.update({f"{m}-vinit": {"similarity": paper.TABLE1[m]["similarity"] + 0.5,
+                                      "matched_similarity": 99.0} for m in matched})
+    return params, values
+
+
+def test_report_paragraph_says_which_measure_reproduces_the_papers_ordering(tmp_path: Path):
+    params, values = _findings_params_and_values(vanilla_init=False)
+    write_fake_runs(tmp_path, params, values)
+    text = "\n".join(similarity_findings(collect(params, tmp_path)))
+    assert ("| scratch | channel-matched cosine at r | Duet 90.0 > LocalBCP 75.0 > BCP 65.0 > LMT 45.0 | **yes** | "
+            f"{(5.6 + 2.8 + 5.3 + 6.6) / 4:.1f} | 6.6 |") in text
+    assert "| scratch | plain cosine at r | BCP 3.0 > LocalBCP 2.0 > LMT 1.0 > Duet 0.5 | no |" in text
+    assert "**Reading:** the channel-matched cosine at r of the scratch runs reproduces the paper's ordering" in text
+    assert "The vanilla_init rows are absent" in text and "`init_from: vanilla_init` in a method block" in text
+    assert "a second vanilla model (other seed): plain cosine at r 0.5" in text
+
+
+def test_report_paragraph_with_vanilla_init_rows(tmp_path: Path):
+    params, values = _findings_params_and_values(vanilla_init=True)
+    write_fake_runs(tmp_path, params, values)
+    make_tables(params, tmp_path)
+    make_figures(params, tmp_path)
+    text = make_report(params, tmp_path).read_text()
+    assert "| vanilla init | plain cosine at r | Duet 96.1 > LocalBCP 78.3 > BCP 70.8 > LMT 52.1 | **yes** | 0.5 |" in text
+    assert "**Reading:** the plain cosine at r of the vanilla init runs reproduces the paper's ordering" in text
+    assert "channel-matched cosine at r (scratch)" in text      # the ordering also holds there
+    assert "The vanilla_init rows are absent" not in text
+    assert "| vanilla init | channel-matched cosine at r | Duet 99.0 = LocalBCP 99.0 = BCP 99.0 = LMT 99.0 | no |" in text

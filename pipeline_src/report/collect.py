@@ -3,7 +3,9 @@ missing or were made with other params than the ones the report is asked for.
 
 A run's four metrics files (train, certify, pgd, similarity) are tied together
 by the sha256 of the trained weights, and each is checked against the params
-it depends on, so a table never mixes a stale file into a fresh run."""
+it depends on, so a table never mixes a stale file into a fresh run. The
+similarity files (the runs' and Table 1's control rows') are also tied to the
+vanilla model they were compared with."""
 from __future__ import annotations
 
 import json
@@ -12,8 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..config import CertifiedRun, method_runs
-from ..paths import RunLayout
+from ..config import INIT_SUFFIX, CertifiedRun, method_runs
+from ..paths import SIMILARITY_CONTROLS, RunLayout, control_outputs, control_seed, similarity_rank, similarity_settings
 
 METHOD_LABELS = {"lmt": "LMT", "bcp": "BCP", "localbcp": "LocalBCP", "duet": "Duet", "vanilla": "Vanilla"}
 
@@ -22,12 +24,36 @@ class ReportError(ValueError):
     """A metrics file is missing or does not match the params; names the file."""
 
 
+INIT_LABELS = {"scratch": "scratch", "vanilla_init": "vanilla init"}
+
+
+def init_from(config: dict) -> str:
+    """How a run was initialised: `scratch` (its own seed; the default) or `vanilla_init`
+    (exactly the vanilla model's initial weights)."""
+    return config.get("init_from", "scratch")
+
+
+def base_group(group: str, run: CertifiedRun) -> str:
+    """The group without the suffix an `init_variants` run carries (`bcp-vinit` -> `bcp`)."""
+    suffix = f"-{INIT_SUFFIX.get(init_from(run.config), init_from(run.config))}"
+    return group[:-len(suffix)] if group != run.method and group.endswith(suffix) else group
+
+
+def is_method_base(group: str, run: CertifiedRun) -> bool:
+    """The method's own run (whatever its initialisation), not a point of Duet's grid:
+    the rows that have a number in the paper."""
+    return base_group(group, run) == run.method
+
+
 def group_label(group: str, run: CertifiedRun) -> str:
-    """`BCP`; a Duet grid point shows the values it changes: `Duet r=1 λ=0.1 direction`."""
-    if group == run.method:
-        return METHOD_LABELS[run.method]
-    cfg = run.config
-    return f"Duet r={cfg['rank']} λ={cfg['lambda']:g} {cfg['sim_form']}"
+    """`BCP`; a Duet grid point shows the values it changes: `Duet r=1 λ=0.1 direction`;
+    an `init_variants` run its initialisation: `BCP (vanilla init)`."""
+    if is_method_base(group, run):
+        label = METHOD_LABELS[run.method]
+    else:
+        cfg = run.config
+        label = f"Duet r={cfg['rank']} λ={cfg['lambda']:g} {cfg['sim_form']}"
+    return label if base_group(group, run) == group else f"{label} ({INIT_LABELS[init_from(run.config)]})"
 
 
 @dataclass
@@ -44,6 +70,11 @@ class RunResult:
     attack: dict
     similarity: dict
     history: pd.DataFrame
+    base: bool = True  # the method's own run (any initialisation), not a point of Duet's grid
+
+    @property
+    def init_from(self) -> str:
+        return init_from(self.config)
 
 
 @dataclass
@@ -54,6 +85,8 @@ class ReportInputs:
     vanilla: dict
     runs: list[RunResult]
     svd: dict = field(default_factory=dict)
+    # Table 1's control rows against the vanilla model (similarity.controls): {control: metrics}
+    controls: dict = field(default_factory=dict)
 
     @property
     def groups(self) -> list[str]:
@@ -73,6 +106,7 @@ class ReportInputs:
         found = {self.vanilla["git_commit"]}
         for run in self.runs:
             found |= {m["git_commit"] for m in (run.train, run.certify, run.attack, run.similarity)}
+        found |= {m["git_commit"] for m in self.controls.values()}
         return sorted(found)
 
     @property
@@ -151,7 +185,7 @@ def collect(params: dict, root: Path) -> ReportInputs:
                  {"eps": eps, "test_images": test_images, "steps": params["pgd"]["steps"],
                   "restarts": params["pgd"]["restarts"]}),
                 ("similarity", root / layout.similarity(name, "metrics.json"),
-                 {"rank": params["duet"]["rank"]})):
+                 {"rank": similarity_rank(params, name), "vanilla_weights_sha256": vanilla["weights_sha256"]})):
             metrics = _read_json(path, stage, name)
             for key, expected in {"method": name, **checks, "weights_sha256": weights}.items():
                 _expect(path, metrics, key, expected)
@@ -163,7 +197,28 @@ def collect(params: dict, root: Path) -> ReportInputs:
             name=name, group=run.group, method=run.method, seed=run.seed, label=group_label(run.group, run),
             config=run.config, train=train, certify=evaluated["certify"], attack=evaluated["pgd"],
             similarity=evaluated["similarity"],
-            history=_read_history(root / layout.train(name, "history.csv"), name)))
+            history=_read_history(root / layout.train(name, "history.csv"), name),
+            base=is_method_base(run.group, run)))
     svd_path = root / layout.svd_summary
     svd = json.loads(svd_path.read_text()) if svd_path.is_file() else {}
-    return ReportInputs(params=params, provenance=provenance, vanilla=vanilla, runs=runs, svd=svd)
+    return ReportInputs(params=params, provenance=provenance, vanilla=vanilla, runs=runs, svd=svd,
+                        controls=collect_controls(params, root, vanilla))
+
+
+def collect_controls(params: dict, root: Path, vanilla: dict) -> dict[str, dict]:
+    """Table 1's control rows, when `similarity.controls` is on: each against this
+    vanilla model, at `duet.rank`, from the params' control seed."""
+    controls = {}
+    offset = similarity_settings(params)["control_seed_offset"]
+    for control, rel in control_outputs(params).items():
+        path = root / rel
+        metrics = _read_json(path, f"similarity_{'control' if control == 'vanilla_control' else control}", "")
+        checks = {"control": control, "rank": params["duet"]["rank"], "control_seed_offset": offset,
+                  "vanilla_weights_sha256": vanilla["weights_sha256"]}
+        if control == "vanilla_control":
+            checks["seed"] = control_seed(params)
+        for key, expected in checks.items():
+            _expect(path, metrics, key, expected)
+        controls[control] = metrics
+    assert set(controls) <= set(SIMILARITY_CONTROLS)
+    return controls

@@ -7,7 +7,8 @@ histories and metrics, as PNG and PDF.
   certifier);
   both with the ε and κ schedules in a panel under the curves;
 - radius_curve: certified accuracy against the l2 radius, 0 to 2ε;
-- similarity_per_layer: each layer's rotation similarity to the vanilla model.
+- similarity_per_layer: each layer's rotation similarity to the vanilla model (plain and
+  channel-matched cosine, with the control rows).
 
 Duet and BCP are drawn strong, the other methods lighter; a method has the
 same colour in every figure. With several seeds a line is the mean and the
@@ -162,6 +163,8 @@ def radius_curve(inputs: ReportInputs):
 
 
 def similarity_per_layer(inputs: ReportInputs):
+    """Bars: each row's plain cosine per layer; markers: its channel-matched cosine;
+    grey: the control rows' channel-matched cosine (an unrelated network)."""
     style = _Style(inputs)
     groups = inputs.groups
     n_layers = len(inputs.runs[0].similarity["similarity_per_layer"])
@@ -175,16 +178,32 @@ def similarity_per_layer(inputs: ReportInputs):
         runs = inputs.of_group(group)
         values = np.stack([r.similarity["similarity_per_layer"] for r in runs])
         s = style(group)
-        ax.bar(x + (k - (len(groups) - 1) / 2) * width, values.mean(0), width,
+        offset = x + (k - (len(groups) - 1) / 2) * width
+        ax.bar(offset, values.mean(0), width,
                yerr=values.std(0, ddof=1) if len(runs) > 1 else None, color=s["color"], alpha=s["alpha"],
                label=runs[0].label)
+        matched = [r.similarity.get("matched_similarity_per_layer") for r in runs]
+        if all(m is not None for m in matched):
+            ax.plot(offset, np.stack(matched).mean(0), linestyle="none", marker="D", markersize=4,
+                    markerfacecolor="white", markeredgecolor=s["color"], zorder=4)
+    control_styles = {"vanilla_control": ("--", "vanilla, other seed"), "random": (":", "random network")}
+    for control, metrics in inputs.controls.items():
+        values = metrics.get("matched_similarity_per_layer")
+        if values is None or len(values) != n_layers:
+            continue
+        linestyle, name = control_styles.get(control, ("-.", control))
+        ax.step(np.r_[x - 0.5, x[-1] + 0.5], np.r_[values, values[-1]], where="post", color="0.35",
+                linestyle=linestyle, linewidth=1.2, label=f"control: {name} (matched)")
+    ax.plot([], [], linestyle="none", marker="D", markersize=4, markerfacecolor="white", markeredgecolor="black",
+            label="channel-matched cosine")
     ax.axhline(0.0, color="black", linewidth=0.8)
     ax.set_xticks(x, names)
     ax.set_xlabel("weight layer")
-    ax.set_ylabel(rf"cosine of $U_r V_r^\top$ to the vanilla model's (%), r = {inputs.params['duet']['rank']}")
-    ax.set_title("Rotation similarity per layer")
+    ax.set_ylabel(r"cosine of $U_r V_r^\top$ to the vanilla model's (%)")
+    ranks = sorted({str(r.similarity["rank"]) for r in inputs.runs})
+    ax.set_title(f"Rotation similarity per layer (r = {', '.join(ranks)}; bars: cosine, markers: channel-matched)")
     ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="x-small", ncol=2)
     return fig
 
 

@@ -17,11 +17,11 @@ import pandas as pd
 from ..io import save_text
 from ..paths import REPORT_TABLES, RunLayout
 from . import paper
-from .collect import METHOD_LABELS, ReportInputs
+from .collect import INIT_LABELS, METHOD_LABELS, ReportInputs, RunResult
 
 DASH = "—"
 MINUS = "−"  # typographic minus in displayed numbers; the CSV keeps plain numbers
-TEXT_COLUMNS = ("Method", "Certifier", "Paper's source", "Device")
+TEXT_COLUMNS = ("Method", "Init", "Certifier", "Paper's source", "Device")
 
 
 @dataclass
@@ -62,6 +62,20 @@ def fmt_summary(values: list[float], digits: int = 2) -> str:
     if n == 0:
         return DASH
     return fmt(mean, digits) + (f" ± {std:.{digits}f}" if n > 1 else "")
+
+
+def standard_error(values: list[float]) -> tuple[float, float, int]:
+    """(mean, standard error of the mean, n) of the finite values; the SE is nan for n < 2."""
+    mean, std, n = summary(values)
+    return mean, std / math.sqrt(n) if n > 1 else math.nan, n
+
+
+def fmt_paired(values: list[float], digits: int = 2) -> str:
+    """A mean difference ± its standard error ("n/a" with one pair)."""
+    mean, se, n = standard_error(values)
+    if n == 0:
+        return DASH
+    return f"{fmt_signed(mean, digits)} ± " + (f"{se:.{digits}f}" if n > 1 else "n/a")
 
 
 def fmt_sig(value: float | None, digits: int = 3) -> str:
@@ -130,9 +144,10 @@ def _vanilla_columns(inputs: ReportInputs) -> dict:
             "seeds": str(vanilla["seed"])}
 
 
-def _paper_value(table: dict, group: str, method: str, key: str) -> float | None:
-    """The paper's number for a method's base run (grid points have none)."""
-    if group != method or method not in table:
+def _paper_value(table: dict, runs: list[RunResult], key: str) -> float | None:
+    """The paper's number for a method's own row, whatever its initialisation (grid points have none)."""
+    method = runs[0].method
+    if not runs[0].base or method not in table:
         return None
     return table[method][key]
 
@@ -141,44 +156,101 @@ def _diff(measured: float, published: float | None) -> float:
     return measured - published if published is not None and math.isfinite(measured) else math.nan
 
 
+def init_text(runs: list[RunResult]) -> str:
+    return ", ".join(dict.fromkeys(INIT_LABELS.get(r.init_from, r.init_from) for r in runs))
+
+
+# Table 1's measures (similarity stage metrics `<key>_mean`, in %), in column order.
+TABLE1_MEASURES = {
+    "similarity": "Cosine, r (%)",
+    "similarity_full_rank": "Cosine, full rank (%)",
+    "matched_similarity": "Matched cosine, r (%)",
+    "matched_similarity_full_rank": "Matched cosine, full rank (%)",
+    "subspace_overlap": "Subspace overlap, r (%)",
+    "matched_subspace_overlap": "Matched subspace overlap, r (%)",
+}
+# Only in the CSV: the two sides of the overlaps, chance level, the matched units' cosine.
+TABLE1_CSV_ONLY = ("subspace_overlap_u", "subspace_overlap_v", "matched_subspace_overlap_u",
+                   "matched_subspace_overlap_v", "subspace_overlap_chance", "unit_match_cosine")
+CONTROL_LABELS = {"vanilla_control": "Control: vanilla, other seed",
+                  "random": "Control: random network (at init)"}
+
+
+def _measure(metrics: dict, key: str) -> float:
+    value = metrics.get(f"{key}_mean")
+    return math.nan if value is None else float(value)
+
+
 def table1(inputs: ReportInputs) -> Table:
-    rank = inputs.params["duet"]["rank"]
-    header = ["Method", f"Similarity, r = {rank} (%)", "Similarity, paper (%)", "Δ similarity",
-              "Similarity, full rank (%)", "Lipschitz bound", "Lipschitz estimate", "Lipschitz, paper"]
+    header = (["Method", "Init", "r"] + list(TABLE1_MEASURES.values())
+              + ["Similarity, paper (%)", "Δ cosine, r (ours − paper)", "Lipschitz bound", "Lipschitz estimate",
+                 "Lipschitz, paper"])
+    base_rank = inputs.params["duet"]["rank"]
     rows, records = [], []
     if inputs.svd:
-        rows.append([METHOD_LABELS["vanilla"], DASH, DASH, DASH, DASH,
+        rows.append([METHOD_LABELS["vanilla"], DASH, DASH] + [DASH] * len(TABLE1_MEASURES) + [DASH, DASH,
                      fmt_sig(inputs.svd["lipschitz_upper_bound"], 4), fmt_sig(inputs.svd["lipschitz_estimate"], 4),
                      DASH])
-        records.append({"method": "vanilla", "run_group": "vanilla", "label": "Vanilla", "n": 1,
-                        "lipschitz_upper_mean": inputs.svd["lipschitz_upper_bound"],
+        records.append({"row_kind": "vanilla", "method": "vanilla", "run_group": "vanilla", "label": "Vanilla",
+                        "n": 1, "lipschitz_upper_mean": inputs.svd["lipschitz_upper_bound"],
                         "lipschitz_estimate_mean": inputs.svd["lipschitz_estimate"], **_vanilla_columns(inputs)})
+    for control, metrics in inputs.controls.items():
+        init = f"seed {metrics['seed']}" if control == "vanilla_control" else "initialisation"
+        rows.append([CONTROL_LABELS[control], init, str(metrics["rank"])]
+                    + [fmt(_measure(metrics, key), 1) for key in TABLE1_MEASURES]
+                    + [DASH, DASH, fmt_sig(metrics["lipschitz_upper"], 4), fmt_sig(metrics["lipschitz_estimate"], 4),
+                       DASH])
+        records.append({"row_kind": "control", "method": control, "run_group": f"control_{control}",
+                        "label": CONTROL_LABELS[control], "init_from": init, "n": 1, "rank": metrics["rank"],
+                        **{f"{key}_mean": _measure(metrics, key) for key in (*TABLE1_MEASURES, *TABLE1_CSV_ONLY)},
+                        "lipschitz_upper_mean": metrics["lipschitz_upper"],
+                        "lipschitz_estimate_mean": metrics["lipschitz_estimate"],
+                        "control_test_accuracy": metrics.get("test_accuracy"), "seeds": str(metrics["seed"])})
     for group in inputs.groups:
         runs = inputs.of_group(group)
         method = runs[0].method
-        sim = [r.similarity["similarity_mean"] for r in runs]
-        full = [r.similarity["similarity_full_rank_mean"] for r in runs]
+        values = {key: [_measure(r.similarity, key) for r in runs] for key in (*TABLE1_MEASURES, *TABLE1_CSV_ONLY)}
         upper = [r.similarity["lipschitz_upper"] for r in runs]
         estimate = [r.similarity["lipschitz_estimate"] for r in runs]
-        paper_sim = _paper_value(paper.TABLE1, group, method, "similarity")
-        paper_lip = _paper_value(paper.TABLE1, group, method, "lipschitz")
-        sim_mean, sim_std, n = summary(sim)
-        rows.append([runs[0].label, fmt_summary(sim, 1), fmt(paper_sim, 1), fmt_signed(_diff(sim_mean, paper_sim), 1),
-                     fmt_summary(full, 1), _sig_summary(upper), _sig_summary(estimate), fmt(paper_lip, 1)])
-        records.append({"method": method, "run_group": group, "label": runs[0].label, "n": n,
-                        "similarity_mean": sim_mean, "similarity_std": sim_std,
-                        "similarity_paper": paper_sim, "similarity_diff_paper": _diff(sim_mean, paper_sim),
-                        "similarity_full_rank_mean": summary(full)[0], "similarity_full_rank_std": summary(full)[1],
-                        "lipschitz_upper_mean": summary(upper)[0], "lipschitz_upper_std": summary(upper)[1],
-                        "lipschitz_estimate_mean": summary(estimate)[0],
-                        "lipschitz_paper": paper_lip, "rank": rank, **_run_columns(runs)})
+        rank = runs[0].similarity["rank"]
+        paper_sim = _paper_value(paper.TABLE1, runs, "similarity")
+        paper_lip = _paper_value(paper.TABLE1, runs, "lipschitz")
+        sim_mean, sim_std, n = summary(values["similarity"])
+        rows.append([runs[0].label, init_text(runs), str(rank)]
+                    + [fmt_summary(values[key], 1) for key in TABLE1_MEASURES]
+                    + [fmt(paper_sim, 1), fmt_signed(_diff(sim_mean, paper_sim), 1), _sig_summary(upper),
+                       _sig_summary(estimate), fmt(paper_lip, 1)])
+        record = {"row_kind": "run", "method": method, "run_group": group, "label": runs[0].label,
+                  "init_from": runs[0].init_from, "n": n, "rank": rank}
+        for key in (*TABLE1_MEASURES, *TABLE1_CSV_ONLY):
+            mean, std, _ = summary(values[key])
+            record.update({f"{key}_mean": mean, f"{key}_std": std})
+        record.update({"similarity_paper": paper_sim, "similarity_diff_paper": _diff(sim_mean, paper_sim),
+                       "lipschitz_upper_mean": summary(upper)[0], "lipschitz_upper_std": summary(upper)[1],
+                       "lipschitz_estimate_mean": summary(estimate)[0], "lipschitz_paper": paper_lip,
+                       **_run_columns(runs)})
+        records.append(record)
+    chance = [_measure(m, "subspace_overlap_chance") for m in inputs.controls.values()]
     notes = [
-        f"Similarity: cosine (Frobenius inner product of unit-norm matrices) between a layer's rank-{rank} "
-        "U_r V_rᵀ and the vanilla model's, averaged over the weight layers; at full rank beside it. The paper "
-        "does not define its measure exactly (docs/duet-method.md).",
+        "Cosine: Frobenius cosine (inner product of unit-norm matrices) between a layer's rank-r U_r V_rᵀ and "
+        "the vanilla model's, averaged over the weight layers; at full rank beside it. It changes when hidden "
+        "units are permuted, which leaves the network's function unchanged, so two unrelated networks score "
+        "about 0%. The paper does not define its measure exactly (docs/duet-method.md).",
+        "Matched cosine: the same after each hidden layer's output units were matched to the vanilla model's by "
+        "a linear assignment (maximal summed signed cosine of the units' weight rows; the permutation carried "
+        "into the next layer's inputs, through the flatten by channel blocks; logits never permuted).",
+        "Subspace overlap: (‖U_rᵀU'_r‖²_F / r + ‖V_rᵀV'_r‖²_F / r) / 2, free of signs and of the order of the "
+        "singular vectors; random subspaces overlap r/dim on average"
+        + (f" ({fmt(chance[0], 1)}% at r = {base_rank} for this architecture)" if chance else "")
+        + ". At full rank it is 100% on the side of dimension min(out, in), so it is given at r only.",
+        f"r: the rank of each row, duet.rank = {base_rank} but for Duet grid points (their own rank). "
+        "Init: scratch (the run's own seed) or vanilla init (the vanilla model's initial weights).",
+        "Controls (not trained for robustness): a second vanilla model trained like the vanilla one from another "
+        "seed, and the certified architecture at initialisation from its own seed, each against the vanilla "
+        "model: what an unrelated network scores on each measure.",
         "Lipschitz bound: product of guaranteed upper bounds of the layers' operator norms (the certifier's); "
         "estimate: product of power-iteration estimates.",
-        f"Paper columns: {paper.DUET}, Table 1.",
+        f"Paper columns: {paper.DUET}, Table 1 (one number per method, its measure unstated).",
     ]
     return Table(1, "Rotation similarity to the vanilla model and Lipschitz constant", header, rows,
                  pd.DataFrame(records), notes)
@@ -191,38 +263,70 @@ def _sig_summary(values: list[float]) -> str:
     return fmt_sig(mean, 4) + (f" ± {fmt_sig(std, 2)}" if n > 1 else "")
 
 
-def table2(inputs: ReportInputs) -> Table:
-    metrics = ("clean", "pgd", "certified")
-    header = ["Method"]
-    for name, title in zip(metrics, ("Clean", "PGD", "Certified")):
-        header += [f"{title} (%)", f"{title}, paper (%)", f"Δ {title.lower() if title != 'PGD' else title}"]
-    header += ["Certifier", "Paper's source"]
-
-    def values(group: str) -> dict[str, list[float]]:
+def same_init_group(inputs: ReportInputs, method: str, init: str) -> str | None:
+    """The row of `method`'s own run (not a grid point) with this initialisation."""
+    for group in inputs.groups:
         runs = inputs.of_group(group)
-        return {"clean": [r.certify["clean_accuracy"] for r in runs],
-                "pgd": [r.attack["pgd_accuracy"] for r in runs],
-                "certified": [r.certify["headline_certified_accuracy"] for r in runs]}
+        if runs[0].method == method and runs[0].base and runs[0].init_from == init:
+            return group
+    return None
 
-    bcp = values("bcp") if "bcp" in inputs.groups else None
+
+TABLE2_METRICS = ("clean", "pgd", "certified")
+
+
+def _table2_values(runs: list[RunResult]) -> dict[str, list[float]]:
+    return {"clean": [r.certify["clean_accuracy"] for r in runs],
+            "pgd": [r.attack["pgd_accuracy"] for r in runs],
+            "certified": [r.certify["headline_certified_accuracy"] for r in runs]}
+
+
+def paired_differences(duet: list[RunResult], bcp: list[RunResult]) -> tuple[list[int], dict[str, list[float]]]:
+    """Per seed both have, Duet − BCP (they start from the same weights and see the same
+    batches for a seed): the seeds and the differences of clean, PGD and certified accuracy."""
+    by_seed = {r.seed: r for r in bcp}
+    seeds = sorted(r.seed for r in duet if r.seed in by_seed)
+    mine = {r.seed: _table2_values([r]) for r in duet}
+    theirs = {s: _table2_values([by_seed[s]]) for s in seeds}
+    return seeds, {name: [mine[s][name][0] - theirs[s][name][0] for s in seeds] for name in TABLE2_METRICS}
+
+
+REFERENCE_ESTIMATE = "LocalBCP reference estimate (not guaranteed)"
+
+
+def _reference_estimates(runs: list[RunResult]) -> list[float]:
+    return [r.certify["reference_estimates"]["local_masked_power_iteration"] for r in runs
+            if isinstance(r.certify.get("reference_estimates"), dict)
+            and r.certify["reference_estimates"].get("local_masked_power_iteration") is not None]
+
+
+def table2(inputs: ReportInputs) -> Table:
+    header = ["Method", "Init"]
+    for name, title in zip(TABLE2_METRICS, ("Clean", "PGD", "Certified")):
+        header += [f"{title} (%)", f"{title}, paper (%)", f"Δ {title.lower() if title != 'PGD' else title}"]
+    header += ["Duet − BCP, clean (paired)", "Duet − BCP, PGD (paired)", "Duet − BCP, certified (paired)",
+               "Paired seeds (n)", REFERENCE_ESTIMATE, "Certifier", "Paper's source"]
+
     paper_bcp = paper.TABLE2["bcp"]
     rows, records = [], []
     vanilla_published = paper.TABLE2["vanilla"]
     clean = inputs.vanilla["test_accuracy"]
-    rows.append([METHOD_LABELS["vanilla"], fmt(clean), fmt(vanilla_published["clean"]),
-                 fmt_signed(clean - vanilla_published["clean"])] + [DASH] * 6
-                + ["none", vanilla_published["source"]])
+    rows.append([METHOD_LABELS["vanilla"], DASH, fmt(clean), fmt(vanilla_published["clean"]),
+                 fmt_signed(clean - vanilla_published["clean"])] + [DASH] * 6 + [DASH] * 4
+                + ["", "none", vanilla_published["source"]])
     records.append({"method": "vanilla", "run_group": "vanilla", "label": "Vanilla", "n": 1, "clean_mean": clean,
                     "clean_paper": vanilla_published["clean"], "clean_diff_paper": clean - vanilla_published["clean"],
                     "paper_source": vanilla_published["source"], **_vanilla_columns(inputs)})
     for group in inputs.groups:
         runs = inputs.of_group(group)
         method = runs[0].method
-        measured = values(group)
-        published = paper.TABLE2.get(method) if group == method else None
-        row = [runs[0].label]
-        record = {"method": method, "run_group": group, "label": runs[0].label}
-        for name in metrics:
+        measured = _table2_values(runs)
+        published = paper.TABLE2.get(method) if runs[0].base else None
+        bcp_group = same_init_group(inputs, "bcp", runs[0].init_from) if method == "duet" else None
+        bcp = _table2_values(inputs.of_group(bcp_group)) if bcp_group else None
+        row = [runs[0].label, init_text(runs)]
+        record = {"method": method, "run_group": group, "label": runs[0].label, "init_from": runs[0].init_from}
+        for name in TABLE2_METRICS:
             mean, std, n = summary(measured[name])
             cell = fmt_summary(measured[name])
             paper_value = published[name] if published else None
@@ -238,17 +342,36 @@ def table2(inputs: ReportInputs) -> Table:
             row += [cell, paper_cell, fmt_signed(_diff(mean, paper_value))]
             record.update({f"{name}_mean": mean, f"{name}_std": std, f"{name}_paper": paper_value,
                            f"{name}_diff_paper": _diff(mean, paper_value), "n": n})
+        if bcp_group:
+            seeds, differences = paired_differences(runs, inputs.of_group(bcp_group))
+            row += [fmt_paired(differences[name]) for name in TABLE2_METRICS] + [str(len(seeds))]
+            for name in TABLE2_METRICS:
+                mean, se, _ = standard_error(differences[name])
+                record.update({f"{name}_paired_diff_bcp_mean": mean, f"{name}_paired_diff_bcp_se": se})
+            record.update(paired_n=len(seeds), paired_seeds=" ".join(map(str, seeds)), paired_with=bcp_group)
+        else:
+            row += [DASH] * 4
+        estimates = _reference_estimates(runs)
+        row.append(fmt_summary(estimates) if estimates else "")
+        record["reference_estimate_mean"] = summary(estimates)[0] if estimates else math.nan
         row += [runs[0].certify["headline_certifier"], published["source"] if published else DASH]
         record.update(certifier=runs[0].certify["headline_certifier"],
                       paper_source=published["source"] if published else None, **_run_columns(runs))
         rows.append(row)
         records.append(record)
     notes = [
-        "Clean and certified: the certify stage on the test images (fp32, TF32 off, guaranteed spectral bounds); "
+        "Clean and certified: the certify stage on the test images (guaranteed spectral bounds); "
         "certified with the method's own sound certifier (bcp: BCP boxes and ball; lipschitz: global margin; "
         "local: local Lipschitz bound). PGD: the pgd stage (l2 PGD and APGD; a point counts only if it "
         "survives both), which also checks that no certified point is broken.",
-        "Duet's cells show, in brackets, its difference to BCP as the paper prints it (ours: measured BCP).",
+        "Duet's cells show, in brackets, its difference to BCP as the paper prints it (ours: measured BCP with "
+        "the same initialisation, difference of the means).",
+        "Duet − BCP (paired): for each seed both have (for a seed, BCP and every Duet run start from the same "
+        "weights and see the same batches), Duet's accuracy minus BCP's; mean ± standard error over the n "
+        "pairs (n/a with one pair).",
+        f"{REFERENCE_ESTIMATE}: for clipped-ReLU (LocalBCP) models, the certified accuracy the LocalBCP "
+        "reference's evaluation would report (masked norms by power iteration): an estimate, not a certificate; "
+        "blank where the certify stage did not compute it.",
         f"Vanilla: clean accuracy of the guide model on the whole test split "
         f"({inputs.provenance['images']['test']:,} images).",
     ]
@@ -269,8 +392,8 @@ def table3(inputs: ReportInputs) -> Table:
         on_gpu = "cpu" not in devices  # a GPU's name, as the train stage recorded it
         memory = [r.train["timing"]["peak_memory_mb"] / 1024.0 for r in runs] if on_gpu else []
         mean, std, n = summary(seconds[group])
-        paper_seconds = _paper_value(paper.TABLE3, group, method, "seconds")
-        paper_memory = _paper_value(paper.TABLE3, group, method, "memory_gb")
+        paper_seconds = _paper_value(paper.TABLE3, runs, "seconds")
+        paper_memory = _paper_value(paper.TABLE3, runs, "memory_gb")
         ratio = mean / bcp_seconds if math.isfinite(bcp_seconds) else math.nan
         paper_ratio = paper_seconds / paper_bcp if paper_seconds is not None else None
         rows.append([runs[0].label, fmt_summary(seconds[group], 2), fmt(paper_seconds, 1), fmt(ratio),
@@ -309,7 +432,7 @@ def to_markdown(table: Table, context: list[str]) -> str:
 LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
                  "±": r"$\pm$", "—": "---", "−": "$-$", "Δ": r"$\Delta$", "ε": r"$\varepsilon$",
-                 "λ": r"$\lambda$", "×": r"$\times$", "ᵀ": r"$^\top$"}
+                 "λ": r"$\lambda$", "×": r"$\times$", "ᵀ": r"$^\top$", "‖": r"$\|$", "²": r"$^2$"}
 
 
 def latex_escape(text: str) -> str:
