@@ -80,15 +80,9 @@ def _stage_vanilla_control(params: dict, root: Path, args) -> None:
 
 
 def _stage_similarity_control(params: dict, root: Path, args) -> None:
-    from .certify.similarity import control_metrics
+    from .certify.similarity import similarity_controls
 
-    control_metrics(params, "vanilla_control", root)
-
-
-def _stage_similarity_random(params: dict, root: Path, args) -> None:
-    from .certify.similarity import control_metrics
-
-    control_metrics(params, "random", root)
+    similarity_controls(params, root)
 
 
 def _stage_tables(params: dict, root: Path, args) -> None:
@@ -145,9 +139,8 @@ STAGES = {
     "vanilla_control": (_stage_vanilla_control,
                         "Table 1's control: a second vanilla model, the same recipe from another seed"),
     "similarity_control": (_stage_similarity_control,
-                           "Table 1's control row: the second vanilla model against the vanilla model"),
-    "similarity_random": (_stage_similarity_random,
-                          "Table 1's control row: the architecture at initialisation against the vanilla model"),
+                           "Table 1's control rows: the second vanilla model and the architecture at "
+                           "initialisation against the vanilla model"),
     "tables": (_stage_tables, "Tables 1-3 from every run's metrics, beside the paper's numbers"),
     "figures": (_stage_figures, "Figures 2-3, the radius curve and per-layer similarity"),
     "report": (_stage_report, "REPORT.md: the tables, figures and provenance of the run"),

@@ -370,7 +370,7 @@ def test_controls_missing_or_against_another_vanilla_model_are_refused(tmp_path:
     with pytest.raises(ReportError, match=f"{path}: vanilla_weights_sha256 is"):
         collect(params, tmp_path)
     path.unlink()
-    with pytest.raises(ReportError, match=f"{path}: missing; run the similarity_random stage"):
+    with pytest.raises(ReportError, match=f"{path}: missing; run the similarity_control stage"):
         collect(params, tmp_path)
     params["similarity"] = {"controls": False, "control_seed_offset": 1}
     assert collect(params, tmp_path).controls == {}

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pipeline_src.certify.similarity import (comparison_metrics, control_metrics, layer_svds,
-                                             match_hidden_units, permute_hidden_units, random_network, similarity_measures,
+                                             match_hidden_units, permute_hidden_units, similarity_controls, random_network, similarity_measures,
                                              similarity_metrics, subspace_overlap)
 from pipeline_src.config import load_params, method_runs
 from pipeline_src.io import save_json, save_torch, state_dict_sha256
@@ -182,19 +182,24 @@ def test_control_rows_score_the_unrelated_networks(smoke_run):
     _save_model(_model_6c2f(seed=7), root / layout.vanilla_control("model.pt"), params["model"])
     save_json({"test_accuracy": 21.5, "epochs": 3}, root / layout.vanilla_control("metrics.json"))
 
-    second = control_metrics(params, "vanilla_control", root)
+    both = similarity_controls(params, root)
+    second, random = both["vanilla_control"], both["random"]
     assert second["control"] == "vanilla_control" and second["test_accuracy"] == 21.5
     assert second["rank"] == params["duet"]["rank"] and abs(second["similarity_mean"]) < 10.0
+    assert second["seed"] == control_seed(params)
+    assert control_metrics(params, "vanilla_control", root)["similarity_mean"] == second["similarity_mean"]
 
-    random = control_metrics(params, "random", root)
     torch.manual_seed(12345)                # its own seed: the global random state does not matter
     network = random_network(params, torch.device("cpu"))
     state = torch.random.get_rng_state()
     assert random["weights_sha256"] == state_dict_sha256(network.state_dict())
     assert torch.equal(torch.random.get_rng_state(), state) and torch.equal(
         random_network(params, torch.device("cpu")).body[0].weight, network.body[0].weight)
-    upper = math.prod(operator_norm_upper_bound(layer) for layer in network.weight_layers())
-    assert random["lipschitz_upper"] == pytest.approx(upper, rel=1e-12)
+    # The Lipschitz product: guaranteed upper bounds per layer (checked on the cheap layers).
+    layers, upper = network.weight_layers(), random["spectral_norms"]["upper"]
+    for k in (0, 1, len(layers) - 1):
+        assert upper[k] == pytest.approx(operator_norm_upper_bound(layers[k]), rel=1e-12)
+    assert random["lipschitz_upper"] == pytest.approx(math.prod(upper), rel=1e-12)
     assert random["lipschitz_upper"] >= random["lipschitz_estimate"]
     for control in ("vanilla_control", "random"):
         written = json.loads((root / control_outputs(params)[control]).read_text())

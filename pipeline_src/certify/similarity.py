@@ -32,9 +32,9 @@ layer, C_out x C_in*k*k for a convolution), all in percent:
     (both sides for a square layer), so it is reported at the run's rank only.
 
 The run's rank is `duet.rank` for every run but a Duet grid point, which is
-measured at its own rank. The `similarity_control` and `similarity_random`
-stages score Table 1's control rows with the same measures: a second vanilla
-model trained from another seed, and the certified architecture at
+measured at its own rank. The `similarity_control` stage scores Table 1's
+control rows with the same measures: a second vanilla model trained from
+another seed (the `vanilla_control` stage), and the certified architecture at
 initialisation."""
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from ..io import git_commit, load_json, save_json, state_dict_sha256
 from ..models import build_model
-from ..paths import RunLayout, control_seed, similarity_rank, similarity_settings
+from ..paths import SIMILARITY_CONTROLS, RunLayout, control_seed, similarity_rank, similarity_settings
 from ..spectral.rotation import exact_rotation, layer_matrix, rotation_cosine
 from ..training.common import resolve_device, stage_seed
 from .certifiers import layer_norms, sound_numerics
@@ -227,10 +227,12 @@ def _with_means(measures: dict, prefix: str = "") -> dict:
     return out
 
 
-def comparison_metrics(model, vanilla, rank: int | str) -> dict:
+def comparison_metrics(model, vanilla, rank: int | str, vanilla_svds: list | None = None) -> dict:
     """All measures of a model against the vanilla model, plain and channel-matched
-    (one SVD per layer and model: the matched model's factors are the permuted ones)."""
-    svds, vanilla_svds = layer_svds(model), layer_svds(vanilla)
+    (one SVD per layer and model: the matched model's factors are the permuted ones;
+    `vanilla_svds`, the vanilla model's layer_svds, when already computed)."""
+    svds = layer_svds(model)
+    vanilla_svds = layer_svds(vanilla) if vanilla_svds is None else vanilla_svds
     plain = measures_from_svds(svds, vanilla_svds, rank)
     perms, unit_cosines = match_hidden_units(model, vanilla)
     matched = measures_from_svds(permuted_svds(svds, perms), vanilla_svds, rank)
@@ -291,13 +293,13 @@ def random_network(params: dict, device: torch.device):
         return build_model(params["model"]).to(device).eval()
 
 
-def control_metrics(params: dict, control: str, root: Path) -> dict:
+def control_metrics(params: dict, control: str, root: Path, vanilla=None, vanilla_svds: list | None = None) -> dict:
     """A control row of Table 1 against the vanilla model, at `duet.rank`: the second
     vanilla model (`vanilla_control`) or a network at initialisation (`random`), with
     its Lipschitz product (guaranteed upper bound per layer, as the certifier's)."""
     layout = RunLayout.of(params)
     device = resolve_device(params["run"]["device"])
-    vanilla = load_trained(root / layout.vanilla_model, device)
+    vanilla = load_trained(root / layout.vanilla_model, device) if vanilla is None else vanilla
     settings = similarity_settings(params)
     extra = {}
     if control == "vanilla_control":
@@ -321,7 +323,7 @@ def control_metrics(params: dict, control: str, root: Path) -> dict:
         "weights_sha256": state_dict_sha256(model.state_dict()),
         "vanilla_weights_sha256": state_dict_sha256(vanilla.state_dict()),
         **extra,
-        **comparison_metrics(model, vanilla, params["duet"]["rank"]),
+        **comparison_metrics(model, vanilla, params["duet"]["rank"], vanilla_svds),
         "lipschitz_upper": norms.lipschitz_upper,
         "lipschitz_estimate": norms.report()["lipschitz_estimate"],
         "spectral_norms": norms.report(),
@@ -330,3 +332,12 @@ def control_metrics(params: dict, control: str, root: Path) -> dict:
     save_json(metrics, root / layout.similarity_control(control))
     print(f"[similarity] control {control}: {_summary_line(metrics)}")
     return metrics
+
+
+def similarity_controls(params: dict, root: Path) -> dict[str, dict]:
+    """The `similarity_control` stage: every control row of Table 1 (SIMILARITY_CONTROLS),
+    the vanilla model loaded and decomposed once."""
+    layout = RunLayout.of(params)
+    vanilla = load_trained(root / layout.vanilla_model, resolve_device(params["run"]["device"]))
+    vanilla_svds = layer_svds(vanilla)
+    return {control: control_metrics(params, control, root, vanilla, vanilla_svds) for control in SIMILARITY_CONTROLS}

@@ -212,7 +212,7 @@ def collect_controls(params: dict, root: Path, vanilla: dict) -> dict[str, dict]
     offset = similarity_settings(params)["control_seed_offset"]
     for control, rel in control_outputs(params).items():
         path = root / rel
-        metrics = _read_json(path, f"similarity_{'control' if control == 'vanilla_control' else control}", "")
+        metrics = _read_json(path, "similarity_control", "")
         checks = {"control": control, "rank": params["duet"]["rank"], "control_seed_offset": offset,
                   "vanilla_weights_sha256": vanilla["weights_sha256"]}
         if control == "vanilla_control":

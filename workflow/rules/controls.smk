@@ -36,16 +36,18 @@ if CONTROLS:
             stage_command("vanilla_control")
 
     rule similarity_control:
-        """Table 1's control row: the second vanilla model against the vanilla model."""
+        """Table 1's control rows: the second vanilla model and the certified architecture at
+        initialisation (its own seed), each against the vanilla model."""
         input:
             code=CODE["similarity"],
             model=LAYOUT.vanilla_control("model.pt"),
             trained=LAYOUT.vanilla_control("metrics.json"),
             vanilla=LAYOUT.vanilla_model,
         output:
-            metrics=CONTROLS["vanilla_control"],
+            **CONTROLS,
         params:
             run=P["run"],
+            model=P["model"],
             duet=P["duet"],
             certify=P["certify"],
             similarity=P["similarity"],
@@ -58,26 +60,3 @@ if CONTROLS:
             runtime=30,
         shell:
             stage_command("similarity_control")
-
-    rule similarity_random:
-        """Table 1's control row: the certified architecture at initialisation against the vanilla model."""
-        input:
-            code=CODE["similarity"],
-            vanilla=LAYOUT.vanilla_model,
-        output:
-            metrics=CONTROLS["random"],
-        params:
-            run=P["run"],
-            model=P["model"],
-            duet=P["duet"],
-            certify=P["certify"],
-            similarity=P["similarity"],
-        log:
-            LAYOUT.log("similarity_random"),
-        benchmark:
-            LAYOUT.benchmark("similarity_random")
-        resources:
-            mem_mb=8000,
-            runtime=30,
-        shell:
-            stage_command("similarity_random")
