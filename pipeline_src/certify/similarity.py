@@ -285,12 +285,18 @@ def random_control_seed(params: dict) -> int:
     return stage_seed(control_seed(params), "similarity", "random")
 
 
+def certified_model_params(params: dict) -> dict:
+    """The certified architecture as BCP (and Duet, paired with it) builds it: the
+    `model` block with the bcp block's `model` overrides (its initialisation)."""
+    return {**params["model"], **params["bcp"].get("model", {})}
+
+
 def random_network(params: dict, device: torch.device):
-    """The certified architecture (`model` block) at initialisation, from its own seed;
-    the global random state is left as it was."""
+    """The certified architecture at initialisation, from its own seed; the global
+    random state is left as it was."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(random_control_seed(params))
-        return build_model(params["model"]).to(device).eval()
+        return build_model(certified_model_params(params)).to(device).eval()
 
 
 def control_metrics(params: dict, control: str, root: Path, vanilla=None, vanilla_svds: list | None = None) -> dict:
@@ -311,8 +317,9 @@ def control_metrics(params: dict, control: str, root: Path, vanilla=None, vanill
     elif control == "random":
         model = random_network(params, device)
         seed = random_control_seed(params)
-        description = f"the {params['model']['arch']} {params['model']['activation']} network at initialisation " \
-                      f"({params['model']['init']}), seed {seed}"
+        spec = certified_model_params(params)
+        description = f"the {spec['arch']} {spec['activation']} network at initialisation ({spec['init']}, " \
+                      f"as BCP builds it), seed {seed}"
     else:
         raise ValueError(f"unknown similarity control '{control}'")
     with sound_numerics(model):

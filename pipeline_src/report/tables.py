@@ -246,7 +246,8 @@ def table1(inputs: ReportInputs) -> Table:
         f"r: the rank of each row, duet.rank = {base_rank} but for Duet grid points (their own rank). "
         "Init: scratch (the run's own seed) or vanilla init (the vanilla model's initial weights).",
         "Controls (not trained for robustness): a second vanilla model trained like the vanilla one from another "
-        "seed, and the certified architecture at initialisation from its own seed, each against the vanilla "
+        "seed, and the certified architecture at initialisation (as BCP builds it) from its own seed, each "
+        "against the vanilla "
         "model: what an unrelated network scores on each measure.",
         "Lipschitz bound: product of guaranteed upper bounds of the layers' operator norms (the certifier's); "
         "estimate: product of power-iteration estimates.",

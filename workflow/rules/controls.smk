@@ -2,7 +2,7 @@
 # unrelated to the vanilla model scores on the similarity measures. A second
 # vanilla model, trained exactly like `vanilla` from seed run.seed +
 # similarity.control_seed_offset, and the certified architecture at
-# initialisation (its own seed), each compared to the vanilla model with
+# initialisation (as BCP builds it, from its own seed), each compared to the vanilla model with
 # every measure of the similarity stage and given its Lipschitz product.
 
 CONTROLS = control_outputs(P)  # {control: its similarity metrics file}; {} when off
@@ -48,6 +48,7 @@ if CONTROLS:
         params:
             run=P["run"],
             model=P["model"],
+            bcp=P["bcp"],  # the random network is built as BCP builds its model (bcp.model)
             duet=P["duet"],
             certify=P["certify"],
             similarity=P["similarity"],
