@@ -51,7 +51,7 @@ from ..paths import SIMILARITY_CONTROLS, RunLayout, control_seed, similarity_ran
 from ..spectral.rotation import exact_rotation, layer_matrix, rotation_cosine
 from ..training.common import resolve_device, stage_seed
 from .certifiers import layer_norms, sound_numerics
-from .stage import load_trained
+from ..models.loading import load_trained
 
 # The measures of one comparison, each a per-layer list and its mean over layers (in %).
 MEASURES = ("similarity", "similarity_full_rank", "subspace_overlap_u", "subspace_overlap_v",
