@@ -106,12 +106,34 @@ def test_duet_grid_adds_runs_beside_the_base_run():
     assert params["duet"]["rank"] == 8                             # the params are not changed
 
 
-def test_paper_profile_ablates_lambda_on_a_log_grid_for_every_form():
-    runs = method_runs(load_params("paper"))
+def test_paper_profile_trains_the_papers_runs_only():
+    params = load_params("paper")
+    runs = method_runs(params)
+    assert list(runs) == ["lmt", "bcp", "localbcp", "duet"]
+    assert runs["duet"].config["lambda"] == 1.0 and runs["duet"].config["sim_form"] == "paper"
+    assert runs["duet"].config["cert_rotation"] == "normalized_weight"
+
+
+def test_ablation_profile_ablates_lambda_on_a_log_grid_for_every_form():
+    runs = method_runs(load_params("ablation"))
     duet = {(r.config["lambda"], r.config["sim_form"]) for r in runs.values() if r.method == "duet"}
     assert duet == {(lam, form) for lam in (0.01, 0.1, 1.0) for form in ("paper", "direction", "cosine")}
     assert runs["duet"].config["lambda"] == 1.0 and runs["duet"].config["sim_form"] == "paper"
-    assert "duet-r8-l0p01-cosine" in runs
+    assert "duet-r8-l0p01-cosine" in runs and {"lmt", "bcp", "localbcp"} <= set(runs)
+
+
+def test_init_variants_add_runs_from_the_other_initialisation():
+    params = load_params("smoke")
+    params["init_variants"] = ["scratch", "vanilla_init"]
+    runs = method_runs(params)
+    base = [name for name, run in runs.items() if run.config["init_from"] == "scratch"]
+    assert base == list(method_runs(load_params("smoke")))
+    assert [name for name in runs if name not in base] == [f"{name}-vinit" for name in base]
+    assert runs["bcp-vinit"].config["init_from"] == "vanilla_init" and runs["bcp-vinit"].method == "bcp"
+    params["bcp"] = {**params["bcp"], "init_from": "vanilla_init"}
+    runs = method_runs(params)
+    assert runs["bcp"].config["init_from"] == "vanilla_init" and runs["bcp-scratch"].config["init_from"] == "scratch"
+    assert "bcp-vinit" not in runs
 
 
 def test_smoke_profile_runs_two_duet_ranks():
