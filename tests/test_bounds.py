@@ -394,6 +394,31 @@ def test_translation_edge_cases():
     assert translation_upper_bound(c, low, high, zero).abs().max() <= 1e-12
 
 
+def test_translation_upper_bound_widens_the_box_to_contain_zero():
+    """Rounding can leave the centre a hair outside its box (low > 0 or high < 0 on a
+    coordinate). The bound is taken over the box widened to contain 0 (a larger set: still
+    an upper bound), so it equals the bound on the widened box and is never below 0, the
+    value at d = 0, even where every point of the unwidened box gives a negative c . d."""
+    c = torch.tensor([[[-1.0, 2.0, 0.5], [-1.0, -1.0, 0.0]]], dtype=torch.float64)
+    low = torch.tensor([[[1e-7, -0.2, -0.1]]], dtype=torch.float64)      # coordinate 0 above 0
+    high = torch.tensor([[[0.3, -1e-7, 0.2]]], dtype=torch.float64)     # coordinate 1 below 0
+    widened_low, widened_high = low.clamp_max(0.0), high.clamp_min(0.0)
+    for r in (0.05, 0.5, 5.0):
+        radius = torch.tensor([r], dtype=torch.float64)
+        bound = translation_upper_bound(c, low, high, radius)
+        torch.testing.assert_close(bound, translation_upper_bound(c, widened_low, widened_high, radius),
+                                   rtol=0, atol=0)
+        assert (bound >= 0).all(), bound
+        for i in range(2):
+            exact, _ = reference_translation(c[0, i], widened_low[0, 0], widened_high[0, 0], r)
+            assert exact - 1e-12 <= float(bound[0, i]) <= exact + 1e-6, (r, i, float(bound[0, i]), exact)
+    # A ball too small to reach the unwidened box (d_0 >= 1e-7 > r): that set is empty, the
+    # widened one is not; the bound is finite, >= 0 and at most r ||c||.
+    tiny = translation_upper_bound(c, low, high, torch.tensor([1e-9], dtype=torch.float64))
+    assert torch.isfinite(tiny).all() and (tiny >= 0).all()
+    assert (tiny <= 1e-9 * c.norm(dim=-1) * (1 + 1e-6)).all(), tiny
+
+
 # ------------------------------------------------------------------ 3. BCP rules by hand
 def linear(weight, bias) -> nn.Linear:
     module = nn.Linear(len(weight[0]), len(weight))
