@@ -20,10 +20,13 @@ arithmetic. Soundness rules, enforced here:
         z_y - z_i - t_i  >  MARGIN_RTOL * (|z_y| + |z_i| + |t_i|),
 
     with MARGIN_RTOL = 1e-6. A margin within a relative 1e-6 of zero is not
-    certified: the slack absorbs the float64 round-off of the propagation
-    (unit round-off 1.1e-16, accumulated over at most a few thousand terms per
-    dot product and a handful of layers) unless cancellation amplifies it by
-    more than about 1e9; this is an error argument, not interval arithmetic;
+    certified. The slack is for float64 round-off: a float64 dot product of
+    n <= 4096 terms errs by at most n u sum_j |w_j h_j| ~ 5e-13 sum_j |w_j h_j|
+    (u = 1.1e-16), so the rule leaves a factor of about 2e6 over that worst
+    case while the terms' magnitudes stay of the order of the quantities the
+    rule is relative to, layer after layer. This is an error argument, not
+    interval arithmetic: beyond the widened spectral norms and translation
+    bound, nothing is rounded outwards;
   * a point must also be classified correctly by the deployed float32 model
     (the `logits` the caller passes).
 
