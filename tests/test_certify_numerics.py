@@ -413,7 +413,7 @@ def write_tiny_run(tmp_path, activation: str, eps: float):
 
     params = load_params("smoke")
     params["certify"] = {**params["certify"], "eps": eps, "test_images": 40, "batch_size": 16,
-                         "radius_points": 3, "power_iterations": 20}
+                         "radius_points": 3, "power_iterations": 20, "reference_power_iterations": 30}
     params["pgd"] = {**params["pgd"], "steps": 5, "restarts": 1, "apgd": False, "batch_size": 16}
     layout = RunLayout.of(params)
     model = tiny_net("tiny_conv", activation, 5, scale=0.5, theta_max=0.5)
@@ -476,7 +476,7 @@ def test_certify_stage_float64_and_reference_estimate(tmp_path, activation, monk
         ref = saved["reference_estimates"]
         assert set(ref) == {"local_masked_power_iteration", "note", "power_iterations", "tolerance"}
         assert ref["note"] == "reference estimate, not guaranteed: masked conv norms by power iteration"
-        assert ref["power_iterations"] == 20 and ref["tolerance"] == 1e-3    # CPU: certify.power_iterations
+        assert ref["power_iterations"] == 30 and ref["tolerance"] == 1e-3    # certify.reference_power_iterations
         # Estimates are below the guaranteed norms: never fewer points than the certificate
         # (on this net, away from rounding at the boundary).
         assert saved["certified_accuracy"]["local"] <= ref["local_masked_power_iteration"] <= \
@@ -487,13 +487,11 @@ def test_certify_stage_float64_and_reference_estimate(tmp_path, activation, monk
 
 def test_reference_iterations():
     from pipeline_src.bounds.local import REFERENCE_POWER_ITERATIONS
+    from pipeline_src.config import load_params
 
-    cfg = {"power_iterations": 50}
     assert REFERENCE_POWER_ITERATIONS == 2000                   # the reference's --test_sniter
-    assert certify_stage.reference_iterations(cfg, torch.device("cuda")) == 2000
-    assert certify_stage.reference_iterations(cfg, torch.device("cpu")) == 50
-    assert certify_stage.reference_iterations({**cfg, "reference_power_iterations": 7},
-                                              torch.device("cuda")) == 7
+    assert load_params("paper")["certify"]["reference_power_iterations"] == REFERENCE_POWER_ITERATIONS
+    assert certify_stage.reference_iterations({"power_iterations": 50, "reference_power_iterations": 7}) == 7
 
 
 def test_reference_estimate_uses_masked_conv_power_iteration():

@@ -14,7 +14,8 @@ from ..io import git_commit, state_dict_sha256, save_json
 from ..paths import RunLayout
 from ..training.common import device_name, resolve_device
 from .certifiers import fp32_numerics
-from .stage import load_trained, evaluated_test_split
+from ..models.loading import load_trained
+from .stage import evaluated_test_split
 
 
 class UnsoundCertificateError(RuntimeError):

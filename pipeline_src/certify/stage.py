@@ -32,8 +32,8 @@ from ..data.loader import DeviceBatches
 from ..config import method_runs
 from ..io import git_commit, state_dict_sha256, save_json, save_torch
 from ..methods import METHODS
-from ..models import build_model
 from ..models.architectures import CertifiableNet
+from ..models.loading import load_trained
 from ..paths import RunLayout
 from ..training.common import device_name, make_generator, resolve_device, stage_seed
 from .certifiers import (MARGIN_RTOL, certified_at, certifiers_for, float64_model, layer_norms,
@@ -47,15 +47,12 @@ NUMERICS = (f"certificates in float64 (a float64 copy of the model, float64 inpu
 REFERENCE_NOTE = "reference estimate, not guaranteed: masked conv norms by power iteration"
 
 
-def reference_iterations(cfg: dict, device: torch.device) -> int:
-    """The cap on the reference estimate's power iterations: `certify.reference_power_iterations`
-    where the params have it (not in the schema yet); else the reference's 2000 on a GPU, and
-    `certify.power_iterations` on a CPU, where 2000 per-example masked iterations through
-    6C2F's convolutions take many minutes per hundred images (the smoke run). The count used
-    is written beside the estimate."""
-    if cfg.get("reference_power_iterations"):
-        return int(cfg["reference_power_iterations"])
-    return REFERENCE_POWER_ITERATIONS if device.type == "cuda" else int(cfg["power_iterations"])
+def reference_iterations(cfg: dict) -> int:
+    """The cap on the reference estimate's power iterations (`certify.reference_power_iterations`:
+    the reference's 2000 in params.yaml; the smoke profile sets a few, since 2000 per-example
+    masked iterations through 6C2F's convolutions take minutes per hundred images on a CPU).
+    The count used is written beside the estimate."""
+    return int(cfg["reference_power_iterations"])
 
 
 def reference_estimate_certified(model64: CertifiableNet, x: torch.Tensor, y: torch.Tensor,
@@ -74,13 +71,6 @@ def evaluated_test_split(data, certify_cfg: dict) -> tuple[torch.Tensor, torch.T
     return data.test_x[:limit], data.test_y[:limit]
 
 
-def load_trained(path: Path, device: torch.device) -> torch.nn.Module:
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    model = build_model(state["model"])
-    model.load_state_dict(state["state_dict"])
-    return model.to(device).eval()
-
-
 def certify_model(params: dict, method: str, root: Path) -> dict:
     layout = RunLayout.of(params)
     cfg = params["certify"]
@@ -94,7 +84,7 @@ def certify_model(params: dict, method: str, root: Path) -> dict:
     radii = [2.0 * eps * k / steps for k in range(steps + 1)]
     certifiers = certifiers_for(model)
     reference = model.activation_name == "clipped_relu"
-    iterations = reference_iterations(cfg, device)
+    iterations = reference_iterations(cfg)
     generator = make_generator(stage_seed(params["run"]["seed"], "certify", method, "reference"), device)
     with sound_numerics(model):
         norms = layer_norms(model, cfg["power_iterations"], params["run"]["seed"])
