@@ -6,6 +6,7 @@ Kept free of torch so that the Snakefile can import it cheaply.
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -39,11 +40,28 @@ def deep_merge(base: dict, override: dict) -> dict:
     return merged
 
 
+class ParamsLoader(yaml.SafeLoader):
+    """YAML as a person writes params: `1e-3` and `5E-6` are numbers (PyYAML's YAML 1.1
+    resolver wants a dot, `1.0e-3`, and reads `1e-3` as a string), and a hex digest is a
+    string even when all its digits are decimal (`000...0` would become the integer 0)."""
+
+
+ParamsLoader.yaml_implicit_resolvers = {key: list(value) for key, value in
+                                        yaml.SafeLoader.yaml_implicit_resolvers.items()}
+for _first in "0123456789abcdef":
+    ParamsLoader.yaml_implicit_resolvers.setdefault(_first, []).insert(
+        0, ("tag:yaml.org,2002:str", re.compile(r"^[0-9a-f]{64}$")))
+ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ParamsError(f"{path}: params file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=ParamsLoader)
     except yaml.YAMLError as err:
         raise ParamsError(f"{path}: not valid YAML ({err})") from None
     if data is None:
@@ -57,8 +75,19 @@ def load_schema(root: Path = PROJECT_ROOT) -> dict:
     return yaml.safe_load((root / SCHEMA).read_text())
 
 
-def validate_params(params: dict, source: str = "params", root: Path = PROJECT_ROOT) -> None:
-    """Raise ParamsError naming the first offending key (dotted path)."""
+def _holds(mapping: dict, path: list) -> bool:
+    """Whether the nested mapping sets the key at `path` (or one of its parents)."""
+    for part in path:
+        if not isinstance(mapping, dict) or part not in mapping:
+            return False
+        mapping = mapping[part]
+    return True
+
+
+def validate_params(params: dict, source: str = "params", root: Path = PROJECT_ROOT,
+                    override: tuple[dict, str] | None = None) -> None:
+    """Raise ParamsError naming the first offending key (dotted path) and the file that
+    sets it: `override` (its params, its name) when that file sets the key, else `source`."""
     import jsonschema
 
     validator = jsonschema.Draft202012Validator(load_schema(root))
@@ -67,6 +96,11 @@ def validate_params(params: dict, source: str = "params", root: Path = PROJECT_R
         return
     err = errors[0]
     key = ".".join(str(p) for p in err.absolute_path)
+    if override is not None:
+        path = list(err.absolute_path)
+        if err.validator == "additionalProperties":
+            path += sorted(set(err.instance) - set(err.schema.get("properties", {})))[:1]
+        source = override[1] if path and _holds(override[0], path) else source.split(" + ")[0]
     if err.validator == "additionalProperties":
         # jsonschema reports the parent; name the unknown key itself.
         unknown = sorted(set(err.instance) - set(err.schema.get("properties", {})))
@@ -87,11 +121,27 @@ def load_params(profile: str = PAPER_PROFILE, root: Path = PROJECT_ROOT,
             known = sorted(p.parent.name for p in (root / "profiles").glob("*/params.yaml"))
             raise ParamsError(
                 f"profile '{profile}': {override} not found (profiles: {', '.join([PAPER_PROFILE] + known)})")
-        params = deep_merge(params, _read_yaml(override))
+        override_params = _read_yaml(override)
+        params = deep_merge(params, override_params)
         source = f"{base_path.name} + {override.relative_to(root)}"
-    validate_params(params, source, root)
+        validate_params(params, source, root, (override_params, str(override.relative_to(root))))
+    else:
+        validate_params(params, source, root)
+    check_schedules(params, source)
     params["profile"] = profile
     return params
+
+
+def check_schedules(params: dict, source: str) -> None:
+    """A ramp that ends after the last epoch never reaches eps_train: refuse it."""
+    for method, cfg in params.items():
+        if not (isinstance(cfg, dict) and {"epochs", "warmup_epochs", "ramp_epochs"} <= cfg.keys()):
+            continue   # not a certified method's block
+        if cfg["warmup_epochs"] + cfg["ramp_epochs"] > cfg["epochs"]:
+            raise ParamsError(
+                f"{source}: key '{method}.ramp_epochs': warm-up ({cfg['warmup_epochs']}) + ramp "
+                f"({cfg['ramp_epochs']}) epochs exceed {method}.epochs ({cfg['epochs']}): eps would never "
+                f"reach eps_train")
 
 
 def run_dir(params: dict, root: Path | None = None) -> Path:

@@ -10,7 +10,7 @@ import yaml
 
 from conftest import ROOT
 from pipeline_src.cli import main
-from pipeline_src.config import ParamsError, deep_merge, load_params, method_runs, run_dir
+from pipeline_src.config import PROJECT_ROOT, ParamsError, deep_merge, load_params, method_runs, run_dir
 
 
 def test_paper_profile_is_the_papers_configuration():
@@ -187,3 +187,49 @@ def test_git_commit_names_the_commit_of_a_copy(tmp_path, monkeypatch):
     monkeypatch.setenv("PIPELINE_GIT_COMMIT", "f831cb0")
     assert git_commit(tmp_path) == "f831cb0+copy"
     assert git_commit(Path(__file__).resolve().parents[1]) == "f831cb0+copy"
+
+
+# ---------------------------------------------------------------- what a person writes
+def _project_copy(tmp_path: Path) -> Path:
+    for rel in ("params.yaml", "workflow/schemas/params.schema.yaml", "profiles/smoke/params.yaml"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(PROJECT_ROOT / rel, tmp_path / rel)
+    return tmp_path
+
+
+def test_numbers_in_any_yaml_spelling_and_hashes_as_strings(tmp_path):
+    root = _project_copy(tmp_path)
+    profile = root / "profiles/smoke/params.yaml"
+    zeros = "0" * 64
+    profile.write_text(profile.read_text() + f"\nbcp:\n  lr: 1e-3\n  weight_decay: 5E-6\n"
+                       f"data:\n  sha256: {zeros}\n")
+    params = load_params("smoke", root)
+    assert params["bcp"]["lr"] == 0.001 and params["bcp"]["weight_decay"] == 5e-6
+    assert params["data"]["sha256"] == zeros            # not the integer 0
+    assert load_params("smoke")["bcp"]["lr"] == 0.001
+
+
+def test_a_bad_key_names_the_file_that_sets_it(tmp_path):
+    root = _project_copy(tmp_path)
+    profile = root / "profiles/smoke/params.yaml"
+    original = profile.read_text()
+    profile.write_text(original.replace("  val_size: 100", "  val_size: -5"))
+    with pytest.raises(ParamsError, match=r"^profiles/smoke/params\.yaml: key 'data\.val_size'"):
+        load_params("smoke", root)
+    profile.write_text(original + "\nbcp:\n  bogus: 1\n")
+    with pytest.raises(ParamsError, match=r"^profiles/smoke/params\.yaml: unknown key 'bcp\.bogus'"):
+        load_params("smoke", root)
+    profile.write_text(original)
+    base = root / "params.yaml"
+    base.write_text(base.read_text().replace("  val_size: 5000", "  val_size: 5000\n  extra: 1"))
+    with pytest.raises(ParamsError, match=r"^params\.yaml: unknown key 'data\.extra'"):
+        load_params("smoke", root)
+
+
+def test_a_ramp_past_the_last_epoch_is_refused(tmp_path):
+    root = _project_copy(tmp_path)
+    profile = root / "profiles/smoke/params.yaml"
+    profile.write_text(profile.read_text().replace("  ramp_epochs: 1\n  batch_size: 64\n  compile: false",
+                                                   "  ramp_epochs: 5\n  batch_size: 64\n  compile: false", 1))
+    with pytest.raises(ParamsError, match=r"key 'bcp\.ramp_epochs'.*exceed bcp\.epochs \(2\)"):
+        load_params("smoke", root)
