@@ -46,7 +46,7 @@ def _time_steps(step, batches, warmup_steps: int, steps: int, device: torch.devi
 
 
 def _guide_root(params: dict, root: Path, arch: str) -> Path:
-    """Where Duet's guide is read: the run's own vanilla model and SVD export when they
+    """Where Duet's (and Duet-local's) guide is read: the run's own vanilla model and SVD export when they
     have this architecture; otherwise (a depth comparison) a random vanilla model of
     `arch` and its export in a scratch folder: the cost does not depend on the weights."""
     import tempfile
@@ -151,7 +151,7 @@ def benchmark(params: dict, root: Path, methods: list[str], arch: str | None, wa
     timed = compile_variants(timed, compiled)
     floor_batch = params["bcp"]["batch_size"]
     run("floor", floor_batch, params["model"], plain_step)
-    guide_root = _guide_root(params, root, arch) if any(m == "duet" for _, m, _ in timed) else root
+    guide_root = _guide_root(params, root, arch) if any(METHODS[m].reads_guide for _, m, _ in timed) else root
     for name, method_name, cfg in timed:
 
         def method_step(model, optimizer, generator, method_name=method_name, cfg=cfg):

@@ -166,8 +166,32 @@ def benchmark_methods(params: dict) -> list[str]:
     return params["benchmark"].get("methods") or params["methods"]
 
 
-# Duet's ablation grid: each list given in the duet block adds runs that differ
-# from the base `duet` run in that key.
+class MethodFacts(NamedTuple):
+    """What the DAG and the report need to know of a certified method, kept free of torch
+    (the Snakefile reads this module). The method classes (pipeline_src/methods/) carry
+    the same facts as attributes; registering a class checks that they agree."""
+    label: str                # the method's name in the tables and figures
+    paired_with: str | None   # the method this one is plus a term: for a seed both start from
+                              # the same weights and see the same batches (Table 2 pairs them)
+    similarity_term: bool     # adds Duet's similarity term: reads the vanilla model and its SVD
+                              # export, and its block's ranks/lambdas/sim_forms span a grid
+
+
+# One row per certified method. Adding a method: a module in pipeline_src/methods/, a
+# params block (params.yaml and the schema) and a row here.
+METHOD_FACTS = {
+    "lmt": MethodFacts("LMT", None, False),
+    "bcp": MethodFacts("BCP", None, False),
+    "localbcp": MethodFacts("LocalBCP", None, False),
+    "duet": MethodFacts("Duet", "bcp", True),
+    "gloro": MethodFacts("GloRo", None, False),
+    "duet_local": MethodFacts("Duet-local", "localbcp", True),
+}
+
+
+# The ablation grid of a method with the similarity term (Duet, Duet-local): each list
+# given in its block adds runs that differ from the base run (named after the method) in
+# that key.
 DUET_GRID = {"ranks": "rank", "lambdas": "lambda", "sim_forms": "sim_form"}
 
 
@@ -183,7 +207,7 @@ INIT_SUFFIX = {"scratch": "scratch", "vanilla_init": "vinit"}
 
 class CertifiedRun(NamedTuple):
     """One certified training run of the DAG."""
-    method: str   # lmt | bcp | localbcp | duet: the module that trains it
+    method: str   # a key of METHOD_FACTS (lmt, bcp, ...): the module that trains it
     config: dict  # the method's params block, with the grid point's values
     seed: int     # run.seed, or one of `seeds`
     group: str    # the run name without its seed: the row of the tables
@@ -196,10 +220,11 @@ def seed_run_name(group: str, seed: int) -> str:
 def method_runs(params: dict) -> dict[str, CertifiedRun]:
     """{run name: CertifiedRun} for every certified training run.
 
-    Every method in `methods` runs once under its own name; Duet also runs once
-    per point of its ablation grid (`duet.ranks` x `duet.lambdas` x
-    `duet.sim_forms`, a missing list meaning the base value) other than the
-    base point, named e.g. `duet-r4-l0p1-direction`. With `init_variants` set,
+    Every method in `methods` runs once under its own name; a method with the
+    similarity term (Duet, Duet-local) also runs once per point of its ablation
+    grid (`duet.ranks` x `duet.lambdas` x `duet.sim_forms`, a missing list
+    meaning the base value) other than the base point, named e.g.
+    `duet-r4-l0p1-direction` (`duet_local-r1-l1-paper`). With `init_variants` set,
     each of these also runs from every listed initialisation other than its own
     (`init_from`), named e.g. `bcp-vinit`. With `seeds` set, each of
     these runs once per seed, named with the seed (`bcp-s1`); without it, once
@@ -210,14 +235,14 @@ def method_runs(params: dict) -> dict[str, CertifiedRun]:
     for method in params["methods"]:
         cfg = params[method]
         groups[method] = (method, cfg)
-        if method != "duet":
+        if not METHOD_FACTS[method].similarity_term:
             continue
         axes = {key: cfg.get(grid) or [cfg[key]] for grid, key in DUET_GRID.items()}
         for values in itertools.product(*axes.values()):
             point = dict(zip(axes, values))
             if all(point[k] == cfg[k] for k in point):
                 continue
-            name = "-".join(["duet"] + [_grid_value_name(k, v) for k, v in point.items()])
+            name = "-".join([method] + [_grid_value_name(k, v) for k, v in point.items()])
             groups[name] = (method, {**cfg, **point})
     # `init_variants`: every run also from the other initialisations, named after them
     # (`bcp-vinit`: BCP started from the vanilla model's initial weights).

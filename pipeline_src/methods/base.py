@@ -10,12 +10,21 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import METHOD_FACTS
 from ..models.architectures import CertifiableNet, CleanPass
 
 METHODS: dict[str, type["CertifiedMethod"]] = {}
 
 
 def register(cls: type["CertifiedMethod"]) -> type["CertifiedMethod"]:
+    """Add a method to METHODS; its pairing and guide must be those `config.METHOD_FACTS`
+    gives it (the torch-free copy the DAG and the report read)."""
+    facts = METHOD_FACTS.get(cls.name)
+    if facts is None:
+        raise TypeError(f"method '{cls.name}' has no row in pipeline_src/config.py METHOD_FACTS")
+    if (cls.paired_with, cls.reads_guide) != (facts.paired_with, facts.similarity_term):
+        raise TypeError(f"method '{cls.name}': paired_with={cls.paired_with!r}, reads_guide={cls.reads_guide} "
+                        f"disagree with METHOD_FACTS ({facts})")
     METHODS[cls.name] = cls
     return cls
 
@@ -23,7 +32,7 @@ def register(cls: type["CertifiedMethod"]) -> type["CertifiedMethod"]:
 @dataclass
 class StepBounds:
     """What a method computed for one batch."""
-    worst_logits: torch.Tensor          # z_hat (B, C)
+    worst_logits: torch.Tensor          # z_hat (B, C), or (B, C + 1) with GloRo's bottom logit
     lipschitz: torch.Tensor             # product of the layer norms used (a scalar)
     # A term that belongs to the robust loss (weighted with it by 1 - kappa), or None.
     penalty: torch.Tensor | None = None
@@ -117,6 +126,12 @@ class GlobalNormMethod(CertifiedMethod):
 
     def layer_norms(self) -> list[torch.Tensor]:
         return self.power.norms(self.model.weight_layers(), self.cfg["power_iterations"])
+
+    def step_norms(self) -> list[torch.Tensor]:
+        """This step's layer norms for the bound: one power-iteration step of the
+        persistent vectors (a subclass that computed them already this step, as Duet's
+        similarity term does, hands those over)."""
+        return self.layer_norms()
 
     def state_dict(self):
         return {"power": self.power.state_dict()}

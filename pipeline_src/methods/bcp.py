@@ -38,10 +38,6 @@ class BCP(GlobalNormMethod):
         super().__init__(model, cfg, generator, num_examples, context)
         self.worst_logits = worst_logits_function(cfg)
 
-    def step_norms(self) -> list[torch.Tensor]:
-        """This step's layer norms (a subclass may have computed them already)."""
-        return self.layer_norms()
-
     def bounds(self, x, y, logits, eps, index):
         sigmas = self.step_norms()
         worst = self.worst_logits(self.model, x, y, eps, sigmas, self.cfg["translation_iterations"],

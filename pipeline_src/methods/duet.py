@@ -21,6 +21,9 @@ uses). The open choices are params (`duet.*`, docs/duet-method.md):
   detach_probe   false (default): the term's gradient also reaches earlier layers
                  through x_l, as Algorithm 1 differentiates the total loss
 The certificate is BCP's: the added term changes training, never the bound.
+
+The term is `SimilarityTerm`, mixed into BCP here and into LocalBCP by
+`methods/duet_local.py` (Duet-local): one code for both.
 """
 from __future__ import annotations
 
@@ -46,21 +49,24 @@ def resolve_rank(rank: int | str, matrix_shape: tuple[int, int]) -> int:
     return full if rank == "full" else min(int(rank), full)
 
 
-@register
-class Duet(BCP):
-    """BCP's bounds and certificate, plus the similarity regulariser."""
-    name = "duet"
-    certifier = "bcp"
-    paired_with = "bcp"   # same initial weights and batches as BCP for a seed: a paired comparison
+class SimilarityTerm:
+    """Duet's similarity regulariser, mixed in before a method that tracks its layers'
+    spectral norms by persistent power iteration (`GlobalNormMethod`): `Duet(SimilarityTerm,
+    BCP)`, `DuetLocal(SimilarityTerm, LocalBCP)`. It adds lambda * loss_sim at every step
+    and hands the step's sigmas, which the term computed first (Algorithm 1 line 7), to the
+    method's own bound through `step_norms` (one SpecNormCal serves both, lines 7-8). With
+    lambda = 0 it computes nothing and the method is exactly the one it is mixed into.
+    Its keys (`lambda`, `sim_form`, `cert_rotation`, `probe`, `detach_probe`, `rank`,
+    `layers`) are read from the method's own params block."""
     reads_guide = True
 
     def __init__(self, model, cfg, generator, num_examples, context=None):
         super().__init__(model, cfg, generator, num_examples, context)
         for key, allowed in (("sim_form", SIM_FORMS), ("cert_rotation", CERT_ROTATIONS), ("probe", PROBES)):
             if cfg[key] not in allowed:
-                raise ValueError(f"duet.{key}: '{cfg[key]}' is not one of {allowed}")
+                raise ValueError(f"{self.name}.{key}: '{cfg[key]}' is not one of {allowed}")
         if context is None or "guide" not in context:
-            raise ValueError("duet needs the vanilla model and its SVD factors (context['guide'])")
+            raise ValueError(f"{self.name} needs the vanilla model and its SVD factors (context['guide'])")
         guide = context["guide"]
         layers = model.weight_layers()
         self.layer_ids = list(range(len(layers))) if cfg["layers"] == "all" else list(cfg["layers"])
@@ -77,7 +83,6 @@ class Duet(BCP):
         self._inputs = None
         self._sigmas = None
 
-    # -- the interface ------------------------------------------------------------------------
     def forward(self, x):
         logits = super().forward(x)
         self._inputs = None
@@ -145,12 +150,23 @@ class Duet(BCP):
         return self.cfg["lambda"] * torch.stack(terms).sum()
 
     def step_norms(self):
+        """The sigmas the term computed this step (the method's bound uses the very same
+        tensors); without the term (lambda = 0), the method's own power-iteration step."""
         sigmas, self._sigmas = (self._sigmas or self.layer_norms()), None
         return sigmas
 
     def after_step(self) -> None:
         super().after_step()
         self._inputs = None
+        self._sigmas = None   # a warm-up step computes sigmas that no bound uses
+
+
+@register
+class Duet(SimilarityTerm, BCP):
+    """BCP's bounds and certificate, plus the similarity regulariser."""
+    name = "duet"
+    certifier = "bcp"
+    paired_with = "bcp"   # same initial weights and batches as BCP for a seed: a paired comparison
 
 
 def load_guide(root: Path, layout, device: torch.device) -> dict:

@@ -25,7 +25,7 @@ class LocalBCP(GlobalNormMethod):
     def bounds(self, x, y, logits, eps, index):
         boxes: list = []
         worst, local_lipschitz = local_worst_logits(
-            self.model, x, y, eps, self.layer_norms(), self.local_power, index,
+            self.model, x, y, eps, self.step_norms(), self.local_power, index,
             self.cfg["local_power_iterations"], self.cfg["translation_iterations"], boxes=boxes,
             clean=self.clean_pass(x))
         penalty = None

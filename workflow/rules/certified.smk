@@ -3,11 +3,14 @@
 # point of Duet's ablation grid (config.method_runs). The rule param `method`
 # carries the run's params block (dvc.yaml maps it to the method's key).
 
+from pipeline_src.config import METHOD_FACTS
+
 
 def train_inputs(wildcards):
-    """Duet also reads the vanilla model and its SVD factors."""
+    """A method with Duet's similarity term (Duet, Duet-local) also reads the vanilla
+    model and its SVD factors."""
     inputs = {"code": CODE["train"], "cache": LAYOUT.data_cache}
-    if RUNS[wildcards.method].method == "duet":
+    if METHOD_FACTS[RUNS[wildcards.method].method].similarity_term:
         inputs.update(vanilla=LAYOUT.vanilla_model, factors=LAYOUT.svd_factors)
     return inputs
 
