@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..config import INIT_SUFFIX, CertifiedRun, method_runs
+from ..config import INIT_SUFFIX, METHOD_FACTS, CertifiedRun, method_runs
 from ..paths import SIMILARITY_CONTROLS, RunLayout, control_outputs, control_seed, similarity_rank, similarity_settings
 
-METHOD_LABELS = {"lmt": "LMT", "bcp": "BCP", "localbcp": "LocalBCP", "duet": "Duet", "vanilla": "Vanilla"}
+METHOD_LABELS = {**{name: facts.label for name, facts in METHOD_FACTS.items()}, "vanilla": "Vanilla"}
 
 
 class ReportError(ValueError):
@@ -40,19 +40,19 @@ def base_group(group: str, run: CertifiedRun) -> str:
 
 
 def is_method_base(group: str, run: CertifiedRun) -> bool:
-    """The method's own run (whatever its initialisation), not a point of Duet's grid:
-    the rows that have a number in the paper."""
+    """The method's own run (whatever its initialisation), not a point of a similarity
+    grid (Duet's, Duet-local's): the rows that have a number in the paper."""
     return base_group(group, run) == run.method
 
 
 def group_label(group: str, run: CertifiedRun) -> str:
-    """`BCP`; a Duet grid point shows the values it changes: `Duet r=1 λ=0.1 direction`;
-    an `init_variants` run its initialisation: `BCP (vanilla init)`."""
+    """`BCP`; a grid point shows the values it changes: `Duet r=1 λ=0.1 direction`
+    (`Duet-local r=4 ...`); an `init_variants` run its initialisation: `BCP (vanilla init)`."""
     if is_method_base(group, run):
         label = METHOD_LABELS[run.method]
     else:
         cfg = run.config
-        label = f"Duet r={cfg['rank']} λ={cfg['lambda']:g} {cfg['sim_form']}"
+        label = f"{METHOD_LABELS[run.method]} r={cfg['rank']} λ={cfg['lambda']:g} {cfg['sim_form']}"
     return label if base_group(group, run) == group else f"{label} ({INIT_LABELS[init_from(run.config)]})"
 
 

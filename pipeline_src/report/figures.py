@@ -39,8 +39,9 @@ SIZES = {  # inches; pixels are these times DPI
 }
 FIGURES = REPORT_FIGURES  # the names the rules declare; each has a size and a builder
 FORMATS = ("png", "pdf")
-METHOD_COLOURS = {"lmt": "#7f7f7f", "bcp": "#1f77b4", "localbcp": "#2ca02c", "duet": "#d62728"}
-GRID_COLOURS = ["#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf", "#f4a582", "#762a83"]
+METHOD_COLOURS = {"lmt": "#7f7f7f", "bcp": "#1f77b4", "localbcp": "#2ca02c", "duet": "#d62728",
+                  "gloro": "#17becf", "duet_local": "#8c564b"}
+GRID_COLOURS = ["#ff7f0e", "#9467bd", "#e377c2", "#bcbd22", "#f4a582", "#762a83", "#4d9221", "#c51b7d"]
 STRONG = ("duet", "bcp")  # the paper's comparison; other groups are drawn lighter
 
 

@@ -1,9 +1,11 @@
 """The published numbers, for the columns labelled as the paper's.
 
-Every number here is typed in from a paper; none is ours. Each table says
+Every number here is typed in from a publication; none is ours. Each table says
 where its numbers come from: the Duet paper took the LMT and BCP rows of its
 Table 2 from BCP's paper (Lee et al. 2020) and the LocalBCP row from Huang et
 al. 2021, and measured Tables 1 and 3 itself (PyTorch 2.0.0, one NVIDIA A40).
+GloRo is not in the Duet paper's tables: its row's number is GloRo's own
+(`GLORO`), labelled as such. Duet-local has no published number.
 """
 from __future__ import annotations
 
@@ -11,6 +13,11 @@ DUET = "Duet paper"
 LEE_2020 = "Lee et al. 2020 (BCP), via the Duet paper"
 HUANG_2021 = "Huang et al. 2021 (LocalBCP), via the Duet paper"
 PAPER_DEVICE = "NVIDIA A40"
+# Leino et al. 2021 (GloRo, ICML), as its authors' repository states it: github.com/klasleino/gloro,
+# README.md, "Best Results" (CIFAR-10, radius 0.141, 6C2F: VRA 0.600), which the authors call
+# "more up-to-date" than, and possibly above, the paper's table. It gives no clean or PGD
+# accuracy, so those cells stay empty.
+GLORO = "GloRo's authors (Leino et al. 2021, klasleino/gloro README, Best Results), not the Duet paper"
 
 # Table 1: rotation-matrix similarity (%) and Lipschitz constant.
 TABLE1 = {
@@ -28,6 +35,7 @@ TABLE2 = {
     "bcp": {"clean": 65.7, "pgd": 60.8, "certified": 51.3, "source": LEE_2020},
     "localbcp": {"clean": 70.7, "pgd": 64.8, "certified": 54.3, "source": HUANG_2021},
     "duet": {"clean": 69.46, "pgd": 61.8, "certified": 50.37, "source": DUET},
+    "gloro": {"clean": None, "pgd": None, "certified": 60.0, "source": GLORO},
 }
 
 # Table 3: seconds per epoch and memory (GB) of training, on the paper's A40.

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..config import METHOD_FACTS
 from ..io import save_text
 from ..paths import REPORT_TABLES, RunLayout
 from . import paper
@@ -284,7 +285,8 @@ def _table2_values(runs: list[RunResult]) -> dict[str, list[float]]:
 
 def paired_differences(duet: list[RunResult], bcp: list[RunResult]) -> tuple[list[int], dict[str, list[float]]]:
     """Per seed both have, Duet − BCP (they start from the same weights and see the same
-    batches for a seed): the seeds and the differences of clean, PGD and certified accuracy."""
+    batches for a seed): the seeds and the differences of clean, PGD and certified accuracy.
+    The same for any method and the one it is paired with (Duet-local − LocalBCP)."""
     by_seed = {r.seed: r for r in bcp}
     seeds = sorted(r.seed for r in duet if r.seed in by_seed)
     mine = {r.seed: _table2_values([r]) for r in duet}
@@ -301,14 +303,28 @@ def _reference_estimates(runs: list[RunResult]) -> list[float]:
             and r.certify["reference_estimates"].get("local_masked_power_iteration") is not None]
 
 
+def paired_base(method: str) -> str | None:
+    """The method a method is paired with (Duet: BCP, Duet-local: LocalBCP), or None."""
+    facts = METHOD_FACTS.get(method)
+    return facts.paired_with if facts else None
+
+
+def paired_title(inputs: ReportInputs) -> str:
+    """The paired columns' name: `Duet − BCP`, and each other pair that has rows
+    (`Duet − BCP / Duet-local − LocalBCP`)."""
+    methods = dict.fromkeys(inputs.of_group(g)[0].method for g in inputs.groups)
+    pairs = [f"{METHOD_LABELS[m]} − {METHOD_LABELS[paired_base(m)]}" for m in methods if paired_base(m)]
+    return " / ".join(pairs) or "Duet − BCP"
+
+
 def table2(inputs: ReportInputs) -> Table:
     header = ["Method", "Init"]
     for name, title in zip(TABLE2_METRICS, ("Clean", "PGD", "Certified")):
         header += [f"{title} (%)", f"{title}, paper (%)", f"Δ {title.lower() if title != 'PGD' else title}"]
-    header += ["Duet − BCP, clean (paired)", "Duet − BCP, PGD (paired)", "Duet − BCP, certified (paired)",
+    pair = paired_title(inputs)
+    header += [f"{pair}, clean (paired)", f"{pair}, PGD (paired)", f"{pair}, certified (paired)",
                "Paired seeds (n)", REFERENCE_ESTIMATE, "Certifier", "Paper's source"]
 
-    paper_bcp = paper.TABLE2["bcp"]
     rows, records = [], []
     vanilla_published = paper.TABLE2["vanilla"]
     clean = inputs.vanilla["test_accuracy"]
@@ -323,8 +339,11 @@ def table2(inputs: ReportInputs) -> Table:
         method = runs[0].method
         measured = _table2_values(runs)
         published = paper.TABLE2.get(method) if runs[0].base else None
-        bcp_group = same_init_group(inputs, "bcp", runs[0].init_from) if method == "duet" else None
+        # A method that is another plus a term is compared with that one (same initialisation).
+        base = paired_base(method)
+        bcp_group = same_init_group(inputs, base, runs[0].init_from) if base else None
         bcp = _table2_values(inputs.of_group(bcp_group)) if bcp_group else None
+        paper_base = paper.TABLE2.get(base) if base else None
         row = [runs[0].label, init_text(runs)]
         record = {"method": method, "run_group": group, "label": runs[0].label, "init_from": runs[0].init_from}
         for name in TABLE2_METRICS:
@@ -332,14 +351,17 @@ def table2(inputs: ReportInputs) -> Table:
             cell = fmt_summary(measured[name])
             paper_value = published[name] if published else None
             paper_cell = fmt(paper_value)
-            # As the paper prints Duet: its difference to BCP beside clean and certified accuracy.
-            if method == "duet" and name != "pgd":
+            # As the paper prints Duet: its difference to BCP beside clean and certified accuracy
+            # (Duet-local: to LocalBCP).
+            if base and name != "pgd":
                 if bcp is not None:
                     to_bcp = mean - summary(bcp[name])[0]
                     cell += f" ({fmt_signed(to_bcp)})"
-                    record[f"{name}_diff_bcp"] = to_bcp
-                if published:
-                    paper_cell += f" ({fmt_signed(paper_value - paper_bcp[name])})"
+                    record[f"{name}_diff_base"] = to_bcp
+                    if base == "bcp":
+                        record[f"{name}_diff_bcp"] = to_bcp
+                if paper_value is not None and paper_base and paper_base[name] is not None:
+                    paper_cell += f" ({fmt_signed(paper_value - paper_base[name])})"
             row += [cell, paper_cell, fmt_signed(_diff(mean, paper_value))]
             record.update({f"{name}_mean": mean, f"{name}_std": std, f"{name}_paper": paper_value,
                            f"{name}_diff_paper": _diff(mean, paper_value), "n": n})
@@ -348,7 +370,9 @@ def table2(inputs: ReportInputs) -> Table:
             row += [fmt_paired(differences[name]) for name in TABLE2_METRICS] + [str(len(seeds))]
             for name in TABLE2_METRICS:
                 mean, se, _ = standard_error(differences[name])
-                record.update({f"{name}_paired_diff_bcp_mean": mean, f"{name}_paired_diff_bcp_se": se})
+                record.update({f"{name}_paired_diff_mean": mean, f"{name}_paired_diff_se": se})
+                if base == "bcp":
+                    record.update({f"{name}_paired_diff_bcp_mean": mean, f"{name}_paired_diff_bcp_se": se})
             record.update(paired_n=len(seeds), paired_seeds=" ".join(map(str, seeds)), paired_with=bcp_group)
         else:
             row += [DASH] * 4
@@ -363,19 +387,25 @@ def table2(inputs: ReportInputs) -> Table:
     notes = [
         "Clean and certified: the certify stage on the test images (guaranteed spectral bounds); "
         "certified with the method's own sound certifier (bcp: BCP boxes and ball; lipschitz: global margin; "
-        "local: local Lipschitz bound). PGD: the pgd stage (l2 PGD and APGD; a point counts only if it "
-        "survives both), which also checks that no certified point is broken.",
+        "gloro: GloRo's margin bound, per class pair; local: local Lipschitz bound). PGD: the pgd stage (l2 PGD "
+        "and APGD; a point counts only if it survives both), which also checks that no point certified by any "
+        "certifier is broken.",
         "Duet's cells show, in brackets, its difference to BCP as the paper prints it (ours: measured BCP with "
-        "the same initialisation, difference of the means).",
-        "Duet − BCP (paired): for each seed both have (for a seed, BCP and every Duet run start from the same "
-        "weights and see the same batches), Duet's accuracy minus BCP's; mean ± standard error over the n "
-        "pairs (n/a with one pair).",
+        "the same initialisation, difference of the means); Duet-local's, its difference to LocalBCP.",
+        f"{pair} (paired): for each seed both have (for a seed, BCP and every Duet run start from the same "
+        "weights and see the same batches; so do LocalBCP and Duet-local), the method's accuracy minus its "
+        "base's; mean ± standard error over the n pairs (n/a with one pair).",
         f"{REFERENCE_ESTIMATE}: for clipped-ReLU (LocalBCP) models, the certified accuracy the LocalBCP "
         "reference's evaluation would report (masked norms by power iteration): an estimate, not a certificate; "
         "blank where the certify stage did not compute it.",
         f"Vanilla: clean accuracy of the guide model on the whole test split "
         f"({inputs.provenance['images']['test']:,} images).",
     ]
+    if any(inputs.of_group(g)[0].method == "gloro" for g in inputs.groups):
+        notes.append("GloRo's paper columns: its authors' own number, not the Duet paper's (GloRo is not in the "
+                     "Duet paper's tables): the verified-robust accuracy its repository's README lists as its best "
+                     "CIFAR-10 result at radius 0.141 with a 6C2F network (60.0%); no clean or PGD accuracy is "
+                     "given there.")
     return Table(2, "Clean, PGD and certified accuracy", header, rows, pd.DataFrame(records), notes)
 
 
