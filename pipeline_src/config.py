@@ -127,6 +127,10 @@ def load_params(profile: str = PAPER_PROFILE, root: Path = PROJECT_ROOT,
         validate_params(params, source, root, (override_params, str(override.relative_to(root))))
     else:
         validate_params(params, source, root)
+    unknown = sorted(set(params.get("committed_runs") or []) - set(method_runs(params)))
+    if unknown:
+        raise ParamsError(f"{source}: key 'committed_runs': {', '.join(unknown)} not runs of this profile "
+                          f"({', '.join(method_runs(params))})")
     check_schedules(params, source)
     params["profile"] = profile
     return params
@@ -257,3 +261,14 @@ def method_runs(params: dict) -> dict[str, CertifiedRun]:
                 for group, (method, cfg) in groups.items()}
     return {seed_run_name(group, seed): CertifiedRun(method, cfg, seed, group)
             for group, (method, cfg) in groups.items() for seed in seeds}
+
+
+def runs_to_train(params: dict) -> dict[str, CertifiedRun]:
+    """The runs of `method_runs` that the DAG trains, certifies, attacks and compares:
+    all but those listed in `committed_runs`. A committed run's metrics files and history
+    are in git (results/<run>/, no weights); the report stages read them like any other
+    run's, but no train, certify, pgd or similarity job exists for it, so neither
+    Snakemake nor DVC can try to rebuild it (nor needs its weights). This is how the
+    seeds of successive GPU windows add up (README, GPU window)."""
+    committed = set(params.get("committed_runs") or [])
+    return {name: run for name, run in method_runs(params).items() if name not in committed}

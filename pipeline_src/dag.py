@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from .config import (BASE_PARAMS, PAPER_PROFILE, PROJECT_ROOT, load_params, method_runs,
-                     profile_override_path)
+                     profile_override_path, runs_to_train)
 
 HEADER = ("# Generated from the Snakemake workflow by `python -m pipeline_src export-dvc`;\n"
           "# do not edit: change workflow/rules/*.smk and regenerate.\n")
@@ -61,7 +61,8 @@ def workflow_rules(profile: str = PAPER_PROFILE, root: Path = PROJECT_ROOT) -> d
 
 
 # Where a wildcard's values come from: the DAG runs one job per value.
-WILDCARD_VALUES = {"method": lambda params: list(method_runs(params))}
+# A committed run (`committed_runs`) has no stage: its metrics files are plain deps of the report.
+WILDCARD_VALUES = {"method": lambda params: list(runs_to_train(params))}
 
 
 def workflow_stages(profile: str = PAPER_PROFILE, root: Path = PROJECT_ROOT) -> list[Stage]:
