@@ -34,6 +34,7 @@ rule train:
         LAYOUT.benchmark("train_{method}")
     resources:
         gpu=1,
+        gpu_jobs=1,
         mem_mb=16000,
         runtime=600,
     shell:
@@ -58,6 +59,7 @@ rule certify:
         LAYOUT.benchmark("certify_{method}")
     resources:
         gpu=1,
+        gpu_jobs=1,
         mem_mb=8000,
         runtime=60,
     shell:
@@ -83,6 +85,7 @@ rule pgd:
         LAYOUT.benchmark("pgd_{method}")
     resources:
         gpu=1,
+        gpu_jobs=1,
         mem_mb=8000,
         runtime=120,
     shell:

@@ -1,5 +1,11 @@
 # Shared by every rule: how a stage is invoked and which code it runs.
 
+# Resources of the stages that use the GPU: `gpu=1` asks a cluster executor for a card
+# per job (profiles/slurm); `gpu_jobs=1` is one of the jobs that share one card on a
+# single machine: `snakemake --cores 16 --resources gpu_jobs=6` runs up to six of them
+# at once on it (small networks leave a GPU idle; tools/gpu_window.sh). Without
+# --resources, neither limits a local run: --cores does.
+
 # `python -m pipeline_src <stage>` for the selected profile; stdout and stderr
 # go to the terminal and to the rule's log.
 def stage_command(stage, method=False):

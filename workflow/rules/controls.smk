@@ -30,6 +30,7 @@ if CONTROLS:
             LAYOUT.benchmark("vanilla_control")
         resources:
             gpu=1,
+            gpu_jobs=1,
             mem_mb=16000,
             runtime=240,
         shell:

@@ -45,6 +45,7 @@ if P["benchmark"]["enabled"]:
             LAYOUT.benchmark("benchmark")
         resources:
             gpu=1,
+            gpu_jobs=1,
             mem_mb=16000,
             runtime=30,
         shell:

@@ -17,6 +17,7 @@ rule vanilla:
         LAYOUT.benchmark("vanilla")
     resources:
         gpu=1,
+        gpu_jobs=1,
         mem_mb=16000,
         runtime=240,
     shell:
