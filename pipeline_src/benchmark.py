@@ -8,9 +8,18 @@ training set at the method's batch size; the eps used is the method's
 eps_train (the full bound, as after the ramp). Numbers are only comparable
 within one run on one device; the output names the device. CPU numbers say
 nothing about a GPU.
+
+With `benchmark.concurrency` (e.g. [1, 2, 4, 6]) it also times k BCP trainings at
+once on the device, one process each (as Snakemake runs k train jobs sharing a
+card, `--resources gpu_jobs=k`): the aggregate images per second and how much
+slower each training runs than alone. Small networks leave a GPU mostly idle
+(the step is bound by kernel launches), so k trainings can cost far less than k
+times one; `fit-epochs` and tools/window_fit.py size concurrent schedules from it.
 """
 from __future__ import annotations
 
+import os
+import queue
 import shutil
 import time
 from pathlib import Path
@@ -155,25 +164,8 @@ def benchmark(params: dict, root: Path, methods: list[str], arch: str | None, wa
     for name, method_name, cfg in timed:
 
         def method_step(model, optimizer, generator, method_name=method_name, cfg=cfg):
-            if cfg.get("compile"):
-                # A fresh compilation per row: rows of other models would otherwise pile up
-                # recompilations of the same function towards dynamo's limit.
-                torch._dynamo.reset()
-            method = build_method(method_name, model, cfg, generator, n_train,
-                                  method_context(method_name, guide_root, layout, device))
-
-            def step(x, y, index):
-                logits = method.forward(x)  # the order of a training step
-                regulariser = method.regulariser(x, y, logits)
-                bounds = method.bounds(x, y, logits, cfg["eps_train"], index)
-                loss, _ = certified_loss(F.cross_entropy(logits, y), bounds, y, cfg["kappa_final"])
-                if regulariser is not None:
-                    loss = loss + regulariser
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                method.after_step()
-            return step
+            return certified_step(model, optimizer, generator, method_name, cfg, n_train, guide_root, layout,
+                                  device)
 
         run(name, cfg["batch_size"], {**params["model"], **cfg.get("model", {})}, method_step)
     if guide_root != root:  # the stand-in guide was read into memory; its scratch folder goes
@@ -190,9 +182,14 @@ def benchmark(params: dict, root: Path, methods: list[str], arch: str | None, wa
               "train_images": n_train, "warmup_steps": warmup_steps, "timed_steps": steps,
               "note": "seconds per epoch extrapolated from the timed steps; TF32 off",
               "rows": rows, "git_commit": git_commit(root)}
+    counts = params["benchmark"].get("concurrency")
+    if counts and arch == params["model"]["arch"]:
+        result["concurrency"] = concurrency_benchmark(params, root, counts, warmup_steps, steps)
     out = root / layout.benchmark_result(arch)
     save_json(result, out)
     print(markdown_table(result))
+    if "concurrency" in result:
+        print(concurrency_markdown_table(result["concurrency"]))
     print(f"[benchmark] wrote {out}")
     return result
 
@@ -217,4 +214,148 @@ def markdown_table(result: dict) -> str:
         to_bcp = "" if row["ratio_to_bcp"] is None else f"{row['ratio_to_bcp']:.2f}"
         lines.append(f"| {row['method']} | {row['batch_size']} | {row['seconds_per_epoch']:.2f} | "
                      f"{row['peak_memory_mb']:.0f} | {row['ratio_to_floor']:.2f} | {to_bcp} |")
+    return "\n".join(lines)
+
+
+def certified_step(model, optimizer, generator, method_name: str, cfg: dict, n_train: int, guide_root: Path,
+                   layout: RunLayout, device: torch.device):
+    """One training step of a certified method, in the order of the training loop."""
+    if cfg.get("compile"):
+        # A fresh compilation per row: rows of other models would otherwise pile up
+        # recompilations of the same function towards dynamo's limit.
+        torch._dynamo.reset()
+    method = build_method(method_name, model, cfg, generator, n_train,
+                          method_context(method_name, guide_root, layout, device))
+
+    def step(x, y, index):
+        logits = method.forward(x)  # the order of a training step
+        regulariser = method.regulariser(x, y, logits)
+        bounds = method.bounds(x, y, logits, cfg["eps_train"], index)
+        loss, _ = certified_loss(F.cross_entropy(logits, y), bounds, y, cfg["kappa_final"])
+        if regulariser is not None:
+            loss = loss + regulariser
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        method.after_step()
+    return step
+
+
+# ------------------------------------------------------------------ k trainings at once
+
+CONCURRENCY_METHOD = "bcp"
+# How long the main process waits for a worker (start-up, compilation, a round) before
+# it gives up: a worker that died must not hang the benchmark.
+WORKER_TIMEOUT_S = 900
+
+
+def _concurrent_worker(worker: int, params: dict, root: str, method_name: str, warmup_steps: int,
+                       inbox, outbox) -> None:
+    """One training process: its own model, optimizer and batches (its own seed); warm-up
+    (and compilation) first, then on each request `steps` timed steps, reported as the
+    system-wide monotonic times they started and ended."""
+    try:
+        root_path = Path(root)
+        layout = RunLayout.of(params)
+        device = resolve_device(params["run"]["device"])
+        use_fp32_numerics()
+        data = load_cache(root_path / layout.data_cache)
+        cfg = params[method_name]
+        generator = make_generator(params["run"]["seed"] + worker, device)
+        model = build_model({**params["model"], **cfg.get("model", {})}).to(device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        batches = DeviceBatches(data.train_x, data.train_y, cfg["batch_size"], device, shuffle=True,
+                                crop_padding=4, flip=True, generator=generator, with_indices=True,
+                                drop_last=True)
+        step = certified_step(model, optimizer, generator, method_name, cfg, len(data.train_y), root_path,
+                              layout, device)
+
+        def batch_stream():
+            while True:
+                yield from batches
+
+        stream = batch_stream()
+        for _ in range(warmup_steps):
+            step(*next(stream))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        outbox.put((worker, "ready", None))
+        while (steps := inbox.get()) is not None:
+            started = time.monotonic()
+            for _ in range(steps):
+                step(*next(stream))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            outbox.put((worker, "round", (started, time.monotonic())))
+    except Exception as err:  # noqa: BLE001 - reported to the main process, which stops
+        outbox.put((worker, "error", f"{type(err).__name__}: {err}"))
+
+
+def concurrency_benchmark(params: dict, root: Path, counts: list[int], warmup_steps: int, steps: int) -> dict:
+    """Aggregate images per second of k concurrent BCP trainings for each k in `counts`
+    (1 is always measured: the reference), one process each, all started (and compiled)
+    once: round k runs `steps` timed steps in the first k processes at once while the
+    others wait. The wall time of a round is from the first start to the last end."""
+    import multiprocessing
+
+    counts = sorted(set(counts) | {1})
+    method_name = CONCURRENCY_METHOD
+    batch = params[method_name]["batch_size"]
+    context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+    outbox = context.Queue()
+    inboxes = [context.Queue() for _ in range(max(counts))]
+    workers = [context.Process(target=_concurrent_worker, daemon=True,
+                               args=(i, params, str(root), method_name, warmup_steps, inboxes[i], outbox))
+               for i in range(max(counts))]
+    for process in workers:
+        process.start()
+
+    def receive(expected: str):
+        try:
+            worker, kind, payload = outbox.get(timeout=WORKER_TIMEOUT_S)
+        except queue.Empty:
+            raise RuntimeError(f"benchmark: no answer from the concurrent workers in {WORKER_TIMEOUT_S} s") from None
+        if kind == "error" or kind != expected:
+            raise RuntimeError(f"benchmark: concurrent worker {worker} failed: {payload}")
+        return payload
+
+    rows = []
+    try:
+        for _ in workers:
+            receive("ready")
+        for k in counts:
+            for inbox in inboxes[:k]:
+                inbox.put(steps)
+            spans = [receive("round") for _ in range(k)]
+            wall = max(end for _, end in spans) - min(start for start, _ in spans)
+            each = sum(end - start for start, end in spans) / k / steps
+            rows.append({"jobs": k, "wall_seconds": wall, "seconds_per_step_each": each,
+                         "images_per_second": k * steps * batch / wall})
+    finally:
+        for inbox in inboxes:
+            inbox.put(None)
+        for process in workers:
+            process.join(timeout=60)
+            if process.is_alive():
+                process.kill()
+    alone = rows[0]
+    for row in rows:
+        row["speedup_over_one"] = row["images_per_second"] / alone["images_per_second"]
+        # How much longer an epoch of each training takes than alone: what fit-epochs scales by.
+        row["slowdown_each"] = row["jobs"] / row["speedup_over_one"]
+    return {"method": method_name, "batch_size": batch, "timed_steps": steps, "warmup_steps": warmup_steps,
+            "compiled": bool(params[method_name].get("compile")),
+            "mps": os.environ.get("PIPELINE_MPS", "") == "1",
+            "note": "k processes train at once, each its own model and batches; images per second over "
+                    "the wall time from the first start to the last end",
+            "rows": rows}
+
+
+def concurrency_markdown_table(concurrency: dict) -> str:
+    lines = [f"{concurrency['method']} trainings at once (one process each, batch {concurrency['batch_size']}, "
+             f"{'compiled' if concurrency['compiled'] else 'eager'}, MPS {'on' if concurrency['mps'] else 'off'})",
+             "", "| jobs | images / s | × one job | each job's slowdown |", "| ---: | ---: | ---: | ---: |"]
+    for row in concurrency["rows"]:
+        lines.append(f"| {row['jobs']} | {row['images_per_second']:.0f} | {row['speedup_over_one']:.2f} | "
+                     f"{row['slowdown_each']:.2f} |")
     return "\n".join(lines)

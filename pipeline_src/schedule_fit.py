@@ -72,9 +72,37 @@ def rewrite_block(text: str, block: str, values: dict[str, int]) -> str:
     return "".join(lines)
 
 
-def fit_epochs(params: dict, root: Path, method: str, budget_s: float) -> dict[str, int]:
+def benchmark_row(result: dict, name: str, compiled: bool) -> dict | None:
+    """A method's (or run's) row of a benchmark result: the compiled one (`bcp+compile`)
+    when its block compiles and the benchmark has it, else the plain one."""
+    rows = {row["method"]: row for row in result["rows"]}
+    return (rows.get(f"{name}+compile") if compiled else None) or rows.get(name)
+
+
+def concurrency_slowdown(result: dict, jobs: int) -> float:
+    """How many times longer each of `jobs` trainings sharing the device takes than one
+    alone, from the benchmark's concurrency rows (benchmark.concurrency): linear between
+    the measured counts; past the largest, the aggregate images per second stays at its
+    last value (the slowdown grows in proportion). Without a measurement: `jobs` (as if
+    the jobs ran one after another: the safe side)."""
+    if jobs <= 1:
+        return 1.0
+    rows = sorted((result.get("concurrency") or {}).get("rows", []), key=lambda row: row["jobs"])
+    if not rows:
+        return float(jobs)
+    points = [(1, 1.0)] + [(row["jobs"], row["slowdown_each"]) for row in rows if row["jobs"] > 1]
+    for (k0, s0), (k1, s1) in zip(points, points[1:]):
+        if k0 <= jobs <= k1:
+            return s0 + (s1 - s0) * (jobs - k0) / (k1 - k0)
+    k_last, s_last = points[-1]
+    return s_last * jobs / k_last
+
+
+def fit_epochs(params: dict, root: Path, method: str, budget_s: float, concurrent_jobs: int = 1) -> dict[str, int]:
     """Write into the profile the schedule of `method` that fits `budget_s` seconds of
-    training, from this run's benchmark; returns the schedule written."""
+    training, from this run's benchmark; returns the schedule written. With
+    `concurrent_jobs` > 1 the method trains beside that many others on the device, each
+    epoch `concurrency_slowdown` times longer than the benchmark's row alone."""
     profile_file = profile_override_path(params["profile"], root)
     if profile_file is None:
         raise ValueError(f"fit-epochs edits a profile's params file; '{params['profile']}' is "
@@ -83,19 +111,110 @@ def fit_epochs(params: dict, root: Path, method: str, budget_s: float) -> dict[s
     result_path = root / layout.benchmark_result(params["model"]["arch"])
     if not result_path.is_file():
         raise FileNotFoundError(f"{result_path}: run the benchmark first")
-    rows = {row["method"]: row for row in json.loads(result_path.read_text())["rows"]}
-    if method not in rows:
-        raise ValueError(f"{result_path} has no row for '{method}' (rows: {', '.join(rows)})")
+    result = json.loads(result_path.read_text())
+    row = benchmark_row(result, method, bool(params[method].get("compile")))
+    if row is None:
+        raise ValueError(f"{result_path} has no row for '{method}' "
+                         f"(rows: {', '.join(r['method'] for r in result['rows'])})")
     # The profile's epochs are the most it may get (so a refit never lengthens a run).
     most = params[method]["epochs"]
     if params[method].get("compile"):
         budget_s -= COMPILE_S
-    epochs = affordable_epochs(rows[method]["seconds_per_epoch"], budget_s, most)
+    slowdown = concurrency_slowdown(result, concurrent_jobs)
+    epochs = affordable_epochs(row["seconds_per_epoch"] * slowdown, budget_s, most)
     if epochs < 3:
         raise ValueError(f"{budget_s:.0f} s fit {epochs} epochs of {method} at "
-                         f"{rows[method]['seconds_per_epoch']:.1f} s each: too few to train")
+                         f"{row['seconds_per_epoch']:.1f} s each: too few to train")
     schedule = scaled_schedule(read_base_params(root)[method], epochs)
     profile_file.write_text(rewrite_block(profile_file.read_text(), method, schedule))
-    print(f"[fit-epochs] {method}: {rows[method]['seconds_per_epoch']:.2f} s per epoch measured, "
+    print(f"[fit-epochs] {method}: {row['seconds_per_epoch']:.2f} s per epoch measured"
+          f"{f' (x{slowdown:.2f} beside {concurrent_jobs - 1} other jobs)' if concurrent_jobs > 1 else ''}, "
           f"{budget_s:.0f} s -> {schedule} written to {profile_file}")
     return schedule
+
+
+# ------------------------------------------------------------------ the GPU window
+# One command runs a profile's whole DAG with the certified runs sharing the card
+# (tools/gpu_window.sh): data -> vanilla -> SVD -> Duet is the critical path; LMT,
+# BCP and LocalBCP start as soon as the data is there. The seconds below are the
+# stages around the training, estimated (not measured on a GPU yet); the window's
+# own log (results/<run>/WINDOW.md) records what they took.
+WINDOW_COSTS = {
+    "start_s": 30.0,    # wheels installed, Snakemake builds the DAG, first imports
+    "data_s": 45.0,     # decoding the JPEG archive (60,000 images, one core)
+    "svd_s": 15.0,      # the SVD export of the vanilla model
+    "eval_s": 120.0,    # certify (float64, 10,000 test images), PGD + APGD, similarity of the last run
+    "report_s": 45.0,   # tables, figures, REPORT.md
+}
+# A vanilla epoch against the benchmark's floor row (same network, batch, plain cross-entropy)
+# plus its validation pass: measured 1.1-1.2 s beside a 0.94-1.26 s floor on H100s.
+VANILLA_OVER_FLOOR = 1.25
+# LocalBCP writes its per-example vector cache (~10 GB in float16 for CIFAR-10) into every
+# epoch's checkpoint: an assumed cost per epoch, not measured.
+LOCALBCP_CHECKPOINT_S = 10.0
+# The runs that share one schedule: Duet is paired with BCP (same epochs, same batches per
+# seed) and LMT follows BCP's schedule in the papers.
+BCP_FAMILY = ("lmt", "bcp", "duet")
+
+
+def window_plan(params: dict, seconds_per_epoch: dict[str, float], budget_s: float,
+                slowdown_at, costs: dict | None = None, root: Path | None = None) -> dict:
+    """Epochs of each method's schedule for one window of `budget_s` seconds, from first
+    stage to REPORT.md. `seconds_per_epoch`: each training run's seconds per epoch alone
+    (run names or methods; `floor` for the vanilla model), `slowdown_at(k)`: how much longer
+    each of k jobs sharing the card takes (concurrency_slowdown). LMT, BCP and every Duet
+    run share one schedule, sized for the Duet runs, which start last (after the vanilla
+    model and the SVD); LocalBCP gets its own, from the end of the data stage."""
+    from .config import runs_to_train
+    from .paths import similarity_settings
+
+    costs = {**WINDOW_COSTS, **(costs or {})}
+    runs = runs_to_train(params)
+    methods = {run.method for run in runs.values()}
+    jobs = len(runs) + (1 if similarity_settings(params)["controls"] else 0)
+    slowdown = slowdown_at(jobs)
+    vanilla_s = params["vanilla"]["epochs"] * seconds_per_epoch["floor"] * VANILLA_OVER_FLOOR * slowdown
+    ready = costs["start_s"] + costs["data_s"]
+    tail = costs["eval_s"] + costs["report_s"]
+    base = read_base_params(root) if root is not None else read_base_params()
+    plan = {"budget_s": budget_s, "jobs_sharing_the_card": jobs, "slowdown_each": slowdown,
+            "vanilla_s": vanilla_s, "costs": costs, "families": {}}
+
+    def per_epoch(name: str, method: str) -> float:
+        alone = seconds_per_epoch.get(name, seconds_per_epoch.get(method))
+        if alone is None:
+            raise ValueError(f"window plan: no seconds per epoch for run '{name}' (method {method})")
+        extra = LOCALBCP_CHECKPOINT_S if method == "localbcp" and params[method].get("vector_cache") else 0.0
+        return alone * slowdown * BENCHMARK_SLACK + EPOCH_OVERHEAD_S + extra
+
+    family = sorted(m for m in methods if m in BCP_FAMILY)
+    for name, members, start in (("bcp family", family,
+                                  ready + (vanilla_s + costs["svd_s"] if "duet" in methods else 0.0)),
+                                 ("localbcp", sorted(methods & {"localbcp"}), ready)):
+        if not members:
+            continue
+        slowest = max(per_epoch(run.group, run.method) for run in runs.values() if run.method in members)
+        compiled = any(params[m].get("compile") for m in members)
+        train_s = budget_s - start - tail - (COMPILE_S if compiled else 0.0)
+        epochs = min(base[members[0]]["epochs"], max(0, math.floor(train_s / slowest)))
+        plan["families"][name] = {"methods": members, "starts_at_s": start, "training_s": train_s,
+                                  "seconds_per_epoch_shared": slowest, "epochs": epochs,
+                                  "schedules": {m: scaled_schedule(base[m], epochs) for m in members}
+                                  if epochs >= 3 else None}
+    return plan
+
+
+def write_window_plan(params: dict, root: Path, plan: dict) -> Path:
+    """Write a window plan's schedules into the profile's params file (comments kept)."""
+    profile_file = profile_override_path(params["profile"], root)
+    if profile_file is None:
+        raise ValueError("the window plan edits a profile's params file, not params.yaml")
+    text = profile_file.read_text()
+    for name, family in plan["families"].items():
+        if family["schedules"] is None:
+            raise ValueError(f"window plan: {family['training_s']:.0f} s fit {family['epochs']} epochs of "
+                             f"{name}: too few to train")
+        for method, schedule in family["schedules"].items():
+            text = rewrite_block(text, method, schedule)
+    profile_file.write_text(text)
+    return profile_file
