@@ -461,7 +461,7 @@ def test_certify_stage_float64_and_reference_estimate(tmp_path, activation, monk
     assert saved["numerics"] == metrics["numerics"] == certify_stage.NUMERICS
     assert "float64" in saved["numerics"] and "1e-06" in saved["numerics"]
     certified = torch.load(tmp_path / layout.certify(method, "certified.pt"), weights_only=False)
-    expected = ["lipschitz", "bcp"] + (["local"] if activation == "clipped_relu" else [])
+    expected = ["lipschitz", "gloro", "bcp"] + (["local"] if activation == "clipped_relu" else [])
     assert sorted(certified["certified"]) == sorted(expected)              # no estimate inside
     # The certificates equal certify_batch's on the same images.
     x = torch.load(tmp_path / layout.data_cache, weights_only=False)["test_x"].float() / 255.0

@@ -102,9 +102,10 @@ def _check_method_outputs(run_dir: Path, method: str) -> None:
     assert float(history[0]["kappa"]) == 1.0 and float(history[-1]["eps"]) > 0
     certify = json.loads((run_dir / "certify" / method / "metrics.json").read_text())
     assert set(certify["certified_accuracy"]) == (
-        {"lipschitz", "bcp", "local"} if method == "localbcp" else {"lipschitz", "bcp"})
+        {"lipschitz", "gloro", "bcp", "local"} if method in ("localbcp", "duet_local")
+        else {"lipschitz", "gloro", "bcp"})
     assert certify["headline_certifier"] == {"lmt": "lipschitz", "bcp": "bcp", "localbcp": "local",
-                                             "duet": "bcp"}[method]
+                                             "duet": "bcp", "gloro": "gloro", "duet_local": "local"}[method]
     curve = certify["radius_curve"]
     assert curve["radii"][0] == 0 and curve["bcp"][0] == pytest.approx(certify["clean_accuracy"])
     for name in certify["certified_accuracy"]:

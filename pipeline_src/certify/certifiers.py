@@ -14,8 +14,9 @@ arithmetic. Soundness rules, enforced here:
     duality (`bounds.bcp.certified_translation`);
   * the relative-margin rule: with z the float64 logits at x, y the label and
     t_i >= 0 the certifier's bound on how far the margin z_i - z_y can rise in
-    the ball (Lipschitz: t_i = sqrt(2) L eps for every i; BCP and local: the
-    translation bound of class i), x is certified iff for every wrong class i
+    the ball (Lipschitz: t_i = sqrt(2) L eps for every i; GloRo: t_i = eps
+    ||w_y - w_i|| prod_{l<L} sigma_l, the last layer's rows in float64; BCP and
+    local: the translation bound of class i), x is certified iff for every wrong class i
 
         z_y - z_i - t_i  >  MARGIN_RTOL * (|z_y| + |z_i| + |t_i|),
 
@@ -43,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from ..bounds.bcp import ball_box_bounds, certified_translation
+from ..bounds.gloro import certified_margin_shift
 from ..bounds.local import local_certified_state
 from ..models.architectures import CertifiableNet
 from ..spectral.operator_norm import operator_norm_upper_bound, power_iteration
@@ -96,6 +98,11 @@ class LayerNorms:
     def lipschitz_upper(self) -> float:
         return math.prod(self.upper)
 
+    @property
+    def sub_lipschitz_upper(self) -> float:
+        """The product of the guaranteed bounds of every layer but the last (GloRo's K_sub)."""
+        return math.prod(self.upper[:-1])
+
     def report(self) -> dict:
         return {"method": "upper: exact float64 SVD (dense), polyphase circular-conv DFT bound (conv); "
                           "estimate: power iteration",
@@ -119,12 +126,13 @@ def layer_norms(model: CertifiableNet, power_iterations: int = 200, seed: int = 
 
 
 def certifiers_for(model: CertifiableNet) -> list[str]:
-    """The certifiers reported for a model: the Lipschitz margin and BCP for all;
+    """The certifiers reported for a model: the Lipschitz margin, GloRo's margin
+    bound (as cheap, and never looser than the Lipschitz margin) and BCP for all;
     the local bound for clipped-ReLU models (the LocalBCP architecture). It is
     sound for plain ReLU too (`certified_at(..., "local", ...)`), but its
     per-example exact masked norms are the costliest certificate, so it is
     spent where the model was trained for it."""
-    names = ["lipschitz", "bcp"]
+    names = ["lipschitz", "gloro", "bcp"]
     if model.activation_name == "clipped_relu":
         names.append("local")
     return names
@@ -161,6 +169,15 @@ def certified_radius_lipschitz(logits: torch.Tensor, y: torch.Tensor, lipschitz:
     return radius.clamp_min(0.0)
 
 
+def gloro_certified(model: CertifiableNet, logits: torch.Tensor, y: torch.Tensor, eps: float,
+                    norms: LayerNorms) -> torch.Tensor:
+    """GloRo's margin bound (Leino et al. 2021) under the relative-margin rule: for every
+    i != y, z_y - z_i > eps ||w_y - w_i|| prod_{l<L} sigma_l^upper, with the last layer's rows
+    in float64 (`bounds.gloro.certified_margin_shift`); `logits` should be the float64 logits."""
+    last = model.weight_layers()[-1].module.weight
+    return margin_certified(logits, certified_margin_shift(last, y, norms.sub_lipschitz_upper, eps), y)
+
+
 def bcp_certified(model: CertifiableNet, x: torch.Tensor, y: torch.Tensor, eps: float,
                   norms: LayerNorms) -> torch.Tensor:
     """BCP's certificate in float64 under the relative-margin rule."""
@@ -191,6 +208,10 @@ def certified_at(name: str, model: CertifiableNet, x: torch.Tensor, y: torch.Ten
         if exact_logits is None:
             exact_logits = float64_model(model)(x.double())
         certified = lipschitz_certified(exact_logits, y, norms.lipschitz_upper, radius)
+    elif name == "gloro":
+        if exact_logits is None:
+            exact_logits = float64_model(model)(x.double())
+        certified = gloro_certified(model, exact_logits, y, radius, norms)
     elif name == "bcp":
         certified = bcp_certified(model, x, y, radius, norms)
     elif name == "local":

@@ -41,6 +41,7 @@ CODE = {
 }
 BOUND_CODE = MODEL_CODE + [
     "pipeline_src/bounds/bcp.py",
+    "pipeline_src/bounds/gloro.py",
     "pipeline_src/bounds/ibp.py",
     "pipeline_src/bounds/lipschitz.py",
     "pipeline_src/bounds/local.py",
@@ -52,6 +53,8 @@ METHOD_CODE = [
     "pipeline_src/methods/base.py",
     "pipeline_src/methods/bcp.py",
     "pipeline_src/methods/duet.py",
+    "pipeline_src/methods/duet_local.py",
+    "pipeline_src/methods/gloro.py",
     "pipeline_src/methods/lmt.py",
     "pipeline_src/methods/localbcp.py",
     "pipeline_src/spectral/rotation.py",

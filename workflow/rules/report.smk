@@ -1,7 +1,11 @@
 # The last stages: the paper's tables and figures from every run's metrics
 # files, and REPORT.md. Outputs marked report() go into `snakemake --report`.
 
+from pipeline_src.config import METHOD_FACTS
 from pipeline_src.paths import REPORT_FIGURES as FIGURES, REPORT_TABLES as TABLES
+
+# Every certified method's params block (the benchmark may time any; the report checks runs against them).
+METHOD_BLOCKS = list(METHOD_FACTS)
 
 
 def run_metrics(wildcards):
@@ -37,8 +41,7 @@ if P["benchmark"]["enabled"]:
         output:
             BENCHMARK_OUTPUTS,
         params:
-            **{name: P[name] for name in ("run", "model", "methods", "benchmark", "lmt", "bcp", "localbcp",
-                                          "duet")},
+            **{name: P[name] for name in ("run", "model", "methods", "benchmark", *METHOD_BLOCKS)},
         log:
             LAYOUT.log("benchmark"),
         benchmark:
@@ -55,8 +58,8 @@ if P["benchmark"]["enabled"]:
 # The params that decide which runs exist and what the tables check them against.
 REPORT_PARAMS = dict(run=P["run"], methods=P["methods"], seeds=P["seeds"], model=P["model"],
                      benchmark=P["benchmark"],
-                     certify=P["certify"], pgd=P["pgd"], lmt=P["lmt"], bcp=P["bcp"],
-                     localbcp=P["localbcp"], duet=P["duet"], vanilla=P["vanilla"],
+                     certify=P["certify"], pgd=P["pgd"], **{name: P[name] for name in METHOD_BLOCKS},
+                     vanilla=P["vanilla"],
                      **({"similarity": P["similarity"]} if "similarity" in P else {}))
 
 
