@@ -6,7 +6,8 @@
 #
 # Here, once per session (wheels and data travel in device_carry/, git-ignored):
 #   bash tools/device_wheels.sh && cp ../shared/data/cifar10-jpeg.tar.gz device_carry/
-# There (device tool `run`, carry ["device_carry"], timeout_s 600):
+# There (device tool `run`, timeout_s 600, carry ["device_carry/wheels",
+# "device_carry/cifar10-jpeg.tar.gz", "device_carry/checkpoints"]: ~33 MB of the 64 MiB):
 #   PIPELINE_GIT_COMMIT=<git rev-parse HEAD here> bash tools/gpu_window.sh
 # Here again, with the folder the files came back to:
 #   bash tools/window_collect.sh <files_at>
@@ -31,7 +32,8 @@
 #           checkpoints/ (parts carried back from a window cut short)
 # OUT       what comes back (at most 8 files of 16 MiB): window.tar.gz (results/<run>/
 #           without weights or data cache, WINDOW.md, the logs, the profile's params.yaml)
-#           and checkpoint parts of runs left unfinished (ckpt-<run>.part-NN)
+#           and checkpoint parts of runs left unfinished (ckpt-<run>.part-NN), at most
+#           CKPT_PARTS (2: what the 64 MiB carry has room for beside wheels and data)
 set -u -o pipefail
 started=$(date +%s)
 elapsed() { echo $(( $(date +%s) - started )); }
@@ -89,8 +91,9 @@ pack() {  # results without weights or data cache, the profile, the logs; checkp
   fi
   mkdir -p "$run_dir/logs" && mv "$OUT"/machine.txt "$OUT"/snakemake.log "$run_dir/logs/" 2>/dev/null
   tar -czf "$OUT/window.tar.gz" --exclude='*.pt' "$run_dir" "profiles/$PROFILE/params.yaml"
-  # Unfinished runs' checkpoints, Duet first (the critical path), while the 8-file limit allows.
-  local slots=7
+  # Unfinished runs' checkpoints, Duet first (the critical path), while CKPT_PARTS allows
+  # (the 8 files back, and the 64 MiB the next window can carry).
+  local slots=${CKPT_PARTS:-2}
   for ckpt in $(ls -S "$run_dir"/train/duet*/checkpoint.pt "$run_dir"/train/*/checkpoint.pt 2>/dev/null | awk '!seen[$0]++'); do
     local name size parts
     name=$(basename "$(dirname "$ckpt")"); size=$(stat -c %s "$ckpt")
