@@ -24,12 +24,13 @@ def similarity_settings(params: dict) -> dict:
 
 
 def similarity_rank(params: dict, run_name: str):
-    """The rank a run's similarity is measured at: a Duet run's own `rank` (a grid
-    point's, e.g. duet-r4-l1-paper at 4), `duet.rank` for every other method."""
-    from .config import method_runs
+    """The rank a run's similarity is measured at: the own `rank` of a run with Duet's
+    similarity term (a grid point's, e.g. duet-r4-l1-paper at 4; Duet-local's), `duet.rank`
+    for every other method."""
+    from .config import METHOD_FACTS, method_runs
 
     run = method_runs(params)[run_name]
-    return run.config["rank"] if run.method == "duet" else params["duet"]["rank"]
+    return run.config["rank"] if METHOD_FACTS[run.method].similarity_term else params["duet"]["rank"]
 
 
 def control_seed(params: dict) -> int:
