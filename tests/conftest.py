@@ -53,3 +53,37 @@ def run(cmd: list[str], cwd: Path, check: bool = True, timeout: int = 1800) -> s
 @pytest.fixture
 def project_copy(tmp_path: Path) -> Path:
     return copy_project(tmp_path / "project")
+
+
+# ---------------------------------------------------------------- test tiers
+# `e2e`: runs the pipeline through Snakemake or DVC in a copy of the project (minutes each).
+# `slow`: a test that trains for real, measured at 5 s or more on two idle cores
+# (pytest --durations, 2026-12-01). The quick tier is `-m "not e2e and not slow"`
+# (about 2.5 minutes on two cores); CI runs every test.
+E2E_TESTS = {"tests/test_window.py::test_two_windows_add_a_seed_without_retraining"}
+SLOW_TESTS = {
+    "tests/test_duet_local.py::test_lambda_zero_is_localbcp_bit_for_bit",
+    "tests/test_duet_local.py::test_duet_local_and_localbcp_start_from_the_same_weights_and_batches",
+    "tests/test_training.py::test_certified_run_resumes_to_the_same_weights",
+    "tests/test_duet.py::test_training_stays_finite",
+    "tests/test_duet.py::test_lambda_zero_is_bcp_bit_for_bit",
+    "tests/test_duet.py::test_vanilla_init_starts_from_the_vanilla_models_initial_weights",
+    "tests/test_duet.py::test_duet_and_bcp_start_from_the_same_weights_and_batches",
+    "tests/test_window.py::test_concurrency_benchmark_plumbing_on_cpu",
+    "tests/test_data.py::test_shared_jpeg_archive",
+    "tests/test_benchmark.py::test_benchmark_depth_times_every_method_at_every_architecture",
+}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "e2e: runs the pipeline through Snakemake or DVC (minutes)")
+    config.addinivalue_line("markers", "slow: trains for real (5 s or more on two cores)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        test_id = item.nodeid.split("[")[0]
+        if item.nodeid.startswith("tests/test_e2e.py") or test_id in E2E_TESTS:
+            item.add_marker(pytest.mark.e2e)
+        elif test_id in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
