@@ -12,13 +12,15 @@ from typing import Any, NamedTuple
 
 import yaml
 
+from .errors import StageError
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 BASE_PARAMS = "params.yaml"
 SCHEMA = "workflow/schemas/params.schema.yaml"
 PAPER_PROFILE = "paper"
 
 
-class ParamsError(ValueError):
+class ParamsError(StageError, ValueError):
     """A params file or key is wrong; the message names the file and the key."""
 
 

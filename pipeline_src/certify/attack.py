@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..data.cifar import load_cache
+from ..errors import StageError
 from ..io import git_commit, state_dict_sha256, save_json
 from ..paths import RunLayout
 from ..training.common import device_name, resolve_device
@@ -18,7 +19,7 @@ from ..models.loading import load_trained
 from .stage import evaluated_test_split
 
 
-class UnsoundCertificateError(RuntimeError):
+class UnsoundCertificateError(StageError, RuntimeError):
     pass
 
 

@@ -20,6 +20,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from ..errors import StageError
 from ..io import save_json, save_torch, sha256_file
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
@@ -31,7 +32,7 @@ SAMPLE_ARCHIVE = Path(__file__).resolve().parent / "sample" / "cifar10-sample.ta
 SAMPLE_SHA256 = "43b5ef97964e6616ed51ba15165f757851f85b2f4b44bc69b09a03afd30c4024"
 
 
-class DataError(ValueError):
+class DataError(StageError, ValueError):
     """Bad data input; the one-line message names the file and what was expected."""
 
     def __init__(self, message: str):

@@ -14,13 +14,14 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..errors import StageError
 from ..config import INIT_SUFFIX, METHOD_FACTS, CertifiedRun, method_runs
 from ..paths import SIMILARITY_CONTROLS, RunLayout, control_outputs, control_seed, similarity_rank, similarity_settings
 
 METHOD_LABELS = {**{name: facts.label for name, facts in METHOD_FACTS.items()}, "vanilla": "Vanilla"}
 
 
-class ReportError(ValueError):
+class ReportError(StageError, ValueError):
     """A metrics file is missing or does not match the params; names the file."""
 
 
