@@ -1,5 +1,5 @@
 """Soundness and exactness of the certified bounds (pipeline_src/bounds) and of
-the certifiers built on them (pipeline_src/certify/certifiers.py).
+the certifiers built on them (pipeline_src/bounds/certifiers.py).
 
   * property tests (hypothesis) on tiny random networks: points of the l2 ball
     B(x, eps), sampled and found by PGD, never leave the IBP box, the BCP ball
@@ -30,8 +30,8 @@ from pipeline_src.bounds.bcp import (BallBox, ball_box_activation, ball_box_boun
 from pipeline_src.bounds.ibp import flatten_if_needed, interval_activation, interval_linear
 from pipeline_src.bounds.lipschitz import (PersistentPowerIteration, guaranteed_layer_norms,
                                            lipschitz_worst_logits)
-from pipeline_src.certify import certifiers
-from pipeline_src.certify.certifiers import (certified_radius_lipschitz, certify_batch,
+from pipeline_src.bounds import certifiers
+from pipeline_src.bounds.certifiers import (certified_radius_lipschitz, certify_batch,
                                              sound_numerics)
 from pipeline_src.models import CertifiableNet, WeightLayer
 from pipeline_src.spectral.operator_norm import dense_operator, operator_norm_upper_bound

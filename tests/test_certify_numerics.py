@@ -1,4 +1,4 @@
-"""The numerics of certification (pipeline_src/certify/certifiers.py and the
+"""The numerics of certification (pipeline_src/bounds/certifiers.py and the
 certification path of pipeline_src/bounds): certificates sound to the last bit.
 
   1. the relative-margin rule (MARGIN_RTOL) by hand, for every certifier's form;
@@ -33,9 +33,9 @@ from pipeline_src.bounds.bcp import (_pairwise_directions, ball_box_bounds, bcp_
                                      certified_translation, round_up, translation_upper_bound)
 from pipeline_src.bounds.local import local_certified_state, local_estimated_state, local_worst_logits
 from pipeline_src.certify import attack as attack_stage
-from pipeline_src.certify import certifiers
+from pipeline_src.bounds import certifiers
 from pipeline_src.certify import stage as certify_stage
-from pipeline_src.certify.certifiers import (MARGIN_RTOL, certified_at, certify_batch, float64_model,
+from pipeline_src.bounds.certifiers import (MARGIN_RTOL, certified_at, certify_batch, float64_model,
                                              layer_norms, margin_certified, sound_numerics)
 from tiny_nets import TINY, margin_attack, single_thread, tiny_net  # noqa: F401
 

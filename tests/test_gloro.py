@@ -1,7 +1,7 @@
 """GloRo (Leino et al. 2021): its margin bound and bottom logit
 (pipeline_src/bounds/gloro.py), its training loss through the shared loop
 (pipeline_src/methods/gloro.py), its sound certifier ("gloro" in
-pipeline_src/certify/certifiers.py), its params block and its Table 2 row.
+pipeline_src/bounds/certifiers.py), its params block and its Table 2 row.
 
 The soundness tests follow tests/test_bounds.py: tiny real networks of every
 activation, points sampled in the l2 ball and points found by PGD, against the
@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from pipeline_src.bounds.gloro import (FLOAT64_MARGIN, bottom_logit, certified_margin_shift, gloro_logits,
                                        margin_shift, pairwise_row_distances, trades_kl)
 from pipeline_src.bounds.lipschitz import guaranteed_layer_norms
-from pipeline_src.certify import certifiers
-from pipeline_src.certify.certifiers import (LayerNorms, certified_at, certify_batch, float64_model,
+from pipeline_src.bounds import certifiers
+from pipeline_src.bounds.certifiers import (LayerNorms, certified_at, certify_batch, float64_model,
                                              sound_numerics)
 from pipeline_src.config import METHOD_FACTS, load_params
 from pipeline_src.methods import METHODS, build_method, certified_loss

@@ -1,5 +1,5 @@
 """The local Lipschitz bound of LocalBCP (pipeline_src/bounds/local.py), its
-certifier ("local" in pipeline_src/certify/certifiers.py) and its training
+certifier ("local" in pipeline_src/bounds/certifiers.py) and its training
 method (pipeline_src/methods/localbcp.py).
 
   1. which units the masks call fixed, on hand-made boxes;
@@ -33,8 +33,8 @@ from pipeline_src.bounds.lipschitz import guaranteed_layer_norms
 from pipeline_src.bounds.local import (PerExamplePowerIteration, local_certified_state,
                                        local_worst_logits, masked_adjoint, masked_dense_norm_upper,
                                        masked_operator, sparsity_penalty, varying_unit_masks)
-from pipeline_src.certify import certifiers
-from pipeline_src.certify.certifiers import certify_batch, sound_numerics
+from pipeline_src.bounds import certifiers
+from pipeline_src.bounds.certifiers import certify_batch, sound_numerics
 from pipeline_src.config import load_params
 from pipeline_src.methods import build_method
 from pipeline_src.models import CertifiableNet, WeightLayer

@@ -106,7 +106,7 @@ def margin_attack(model: CertifiableNet, x: torch.Tensor, y: torch.Tensor, eps: 
 def certification_case(activation: str, theta_max: float = 1.5):
     """A small-weight tiny conv net, 32 points (four deliberately mislabelled), its
     clean logits and its guaranteed layer norms: (model, x, y, logits, norms)."""
-    from pipeline_src.certify.certifiers import layer_norms, sound_numerics
+    from pipeline_src.bounds.certifiers import layer_norms, sound_numerics
 
     model = tiny_net("tiny_conv", activation, seed=0, scale=0.5, theta_max=theta_max)
     g = torch.Generator().manual_seed(0)

@@ -1,3 +1,4 @@
 """Bounds on a network's outputs over an l2 ball of inputs, one module per
 method (as auto_LiRPA keeps them): `ibp` (intervals), `lipschitz` (global
-Lipschitz margin), `bcp` (ball and box together, Lee et al. 2020)."""
+Lipschitz margin), `bcp` (ball and box together, Lee et al. 2020), `local`, `gloro`; and the sound
+certifiers built on them (`certifiers`: float64, the relative-margin rule)."""

@@ -15,7 +15,7 @@ for certification it is bounded from above by Lagrangian duality, which is
 sound whatever the iterations did (`certified_translation`).
 
 Numerics of the certification path: the certifiers
-(`pipeline_src/certify/certifiers.py`) run this module on a float64 copy of the
+(`pipeline_src/bounds/certifiers.py`) run this module on a float64 copy of the
 model with float64 inputs, so every ball, box and translation is float64; the
 translation bound is float64 whatever the model, its feasible interval is
 widened to contain 0 (sound: a larger set has a larger maximum), and where it

@@ -43,9 +43,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..bounds.bcp import ball_box_bounds, certified_translation
-from ..bounds.gloro import certified_margin_shift
-from ..bounds.local import local_certified_state
+from .bcp import ball_box_bounds, certified_translation
+from .gloro import certified_margin_shift
+from .local import local_certified_state
 from ..models.architectures import CertifiableNet
 from ..spectral.operator_norm import operator_norm_upper_bound, power_iteration
 

@@ -11,7 +11,7 @@ at most sqrt(2) ||W||_2 K_sub, so this bound is never looser than LMT's margin.
 
 Training: K_sub from power-iteration estimates (`methods.gloro`), differentiable in
 the weights; j is the prediction (no gradient through the argmax), as in GloRo's
-`GloroNet.call`. Certification (`certify.certifiers`, "gloro") uses the label y for
+`GloroNet.call`. Certification (`bounds.certifiers`, "gloro") uses the label y for
 j, guaranteed spectral upper bounds for K_sub and float64 throughout
 (`margin_shift`), and decides under the relative-margin rule."""
 from __future__ import annotations

@@ -6,7 +6,7 @@ Training uses power iteration with persistent vectors (cheap, differentiable,
 an estimate) and `lipschitz_worst_logits` in the model's dtype; certification
 uses guaranteed upper bounds (`spectral.operator_norm.operator_norm_upper_bound`,
 float64 python floats) and decides in float64 under the relative-margin rule
-of `pipeline_src/certify/certifiers.py` (`lipschitz_certified`), never on the
+of `pipeline_src/bounds/certifiers.py` (`lipschitz_certified`), never on the
 float32 worst-case logits of this module."""
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ upper bounds: a dense layer's masked norm is computed exactly (float64
 eigenvalues of its Gram matrix); a convolution keeps its global guaranteed
 bound (the masked norm can only be smaller), so the certified local radius is
 sound but tighter only through the dense layers. The certifier runs this on a
-float64 copy of the model (`pipeline_src/certify/certifiers.py`), so the
+float64 copy of the model (`pipeline_src/bounds/certifiers.py`), so the
 masks, boxes, radius and translation are float64.
 
 `local_estimated_state` is the reference's evaluation instead (Huang et al.'s

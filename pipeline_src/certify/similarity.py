@@ -50,7 +50,7 @@ from ..models import build_model
 from ..paths import SIMILARITY_CONTROLS, RunLayout, control_seed, similarity_rank, similarity_settings
 from ..spectral.rotation import exact_rotation, layer_matrix, rotation_cosine
 from ..training.common import resolve_device, stage_seed
-from .certifiers import layer_norms, sound_numerics
+from ..bounds.certifiers import layer_norms, sound_numerics
 from ..models.loading import load_trained
 
 # The measures of one comparison, each a per-layer list and its mean over layers (in %).

@@ -36,7 +36,7 @@ from ..models.architectures import CertifiableNet
 from ..models.loading import load_trained
 from ..paths import RunLayout
 from ..training.common import device_name, make_generator, resolve_device, stage_seed
-from .certifiers import (MARGIN_RTOL, certified_at, certifiers_for, float64_model, layer_norms,
+from ..bounds.certifiers import (MARGIN_RTOL, certified_at, certifiers_for, float64_model, layer_norms,
                          margin_certified, sound_numerics)
 
 NUMERICS = (f"certificates in float64 (a float64 copy of the model, float64 inputs, bounds and "

@@ -22,7 +22,7 @@ GloRo's TRADES loss with its parameter ramped from 0 to `trades_lambda` along wi
 (GloRo's `TradesScheduler('linear')` idea), then held. sigma_l come from power
 iteration with persistent vectors (`power_iterations` per step; GloRo's default 5).
 The certificate is GloRo's margin bound with guaranteed spectral norms in float64
-(`certify.certifiers`, "gloro")."""
+(`bounds.certifiers`, "gloro")."""
 from __future__ import annotations
 
 import torch

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..config import method_runs
-from ..certify.certifiers import certify_batch, layer_norms, sound_numerics
+from ..bounds.certifiers import certify_batch, layer_norms, sound_numerics
 from ..data.cifar import load_cache
 from ..data.loader import DeviceBatches
 from ..io import save_json, save_torch, state_dict_sha256
