@@ -34,8 +34,8 @@ from .io import git_commit, save_json, save_torch
 from .methods import METHODS, build_method, certified_loss, method_context
 from .models import build_model
 from .paths import RunLayout
-from .training.common import (device_name, make_generator, peak_memory_mb, reset_peak_memory, resolve_device,
-                              use_fp32_numerics)
+from .runtime import (device_name, make_generator, peak_memory_mb, reset_peak_memory, resolve_device,
+                      use_fp32_numerics)
 
 
 def _time_steps(step, batches, warmup_steps: int, steps: int, device: torch.device) -> tuple[float, float]:

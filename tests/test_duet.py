@@ -35,7 +35,7 @@ from pipeline_src.spectral.rotation import (FactorisedRotation, apply_rotation, 
 from pipeline_src.spectral.svd_export import export_svd
 from pipeline_src.training import certified as certified_training
 from pipeline_src.training import vanilla as vanilla_training
-from pipeline_src.training.common import seed_everything, stage_seed
+from pipeline_src.runtime import seed_everything, stage_seed
 
 SEED = 0
 GUIDE_POWER_ITERATIONS = 200

@@ -23,7 +23,7 @@ from pipeline_src.methods.duet_local import DuetLocal
 from pipeline_src.methods.localbcp import LocalBCP
 from pipeline_src.models import build_model
 from pipeline_src.training import certified as certified_training
-from pipeline_src.training.common import seed_everything, stage_seed
+from pipeline_src.runtime import seed_everything, stage_seed
 from test_duet import (SEED, Recorder, batch, factors, guide_root, one_thread, params, run_root,  # noqa: F401
                        short_schedule, vanilla)
 

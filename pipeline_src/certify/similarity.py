@@ -49,7 +49,7 @@ from ..io import git_commit, load_json, save_json, state_dict_sha256
 from ..models import build_model
 from ..paths import SIMILARITY_CONTROLS, RunLayout, control_seed, similarity_rank, similarity_settings
 from ..spectral.rotation import exact_rotation, layer_matrix, rotation_cosine
-from ..training.common import resolve_device, stage_seed
+from ..runtime import resolve_device, stage_seed
 from ..bounds.certifiers import layer_norms, sound_numerics
 from ..models.loading import load_trained
 

@@ -36,9 +36,10 @@ from ..methods import METHODS, build_method, certified_loss, method_context
 from ..models import build_model
 from ..models.loading import copy_weight_layers
 from ..paths import RunLayout
-from .common import (Checkpoint, make_generator, params_fingerprint, peak_memory_mb,
-                     reset_peak_memory, resolve_device, run_provenance, seed_everything, stage_seed,
-                     set_learning_rate, use_fp32_numerics, vanilla_initial_model, write_history)
+from ..runtime import (make_generator, peak_memory_mb, reset_peak_memory, resolve_device, seed_everything,
+                       stage_seed, use_fp32_numerics)
+from .common import (Checkpoint, params_fingerprint, run_provenance, set_learning_rate, vanilla_initial_model,
+                     write_history)
 
 
 def eps_kappa(cfg: dict, progress: float) -> tuple[float, float]:

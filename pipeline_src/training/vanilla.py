@@ -19,9 +19,10 @@ from ..data.loader import DeviceBatches
 from ..io import save_json, save_torch, state_dict_sha256
 from ..models import build_model
 from ..paths import RunLayout, control_seed
-from .common import (Checkpoint, evaluate, learning_rate, make_generator, params_fingerprint,
-                     peak_memory_mb, reset_peak_memory, resolve_device, run_provenance, use_fp32_numerics,
-                     seed_everything, stage_seed, set_learning_rate, write_history)
+from ..runtime import (make_generator, peak_memory_mb, reset_peak_memory, resolve_device, seed_everything,
+                       stage_seed, use_fp32_numerics)
+from .common import (Checkpoint, evaluate, learning_rate, params_fingerprint, run_provenance, set_learning_rate,
+                     write_history)
 
 
 def make_optimizer(model: torch.nn.Module, params: dict) -> torch.optim.Optimizer:
