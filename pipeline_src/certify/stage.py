@@ -29,6 +29,7 @@ from ..bounds.bcp import certified_translation
 from ..bounds.local import REFERENCE_POWER_ITERATIONS, REFERENCE_TOLERANCE, local_estimated_state
 from ..data.cifar import load_cache
 from ..data.loader import DeviceBatches
+from ..data.subsets import stratified_test_indices
 from ..config import method_runs
 from ..io import git_commit, state_dict_sha256, save_json, save_torch
 from ..methods import METHODS
@@ -63,32 +64,6 @@ def reference_estimate_certified(model64: CertifiableNet, x: torch.Tensor, y: to
     state, exact_logits = local_estimated_state(model64, x.double(), eps, norms.upper, generator,
                                                 iterations=iterations)
     return margin_certified(exact_logits, certified_translation(model64, state, y), y) & (logits.argmax(1) == y)
-
-
-# The seed of the test subset (`certify.test_images`): one subset for every method and row.
-TEST_SUBSET_SEED = 0
-
-
-def stratified_test_indices(labels: torch.Tensor, limit: int | None) -> torch.Tensor:
-    """The indices of the test images certified and attacked: all of them, or `limit`
-    drawn across the classes (seeded, stratified: each class in proportion to its
-    size, the rounding remainder to the classes with the largest fractions), in the
-    test set's order. The test set may be sorted by class: its first images would be
-    one or two classes only."""
-    n = len(labels)
-    if not limit or limit >= n:
-        return torch.arange(n)
-    generator = torch.Generator().manual_seed(TEST_SUBSET_SEED)
-    classes = torch.unique(labels)
-    counts = torch.bincount(labels, minlength=int(classes.max()) + 1)[classes]
-    share = (counts.double() * limit / n).floor().long()
-    for k in torch.argsort(counts.double() * limit / n - share, descending=True)[:limit - int(share.sum())]:
-        share[k] += 1
-    chosen = []
-    for c, take in zip(classes.tolist(), share.tolist()):
-        members = torch.nonzero(labels == c).flatten()
-        chosen.append(members[torch.randperm(len(members), generator=generator)[:take]])
-    return torch.sort(torch.cat(chosen)).values
 
 
 def evaluated_test_split(data, certify_cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -208,7 +208,42 @@ def split_validation(n_train: int, val_size: int, seed: int) -> tuple[torch.Tens
     return perm[val_size:].sort().values, perm[:val_size].sort().values
 
 
+def data_fingerprint(data_params: dict) -> str:
+    """sha256 of the `data` params block (every key, canonical JSON): what a cache was
+    built from. With the source's sha256 in the provenance it names the cache's input."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(data_params, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def rebuild_command(profile: str | None) -> str:
+    return f"python -m pipeline_src data --profile {profile or '<profile>'}"
+
+
+def _remove_stale(*paths: Path) -> list[str]:
+    removed = []
+    for path in paths:
+        if path.is_file():
+            path.unlink()
+            removed.append(str(path))
+    return removed
+
+
 def build_cache(data_params: dict, cache_path: Path, provenance_path: Path, root: Path) -> CifarSplits:
+    """Read the source, split it, and write the cache and its provenance (with the params
+    fingerprint that `load_cache` checks). A build that fails removes the previous cache and
+    provenance: no later stage can take the data of an earlier build for this one's."""
+    try:
+        return _build_cache(data_params, cache_path, provenance_path, root)
+    except BaseException as err:
+        removed = _remove_stale(Path(cache_path), Path(provenance_path))
+        if removed and isinstance(err, DataError):
+            raise DataError(f"{err}; the previous cache was removed ({', '.join(removed)})") from None
+        raise
+
+
+def _build_cache(data_params: dict, cache_path: Path, provenance_path: Path, root: Path) -> CifarSplits:
     splits, provenance = load_source(data_params, root)
     train_x, train_y = (torch.from_numpy(a) for a in splits["train"])
     test_x, test_y = (torch.from_numpy(a) for a in splits["test"])
@@ -219,7 +254,12 @@ def build_cache(data_params: dict, cache_path: Path, provenance_path: Path, root
         "val_size": data_params["val_size"],
         "split_seed": data_params["split_seed"],
         "classes": list(CLASSES),
+        "data_params": dict(data_params),
+        "params_fingerprint": data_fingerprint(data_params),
     })
+    source = Path(provenance["path"])
+    if source.is_file():
+        provenance["source_bytes"] = source.stat().st_size
     cache = CifarSplits(train_x[train_idx], train_y[train_idx], train_x[val_idx], train_y[val_idx],
                         test_x, test_y, CLASSES, provenance)
     save_torch(cache.__dict__, cache_path)
@@ -227,5 +267,37 @@ def build_cache(data_params: dict, cache_path: Path, provenance_path: Path, root
     return cache
 
 
-def load_cache(path: str | Path) -> CifarSplits:
-    return CifarSplits(**torch.load(path, weights_only=False))
+def load_cache(path: str | Path, params: dict | None = None) -> CifarSplits:
+    """The data cache. With the run's `params` (every stage passes them), a cache that was
+    not built from these `data` params, or whose source archive has changed size since,
+    is refused with a DataError naming the file and the command that rebuilds it."""
+    path = Path(path)
+    profile = params.get("profile") if params else None
+    if not path.is_file():
+        raise DataError(f"{path}: no data cache; build it with `{rebuild_command(profile)}`")
+    try:
+        cache = CifarSplits(**torch.load(path, weights_only=False))
+    except Exception as err:  # truncated or foreign file
+        raise DataError(f"{path}: not a readable data cache ({err}); rebuild it with "
+                        f"`{rebuild_command(profile)}`") from None
+    if params is not None:
+        check_cache_matches(cache.provenance, params["data"], path, profile)
+    return cache
+
+
+def check_cache_matches(provenance: dict, data_params: dict, path: Path, profile: str | None) -> None:
+    rebuild = f"rebuild it with `{rebuild_command(profile)}`"
+    recorded = provenance.get("params_fingerprint")
+    if recorded is None:
+        raise DataError(f"{path}: a cache built before data params were fingerprinted; {rebuild}")
+    if recorded != data_fingerprint(data_params):
+        built = provenance.get("data_params", {})
+        differ = [f"data.{key}: {built.get(key)!r} in the cache, {data_params.get(key)!r} in the params"
+                  for key in sorted(set(built) | set(data_params)) if built.get(key) != data_params.get(key)]
+        detail = f" ({'; '.join(differ)})" if differ else ""
+        raise DataError(f"{path}: built from other data params than profile "
+                        f"'{profile or '?'}' sets{detail}; {rebuild}")
+    source = Path(provenance.get("path", ""))
+    if "source_bytes" in provenance and source.is_file() and source.stat().st_size != provenance["source_bytes"]:
+        raise DataError(f"{path}: its source {source} has changed since the cache was built "
+                        f"({source.stat().st_size} bytes, {provenance['source_bytes']} then); {rebuild}")

@@ -19,6 +19,7 @@ import torch
 from ..io import save_json, save_torch, state_dict_sha256
 from ..models import build_model
 from ..paths import RunLayout
+from ..training.vanilla_checks import check_guide
 from .operator_norm import matrix_view, operator_norm_upper_bound, power_iteration
 
 
@@ -38,6 +39,8 @@ def export_svd(params: dict, root: Path) -> dict:
     cfg = params["svd"]
     model_path = root / layout.vanilla_model
     model = load_vanilla(model_path, params["model"])
+    # A guide near chance (or metrics of other weights) stops here, before Duet reads it.
+    check_guide(root / layout.vanilla_metrics, state_dict_sha256(model.state_dict()), params)
     generator = torch.Generator().manual_seed(params["run"]["seed"])
     ranks = sorted(cfg["ranks"])
 

@@ -23,6 +23,7 @@ from ..runtime import (make_generator, peak_memory_mb, reset_peak_memory, resolv
                        stage_seed, use_fp32_numerics)
 from .common import (Checkpoint, evaluate, learning_rate, params_fingerprint, run_provenance, set_learning_rate,
                      write_history)
+from .vanilla_checks import certify_subset_accuracy, check_vanilla_learned
 
 
 def make_optimizer(model: torch.nn.Module, params: dict) -> torch.optim.Optimizer:
@@ -61,7 +62,7 @@ def train_vanilla(params: dict, root: Path, seed: int | None = None, outputs: di
     device = resolve_device(params["run"]["device"])
     use_fp32_numerics()
     seed_everything(stage_seed(seed, "vanilla"))
-    data = load_cache(root / layout.data_cache)
+    data = load_cache(root / layout.data_cache, params)
     model = build_model(params["model"]).to(device)
     optimizer = make_optimizer(model, cfg)
     generator = make_generator(stage_seed(seed, "vanilla", "data"), device)
@@ -129,6 +130,7 @@ def train_vanilla(params: dict, root: Path, seed: int | None = None, outputs: di
         "weights_sha256": state_dict_sha256(model.state_dict()),
         "test_accuracy": test_metrics["accuracy"],
         "test_loss": test_metrics["loss"],
+        "certify_subset": certify_subset_accuracy(model, data, params, device),
         "val_accuracy": history[-1]["val_accuracy"],
         "train_accuracy": history[-1]["train_accuracy"],
         **run_provenance(history, data.provenance, device, root),
@@ -139,4 +141,5 @@ def train_vanilla(params: dict, root: Path, seed: int | None = None, outputs: di
     checkpoint.remove()
     print(f"[{stage}] test accuracy {metrics['test_accuracy']:.2f}% "
           f"({data.provenance['source']}{', lossy JPEG copy' if data.provenance['lossy_jpeg'] else ''})")
+    check_vanilla_learned(metrics, params, root / paths["metrics"])
     return metrics
