@@ -75,7 +75,29 @@ def _mean_band(runs: list[RunResult], column: str) -> tuple[np.ndarray, np.ndarr
     return epochs, mean, std
 
 
-def _plot_band(ax, runs, column, style, label=None, linestyle="-") -> None:
+PERCENT_MIN_SPAN = 10.0  # percentage points shown at least, around a constant curve
+
+
+def percent_limits(values) -> tuple[float, float]:
+    """y-limits of an accuracy axis (%): the finite values padded by 5% of their range,
+    never below 0 nor above 100; a constant (or nearly constant) curve gets a window of
+    PERCENT_MIN_SPAN points around it (all zeros: 0 to 10), no values 0 to 100."""
+    finite = np.asarray(values, dtype=float)
+    finite = finite[np.isfinite(finite)]
+    if finite.size == 0:
+        return 0.0, 100.0
+    low, high = float(finite.min()), float(finite.max())
+    pad = 0.05 * (high - low)
+    low, high = max(0.0, low - pad), min(100.0, high + pad)
+    if high - low < PERCENT_MIN_SPAN:
+        middle = (low + high) / 2
+        low = min(max(0.0, middle - PERCENT_MIN_SPAN / 2), 100.0 - PERCENT_MIN_SPAN)
+        high = low + PERCENT_MIN_SPAN
+    return low, high
+
+
+def _plot_band(ax, runs, column, style, label=None, linestyle="-") -> np.ndarray:
+    """Draws a group's mean (and band); returns the values drawn (mean, and mean ± std with seeds)."""
     epochs, mean, std = _mean_band(runs, column)
     # Short runs (and the single robust-loss point of a run just past warm-up) need markers.
     marker = "o" if len(epochs) <= 30 else None
@@ -83,6 +105,8 @@ def _plot_band(ax, runs, column, style, label=None, linestyle="-") -> None:
     if len(runs) > 1:
         ax.fill_between(epochs, mean - std, mean + std, color=style["color"], alpha=0.15 * style["alpha"],
                         linewidth=0)
+        return np.concatenate([mean, mean - std, mean + std])
+    return mean
 
 
 def _schedule_panel(ax, inputs: ReportInputs, style: _Style) -> None:
@@ -92,6 +116,7 @@ def _schedule_panel(ax, inputs: ReportInputs, style: _Style) -> None:
         s = style(group)
         _plot_band(ax, runs, "eps", s)
         _plot_band(kappa_ax, runs, "kappa", {**s, "linewidth": 1.0}, linestyle=":")
+    ax.set_ylim(bottom=0.0)  # ε ≥ 0: an all-warm-up run (ε = 0 throughout) has no negative axis
     ax.set_ylabel("ε (l2, end of epoch)")
     kappa_ax.set_ylabel("κ (dotted)")
     kappa_ax.set_ylim(-0.05, 1.05)
@@ -107,13 +132,16 @@ def _curves_figure(inputs: ReportInputs, name: str, panels: list[tuple[str, str,
     grid = fig.add_gridspec(2, len(panels), height_ratios=[3, 1])
     for k, (column, ylabel, val_column, yscale) in enumerate(panels):
         ax = fig.add_subplot(grid[0, k])
+        drawn = []
         for group in inputs.groups:
             runs = inputs.of_group(group)
-            _plot_band(ax, runs, column, style(group), label=runs[0].label)
+            drawn.append(_plot_band(ax, runs, column, style(group), label=runs[0].label))
             if val_column:
-                _plot_band(ax, runs, val_column, style(group), linestyle="--")
+                drawn.append(_plot_band(ax, runs, val_column, style(group), linestyle="--"))
         ax.set_ylabel(ylabel)
         ax.set_yscale(yscale)
+        if column.endswith("accuracy"):  # percentages: never below 0, a sensible window when constant
+            ax.set_ylim(*percent_limits(np.concatenate(drawn) if drawn else []))
         ax.grid(alpha=0.3)
         if val_column:
             ax.plot([], [], color="black", label="training batches (training bound)")
@@ -143,6 +171,7 @@ def radius_curve(inputs: ReportInputs):
     style = _Style(inputs)
     eps = inputs.params["certify"]["eps"]
     fig, ax = plt.subplots(figsize=SIZES["radius_curve"], dpi=DPI, layout="constrained")
+    drawn = []
     for group in inputs.groups:
         runs = inputs.of_group(group)
         certifier = runs[0].certify["headline_certifier"]
@@ -150,14 +179,17 @@ def radius_curve(inputs: ReportInputs):
         curves = np.stack([r.certify["radius_curve"][certifier] for r in runs])
         s = style(group)
         ax.plot(radii, curves.mean(0), marker="o", markersize=3, label=f"{runs[0].label} ({certifier})", **s)
+        drawn.append(curves.mean(0))
         if len(runs) > 1:
             spread = curves.std(0, ddof=1)
+            drawn += [curves.mean(0) - spread, curves.mean(0) + spread]
             ax.fill_between(radii, curves.mean(0) - spread, curves.mean(0) + spread, color=s["color"],
                             alpha=0.15, linewidth=0)
     ax.axvline(eps * 255.0, color="black", linestyle=":", linewidth=1, label=f"ε = {eps * 255:.0f}/255")
     ax.set_xlabel("l2 radius (× 1/255, pixels in [0, 1])")
     ax.set_ylabel("certified accuracy (%)")
-    ax.set_title("Certified accuracy against radius (test images)")
+    ax.set_ylim(*percent_limits(np.concatenate(drawn) if drawn else []))
+    ax.set_title(f"Certified accuracy against radius ({inputs.test_images:,} test images)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     return fig

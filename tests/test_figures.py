@@ -1,0 +1,84 @@
+"""The figures' accuracy axes: never below 0 %, a sensible window around a constant curve
+(issue 14: Figure 3 showed negative percentages when every value was 0)."""
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pytest
+
+from pipeline_src.paths import RunLayout
+from pipeline_src.report.collect import collect
+from pipeline_src.report.figures import PERCENT_MIN_SPAN, fig2_clean, fig3_certified, percent_limits, radius_curve
+
+
+@pytest.mark.parametrize("values,limits", [
+    ([0.0, 0.0, 0.0], (0.0, PERCENT_MIN_SPAN)),                  # all zero: 0 to 10, nothing negative
+    ([100.0, 100.0], (100.0 - PERCENT_MIN_SPAN, 100.0)),         # all 100: never above 100
+    ([50.0], (45.0, 55.0)),                                      # constant: centred window
+    ([20.0, 60.0], (18.0, 62.0)),                                # a range: padded by 5 %
+    ([-3.0, 40.0], (0.0, 40.0 + 0.05 * 43.0)),                   # mean − std below 0: clipped at 0
+    ([], (0.0, 100.0)),
+    ([math.nan, math.nan], (0.0, 100.0)),                        # warm-up epochs only: no value
+    ([math.nan, 0.0], (0.0, PERCENT_MIN_SPAN)),
+])
+def test_percent_limits(values, limits):
+    assert percent_limits(values) == pytest.approx(limits)
+
+
+def _write_constant_histories(root: Path, params: dict, value: float) -> None:
+    """Every run's accuracy columns set to `value`, ε to 0 (a run still in warm-up)."""
+    from pipeline_src.config import method_runs
+
+    layout = RunLayout.of(params)
+    for name in method_runs(params):
+        path = root / layout.train(name, "history.csv")
+        rows = list(csv.DictReader(path.open()))
+        for row in rows:
+            row.update(clean_accuracy=value, certified_accuracy=value, val_certified_accuracy=value, eps=0.0)
+        with path.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def _axes(fig, ylabel_part: str):
+    found = [ax for ax in fig.axes if ylabel_part in ax.get_ylabel()]
+    assert found, [ax.get_ylabel() for ax in fig.axes]
+    return found
+
+
+@pytest.mark.parametrize("seeds", [None, [0, 1]])
+def test_all_zero_accuracy_axes_start_at_zero(tmp_path: Path, seeds):
+    from test_report import _params, write_fake_runs
+
+    params = _params(seeds=seeds, methods=("bcp", "duet"))
+    from pipeline_src.config import method_runs
+
+    values = {name: {"clean": 0.0, "certified": 0.0} for name in method_runs(params)}
+    write_fake_runs(tmp_path, params, values)
+    _write_constant_histories(tmp_path, params, 0.0)
+    inputs = collect(params, tmp_path)
+    for builder, label in ((fig3_certified, "certified accuracy (%)"), (fig2_clean, "clean accuracy (%)"),
+                           (radius_curve, "certified accuracy (%)")):
+        fig = builder(inputs)
+        for ax in _axes(fig, label):
+            assert ax.get_ylim() == pytest.approx((0.0, PERCENT_MIN_SPAN)), (builder.__name__, ax.get_ylim())
+        for ax in [a for a in fig.axes if a.get_ylabel().startswith("ε")]:
+            assert ax.get_ylim()[0] == 0.0 and ax.get_ylim()[1] > 0.0     # ε = 0 throughout: no negative ε
+        plt.close(fig)
+
+
+def test_accuracy_axes_cover_the_curves(tmp_path: Path):
+    from test_report import _params, write_fake_runs
+
+    params = _params(methods=("bcp",))
+    write_fake_runs(tmp_path, params, {"bcp": {"certified": 42.0}})   # validation column: 42
+    fig = fig3_certified(collect(params, tmp_path))
+    (ax,) = _axes(fig, "certified accuracy (%)")
+    low, high = ax.get_ylim()
+    # training-batch certified accuracy 5.0 after warm-up, validation 42.0: both inside, nothing below 0
+    assert 0.0 <= low <= 5.0 and 42.0 <= high <= 100.0
+    plt.close(fig)
