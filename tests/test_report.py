@@ -76,22 +76,23 @@ def write_fake_controls(root: Path, params: dict, values: dict | None = None) ->
 
 def write_fake_runs(root: Path, params: dict, values: dict) -> None:
     """Metrics files as the stages write them. values[run name] = dict of clean, pgd,
-    certified, similarity (and the other measures of SIMILARITY_KEYS), seconds, reference
-    (LocalBCP's reference estimate) (missing: defaults); values["_controls"] for the controls."""
+    certified, similarity (and the other measures of SIMILARITY_KEYS), seconds, device, memory
+    (peak MB), reference (LocalBCP's reference estimate) (missing: defaults); values["_controls"]
+    for the controls; values["_vanilla"]: keys added to the vanilla metrics (`certify_subset`)."""
     layout = RunLayout.of(params)
     eps = params["certify"]["eps"]
     n_test = min(params["certify"]["test_images"] or N_TEST, N_TEST)
     save_json(PROVENANCE, root / layout.data_provenance)
     save_json({"stage": "vanilla", "arch": params["model"]["arch"], "activation": "relu",
                "epochs": params["vanilla"]["epochs"], "seed": params["run"]["seed"], "test_accuracy": 88.5,
-               "weights_sha256": VANILLA_WEIGHTS, "data": {"sha256": PROVENANCE["sha256"]}, "git_commit": "c0ffee"},
-              root / layout.vanilla_metrics)
+               "weights_sha256": VANILLA_WEIGHTS, "data": {"sha256": PROVENANCE["sha256"]}, "git_commit": "c0ffee",
+               **values.get("_vanilla", {})}, root / layout.vanilla_metrics)
     save_json({"lipschitz_upper_bound": 1234.5, "lipschitz_estimate": 1200.0,
                "layers": [{"name": f"L{k}"} for k in range(8)]}, root / layout.svd_summary)
     write_fake_controls(root, params, values.get("_controls"))
     for name, run in method_runs(params).items():
         v = {"clean": 50.0, "pgd": 40.0, "certified": 30.0, "similarity": 10.0, "seconds": 2.0,
-             **values.get(name, {})}
+             "device": "NVIDIA H100 80GB HBM3", "memory": 2048.0, **values.get(name, {})}
         model = {**params["model"], **run.config.get("model", {})}
         weights = _weights(name)
         epochs = run.config["epochs"]
@@ -100,8 +101,8 @@ def write_fake_runs(root: Path, params: dict, values: dict) -> None:
                    "activation": model["activation"], "epochs": epochs, "eps_test": eps,
                    "selected_epoch": epochs, "weights_sha256": weights,
                    "data": {"sha256": PROVENANCE["sha256"]},
-                   "timing": {"device": "NVIDIA H100 80GB HBM3", "seconds_per_epoch_mean": v["seconds"],
-                              "peak_memory_mb": 2048.0},
+                   "timing": {"device": v["device"], "seconds_per_epoch_mean": v["seconds"],
+                              "peak_memory_mb": v["memory"]},
                    "git_commit": "c0ffee"}, root / layout.train(name, "metrics.json"))
         history = root / layout.train(name, "history.csv")
         with open(history, "w", newline="") as fh:
@@ -470,8 +471,132 @@ def test_report_paragraph_with_vanilla_init_rows(tmp_path: Path):
     make_tables(params, tmp_path)
     make_figures(params, tmp_path)
     text = make_report(params, tmp_path).read_text()
-    assert "| vanilla init | plain cosine at r | Duet 96.1 > LocalBCP 78.3 > BCP 70.8 > LMT 52.1 | **yes** | 0.5 |" in text
+    assert ("| vanilla init | plain cosine at r | Duet 96.1 > LocalBCP 78.3 > BCP 70.8 > LMT 52.1 | **yes** | 0.5 |"
+            in text)
     assert "**Reading:** the plain cosine at r of the vanilla init runs reproduces the paper's ordering" in text
     assert "channel-matched cosine at r (scratch)" in text      # the ordering also holds there
     assert "The vanilla_init rows are absent" not in text
-    assert "| vanilla init | channel-matched cosine at r | Duet 99.0 = LocalBCP 99.0 = BCP 99.0 = LMT 99.0 | no |" in text
+    assert ("| vanilla init | channel-matched cosine at r | Duet 99.0 = LocalBCP 99.0 = BCP 99.0 = LMT 99.0 | no |"
+            in text)
+
+
+# ------------------------------------------------------------------ one test subset for every row (issue 14)
+def test_table2_vanilla_row_is_on_the_certified_rows_test_subset(tmp_path: Path):
+    params = _params(methods=("bcp", "duet"))
+    n_test = params["certify"]["test_images"]
+    assert n_test < N_TEST   # a subset, not the whole split
+    write_fake_runs(tmp_path, params, {"_vanilla": {"certify_subset": {"images": n_test, "accuracy": 77.25}}})
+    table = table2(collect(params, tmp_path))
+    vanilla, bcp, duet = _row(table, "Vanilla"), _row(table, "BCP"), _row(table, "Duet")
+    assert vanilla["Clean (%)"] == "77.25"                      # the subset's, not test_accuracy's 88.50
+    assert vanilla["Δ clean"] == f"{77.25 - paper.TABLE2['vanilla']['clean']:.2f}".replace("-", "−")
+    assert vanilla["Test images"] == bcp["Test images"] == duet["Test images"] == str(n_test)
+    data = table.data.set_index("run_group")
+    assert data.loc["vanilla", "test_images"] == n_test
+    assert data.loc["vanilla", "test_images_source"] == "certify_subset"
+    assert data.loc["vanilla", "clean_mean"] == 77.25 and bool(data.loc["vanilla", "same_test_subset"])
+    assert any(f"the vanilla one too, is measured on {n_test} of the {N_TEST} test images" in n for n in table.notes)
+
+
+def test_table2_vanilla_row_falls_back_to_the_whole_split_labelled(tmp_path: Path):
+    """A vanilla metrics file older than `certify_subset` (results/gpu_bcp's): the whole test
+    split's accuracy, with its size and the label in the row, and a note saying so."""
+    params = _params(methods=("bcp",))
+    n_test = params["certify"]["test_images"]
+    write_fake_runs(tmp_path, params, {})
+    table = table2(collect(params, tmp_path))
+    vanilla = _row(table, "Vanilla")
+    assert vanilla["Clean (%)"] == "88.50" and vanilla["Test images"] == f"{N_TEST} (whole test split)"
+    assert _row(table, "BCP")["Test images"] == str(n_test)
+    note = next(n for n in table.notes if n.startswith("Test images"))
+    assert f"the vanilla row's clean accuracy is on the whole test split ({N_TEST} images), not on that subset" in note
+    data = table.data.set_index("run_group")
+    assert data.loc["vanilla", "test_images_source"] == "whole_test_split"
+    assert not bool(data.loc["vanilla", "same_test_subset"]) and data.loc["vanilla", "test_images"] == N_TEST
+
+
+def test_table2_vanilla_whole_split_is_the_subset_when_every_image_is_certified(tmp_path: Path):
+    params = _params(methods=("bcp",))
+    params["certify"]["test_images"] = None          # every test image
+    write_fake_runs(tmp_path, params, {})
+    table = table2(collect(params, tmp_path))
+    assert _row(table, "Vanilla")["Test images"] == _row(table, "BCP")["Test images"] == str(N_TEST)
+    assert any(f"the vanilla one too, is measured on the whole test split ({N_TEST} images)" in n for n in table.notes)
+
+
+def test_vanilla_subset_of_another_size_is_refused(tmp_path: Path):
+    params = _params(methods=("bcp",))
+    write_fake_runs(tmp_path, params, {"_vanilla": {"certify_subset": {"images": 7, "accuracy": 50.0}}})
+    path = tmp_path / RunLayout.of(params).vanilla_metrics
+    with pytest.raises(ReportError, match=f"{path}: certify_subset.images is 7 but the params ask for "
+                                          f"{params['certify']['test_images']}"):
+        collect(params, tmp_path)
+
+
+def test_tables_context_says_the_test_subset(tmp_path: Path):
+    params = _params(methods=("bcp",))
+    write_fake_runs(tmp_path, params, {})
+    make_tables(params, tmp_path)
+    md = (tmp_path / RunLayout.of(params).table(2, "md")).read_text()
+    assert (f"test images certified and attacked: {params['certify']['test_images']} of the {N_TEST} test images, "
+            "drawn across the classes") in md
+
+
+# ------------------------------------------------------------------ REPORT.md names the profile's command
+def test_report_gives_the_command_of_its_profile(tmp_path: Path):
+    params = _params(methods=("bcp",))
+    assert params["profile"] == "smoke"
+    write_fake_runs(tmp_path, params, {})
+    make_tables(params, tmp_path)
+    make_figures(params, tmp_path)
+    text = make_report(params, tmp_path).read_text()
+    assert ("made by `snakemake --cores 1 all --config profile=smoke` (or `dvc repro profiles/smoke/dvc.yaml`)"
+            in text)
+    assert "`snakemake --cores 1 all`" not in text
+
+
+def test_profile_commands_match_the_dvc_files_and_the_snakefile():
+    from pipeline_src.config import PROJECT_ROOT
+    from pipeline_src.dag import known_profiles
+    from pipeline_src.report.document import profile_commands
+
+    assert profile_commands("paper") == ("snakemake --cores 1 all", "dvc repro")
+    # The Snakefile reads the profile from `--config profile=...`, as its header says.
+    assert "`snakemake --cores 1 all --config profile=smoke`" in (PROJECT_ROOT / "Snakefile").read_text()
+    for profile in known_profiles():
+        snakemake, dvc = profile_commands(profile)
+        dvc_file = PROJECT_ROOT / (dvc.split(" ", 2)[2] if dvc != "dvc repro" else "dvc.yaml")
+        assert dvc_file.is_file(), profile
+        # The generated dvc.yaml's title line names the same command.
+        assert f"# Profile '{profile}': `{dvc}`." in dvc_file.read_text().splitlines()[2], profile
+        assert snakemake.endswith("all" if profile == "paper" else f"all --config profile={profile}")
+
+
+# ------------------------------------------------------------------ peak memory: Table 3's and the benchmark's words
+def test_format_peak_memory_says_not_measured_for_the_cpu():
+    from pipeline_src.report.format import NOT_MEASURED, format_peak_memory
+
+    assert format_peak_memory(0.0, "cpu") == NOT_MEASURED == "not measured (CPU)"
+    assert format_peak_memory(0.0, "cpu", with_unit=True) == NOT_MEASURED     # never "0 MB"
+    assert format_peak_memory(None) == NOT_MEASURED
+    assert format_peak_memory(100.4, "NVIDIA H100") == "100"
+    assert format_peak_memory(100.4, "NVIDIA H100", with_unit=True) == "100 MB"
+    assert format_peak_memory(2048.0, "NVIDIA H100", unit="GB") == "2.00"
+    assert format_peak_memory([2048.0, 3072.0], ["NVIDIA H100"], unit="GB") == f"2.50 ± {0.5 ** 0.5:.2f}"
+    assert format_peak_memory([2048.0, 0.0], ["NVIDIA H100", "cpu"], unit="GB") == NOT_MEASURED
+    # A benchmark result as the benchmark stage stores it on the CPU: 0 MB per row, device "cpu".
+    result = {"device": "cpu", "rows": [{"method": "bcp", "peak_memory_mb": 0.0}]}
+    assert format_peak_memory(result["rows"][0]["peak_memory_mb"], result["device"]) == NOT_MEASURED
+
+
+def test_table3_cpu_runs_say_not_measured_as_the_benchmark_does(tmp_path: Path):
+    from pipeline_src.report.format import NOT_MEASURED, format_peak_memory
+
+    params = _params(methods=("bcp", "duet"))
+    write_fake_runs(tmp_path, params, {"bcp": {"device": "cpu", "memory": 0.0}, "duet": {"memory": 3072.0}})
+    three = table3(collect(params, tmp_path))
+    assert _row(three, "BCP")["Peak GPU memory (GB)"] == NOT_MEASURED == format_peak_memory(0.0, "cpu", unit="GB")
+    assert _row(three, "Duet")["Peak GPU memory (GB)"] == "3.00"
+    data = three.data.set_index("run_group")
+    assert data.loc["duet", "peak_memory_gb_mean"] == 3.0 and data.loc["bcp", "peak_memory_gb_mean"] != \
+        data.loc["bcp", "peak_memory_gb_mean"]   # nan, not 0

@@ -86,6 +86,9 @@ class ReportInputs:
     vanilla: dict
     runs: list[RunResult]
     svd: dict = field(default_factory=dict)
+    # The size of the test subset every certified row was measured on (`certify.test_images`,
+    # at most the whole test split): seeded and stratified across the classes.
+    test_images: int = 0
     # Table 1's control rows against the vanilla model (similarity.controls): {control: metrics}
     controls: dict = field(default_factory=dict)
 
@@ -167,6 +170,8 @@ def collect(params: dict, root: Path) -> ReportInputs:
     eps = params["certify"]["eps"]
     test_images = min(params["certify"]["test_images"] or provenance["images"]["test"],
                       provenance["images"]["test"])
+    if "certify_subset" in vanilla:  # absent from metrics files older than the subset (whole test split only)
+        _expect(vanilla_path, vanilla, "certify_subset.images", test_images)
     runs = []
     for name, run in method_runs(params).items():
         model = {**params["model"], **run.config.get("model", {})}
@@ -203,7 +208,7 @@ def collect(params: dict, root: Path) -> ReportInputs:
     svd_path = root / layout.svd_summary
     svd = json.loads(svd_path.read_text()) if svd_path.is_file() else {}
     return ReportInputs(params=params, provenance=provenance, vanilla=vanilla, runs=runs, svd=svd,
-                        controls=collect_controls(params, root, vanilla))
+                        controls=collect_controls(params, root, vanilla), test_images=test_images)
 
 
 def collect_controls(params: dict, root: Path, vanilla: dict) -> dict[str, dict]:

@@ -19,6 +19,7 @@ from ..io import save_text
 from ..paths import REPORT_TABLES, RunLayout
 from . import paper
 from .collect import INIT_LABELS, METHOD_LABELS, ReportInputs, RunResult
+from .format import NOT_MEASURED, format_peak_memory, peak_memory_measured
 
 DASH = "—"
 MINUS = "−"  # typographic minus in displayed numbers; the CSV keeps plain numbers
@@ -111,14 +112,13 @@ def context_lines(inputs: ReportInputs) -> list[str]:
         schedules.append(f"{run.label} {cfg['epochs']} epochs ({cfg['warmup_epochs']} warm-up, "
                          f"{cfg['ramp_epochs']} ramp, batch {cfg['batch_size']})")
         archs.append(f"{run.train['arch']} {run.train['activation']}")
-    n_test = inputs.runs[0].certify["test_images"] if inputs.runs else 0
     seeds = inputs.seeds
     lines = [
         f"Data: {data_text(inputs.provenance)}"
         + (" (lossy: accuracies run below those on the original)" if inputs.provenance["lossy_jpeg"] else ""),
         f"Architecture: {', '.join(dict.fromkeys(archs))}",
-        f"Perturbation: l2 ε = {eps_text(params['certify']['eps'])}, {n_test:,} test images certified "
-        f"and attacked",
+        f"Perturbation: l2 ε = {eps_text(params['certify']['eps'])}; test images certified and attacked: "
+        f"{subset_text(inputs)}",
         f"Schedules: {'; '.join(schedules)}",
         f"Seeds: {', '.join(map(str, seeds))} (n = {len(seeds)}"
         + (", mean ± sample std)" if len(seeds) > 1 else ")"),
@@ -317,8 +317,42 @@ def paired_title(inputs: ReportInputs) -> str:
     return " / ".join(pairs) or "Duet − BCP"
 
 
+@dataclass
+class VanillaClean:
+    """The vanilla row's clean accuracy and the test images it was measured on."""
+    accuracy: float
+    images: int
+    same_subset: bool  # on the certified rows' test subset (or the whole split is that subset)
+    source: str        # "certify_subset" (the vanilla stage's subset accuracy) or "whole_test_split"
+
+    @property
+    def images_text(self) -> str:
+        return f"{self.images:,}" + ("" if self.same_subset else f" ({WHOLE_SPLIT})")
+
+
+WHOLE_SPLIT = "whole test split"
+
+
+def vanilla_clean(inputs: ReportInputs) -> VanillaClean:
+    """The vanilla model's clean accuracy on the certified rows' test subset (the vanilla
+    stage's `certify_subset`); a metrics file older than that key gives the whole test
+    split's accuracy, labelled so unless the subset is the whole split."""
+    subset = inputs.vanilla.get("certify_subset")
+    if subset is not None:
+        return VanillaClean(float(subset["accuracy"]), int(subset["images"]), True, "certify_subset")
+    whole = inputs.provenance["images"]["test"]
+    return VanillaClean(float(inputs.vanilla["test_accuracy"]), whole, whole == inputs.test_images,
+                        "whole_test_split")
+
+
+def test_images_text(runs: list[RunResult]) -> str:
+    """The number of test images behind a row's clean, PGD and certified accuracy."""
+    counts = sorted({int(n) for r in runs for n in (r.certify["test_images"], r.attack["test_images"])})
+    return ", ".join(f"{n:,}" for n in counts)
+
+
 def table2(inputs: ReportInputs) -> Table:
-    header = ["Method", "Init"]
+    header = ["Method", "Init", "Test images"]
     for name, title in zip(TABLE2_METRICS, ("Clean", "PGD", "Certified")):
         header += [f"{title} (%)", f"{title}, paper (%)", f"Δ {title.lower() if title != 'PGD' else title}"]
     pair = paired_title(inputs)
@@ -327,11 +361,14 @@ def table2(inputs: ReportInputs) -> Table:
 
     rows, records = [], []
     vanilla_published = paper.TABLE2["vanilla"]
-    clean = inputs.vanilla["test_accuracy"]
-    rows.append([METHOD_LABELS["vanilla"], DASH, fmt(clean), fmt(vanilla_published["clean"]),
+    vanilla = vanilla_clean(inputs)
+    clean = vanilla.accuracy
+    rows.append([METHOD_LABELS["vanilla"], DASH, vanilla.images_text, fmt(clean), fmt(vanilla_published["clean"]),
                  fmt_signed(clean - vanilla_published["clean"])] + [DASH] * 6 + [DASH] * 4
                 + ["", "none", vanilla_published["source"]])
-    records.append({"method": "vanilla", "run_group": "vanilla", "label": "Vanilla", "n": 1, "clean_mean": clean,
+    records.append({"method": "vanilla", "run_group": "vanilla", "label": "Vanilla", "n": 1,
+                    "test_images": vanilla.images, "test_images_source": vanilla.source,
+                    "same_test_subset": vanilla.same_subset, "clean_mean": clean,
                     "clean_paper": vanilla_published["clean"], "clean_diff_paper": clean - vanilla_published["clean"],
                     "paper_source": vanilla_published["source"], **_vanilla_columns(inputs)})
     for group in inputs.groups:
@@ -344,8 +381,10 @@ def table2(inputs: ReportInputs) -> Table:
         bcp_group = same_init_group(inputs, base, runs[0].init_from) if base else None
         bcp = _table2_values(inputs.of_group(bcp_group)) if bcp_group else None
         paper_base = paper.TABLE2.get(base) if base else None
-        row = [runs[0].label, init_text(runs)]
-        record = {"method": method, "run_group": group, "label": runs[0].label, "init_from": runs[0].init_from}
+        row = [runs[0].label, init_text(runs), test_images_text(runs)]
+        record = {"method": method, "run_group": group, "label": runs[0].label, "init_from": runs[0].init_from,
+                  "test_images": runs[0].certify["test_images"], "test_images_source": "certify_subset",
+                  "same_test_subset": True}
         for name in TABLE2_METRICS:
             mean, std, n = summary(measured[name])
             cell = fmt_summary(measured[name])
@@ -398,8 +437,7 @@ def table2(inputs: ReportInputs) -> Table:
         f"{REFERENCE_ESTIMATE}: for clipped-ReLU (LocalBCP) models, the certified accuracy the LocalBCP "
         "reference's evaluation would report (masked norms by power iteration): an estimate, not a certificate; "
         "blank where the certify stage did not compute it.",
-        f"Vanilla: clean accuracy of the guide model on the whole test split "
-        f"({inputs.provenance['images']['test']:,} images).",
+        vanilla_note(inputs, vanilla),
     ]
     if any(inputs.of_group(g)[0].method == "gloro" for g in inputs.groups):
         notes.append("GloRo's paper columns: its authors' own number, not the Duet paper's (GloRo is not in the "
@@ -407,6 +445,23 @@ def table2(inputs: ReportInputs) -> Table:
                      "CIFAR-10 result at radius 0.141 with a 6C2F network (60.0%); no clean or PGD accuracy is "
                      "given there.")
     return Table(2, "Clean, PGD and certified accuracy", header, rows, pd.DataFrame(records), notes)
+
+
+def subset_text(inputs: ReportInputs) -> str:
+    """What the certified rows' test images are."""
+    whole = inputs.provenance["images"]["test"]
+    if inputs.test_images >= whole:
+        return f"the whole test split ({whole:,} images)"
+    return (f"{inputs.test_images:,} of the {whole:,} test images, drawn across the classes (seeded, stratified: "
+            "each class in proportion to its size), the same for every row")
+
+
+def vanilla_note(inputs: ReportInputs, vanilla: VanillaClean) -> str:
+    if vanilla.same_subset:
+        return f"Test images: every row, the vanilla one too, is measured on {subset_text(inputs)}."
+    return (f"Test images: the certified rows are measured on {subset_text(inputs)}; the vanilla row's clean "
+            f"accuracy is on the {WHOLE_SPLIT} ({vanilla.images:,} images), not on that subset: its metrics file "
+            "predates the subset's accuracy (`certify_subset`); rerun the vanilla stage to measure it there.")
 
 
 def table3(inputs: ReportInputs) -> Table:
@@ -420,24 +475,25 @@ def table3(inputs: ReportInputs) -> Table:
         runs = inputs.of_group(group)
         method = runs[0].method
         devices = sorted({r.train["timing"]["device"] for r in runs})
-        on_gpu = "cpu" not in devices  # a GPU's name, as the train stage recorded it
-        memory = [r.train["timing"]["peak_memory_mb"] / 1024.0 for r in runs] if on_gpu else []
+        memory_mb = [r.train["timing"]["peak_memory_mb"] for r in runs]
+        measured = peak_memory_measured(memory_mb, devices)  # a GPU's name, as the train stage recorded it
         mean, std, n = summary(seconds[group])
         paper_seconds = _paper_value(paper.TABLE3, runs, "seconds")
         paper_memory = _paper_value(paper.TABLE3, runs, "memory_gb")
         ratio = mean / bcp_seconds if math.isfinite(bcp_seconds) else math.nan
         paper_ratio = paper_seconds / paper_bcp if paper_seconds is not None else None
         rows.append([runs[0].label, fmt_summary(seconds[group], 2), fmt(paper_seconds, 1), fmt(ratio),
-                     fmt(paper_ratio), fmt_summary(memory, 2) if on_gpu else "not measured (CPU)",
+                     fmt(paper_ratio), format_peak_memory(memory_mb, devices, unit="GB"),
                      fmt(paper_memory, 1), ", ".join(devices)])
         records.append({"method": method, "run_group": group, "label": runs[0].label, "n": n,
                         "seconds_per_epoch_mean": mean, "seconds_per_epoch_std": std,
                         "seconds_paper": paper_seconds, "ratio_to_bcp": ratio, "ratio_to_bcp_paper": paper_ratio,
-                        "peak_memory_gb_mean": summary(memory)[0] if on_gpu else math.nan,
+                        "peak_memory_gb_mean": summary(memory_mb)[0] / 1024.0 if measured else math.nan,
                         "memory_gb_paper": paper_memory, "device": ", ".join(devices), **_run_columns(runs)})
     notes = [
         "Ours: mean wall-clock seconds of a training epoch (validation excluded) as the train stage measured it, "
-        "and peak GPU memory of the epoch; a CPU run has no GPU memory to report.",
+        f"and peak GPU memory of the epoch; a CPU run has no GPU memory to report ({NOT_MEASURED}, as the "
+        "benchmark says too).",
         f"Paper columns: {paper.DUET}, Table 3 ({paper.PAPER_DEVICE}, PyTorch 2.0.0): different hardware, so "
         "compare the ratios to BCP rather than the seconds.",
         "A controlled measurement of every method on one device: `python -m pipeline_src benchmark`.",
