@@ -72,6 +72,7 @@ SLOW_TESTS = {
     "tests/test_window.py::test_concurrency_benchmark_plumbing_on_cpu",
     "tests/test_data.py::test_shared_jpeg_archive",
     "tests/test_benchmark.py::test_benchmark_depth_times_every_method_at_every_architecture",
+    "tests/test_vanilla_checks.py::test_vanilla_stage_reports_the_subset_and_stops_below_the_threshold",
 }
 
 

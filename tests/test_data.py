@@ -490,3 +490,77 @@ def test_torchvision_failure_becomes_data_error(tmp_path, monkeypatch):
     err = assert_build_fails(tmp_path, torchvision_params(root), str(root),
                              "Dataset not found or corrupted")
     assert "data.source: images" in str(err)
+
+
+# ---------------------------------------------------------------- stale caches
+def run_params(data_params: dict, profile: str = "smoke") -> dict:
+    """What load_cache reads of a run's params: the profile's name and its data block."""
+    return {"profile": profile, "data": data_params}
+
+
+def test_cache_records_the_data_params_it_was_built_from(sample_build):
+    tmp, cache = sample_build
+    params = {"source": "sample", "path": None, "sha256": None, "val_size": 100, "split_seed": 0}
+    assert cache.provenance["data_params"] == params
+    assert cache.provenance["params_fingerprint"] == cifar.data_fingerprint(params)
+    assert cache.provenance["source_bytes"] == cifar.SAMPLE_ARCHIVE.stat().st_size
+    loaded = load_cache(tmp / "out" / "cifar10.pt", run_params(params))
+    assert torch.equal(loaded.train_y, cache.train_y)
+
+
+@pytest.mark.parametrize("key, value", [("val_size", 50), ("split_seed", 1), ("source", "images"),
+                                        ("sha256", "0" * 64)])
+def test_cache_of_other_data_params_is_refused(sample_build, key, value):
+    tmp, _ = sample_build
+    params = {"source": "sample", "path": None, "sha256": None, "val_size": 100, "split_seed": 0, key: value}
+    path = tmp / "out" / "cifar10.pt"
+    with pytest.raises(DataError) as info:
+        load_cache(path, run_params(params))
+    message = str(info.value)
+    assert message.startswith(f"{path}: built from other data params than profile 'smoke'")
+    assert f"data.{key}: " in message
+    assert message.endswith("rebuild it with `python -m pipeline_src data --profile smoke`")
+    assert "\n" not in message
+
+
+def test_cache_without_a_fingerprint_is_refused(sample_build, tmp_path):
+    tmp, _ = sample_build
+    old = torch.load(tmp / "out" / "cifar10.pt", weights_only=False)
+    old["provenance"] = {k: v for k, v in old["provenance"].items()
+                         if k not in ("params_fingerprint", "data_params")}
+    torch.save(old, tmp_path / "old.pt")
+    with pytest.raises(DataError, match=r"old\.pt: a cache built before .* --profile paper`$"):
+        load_cache(tmp_path / "old.pt", run_params(old["provenance"], "paper"))
+
+
+def test_missing_or_unreadable_cache_names_the_rebuild_command(tmp_path):
+    with pytest.raises(DataError, match=r"nothing\.pt: no data cache; build it with "
+                                        r"`python -m pipeline_src data --profile smoke`"):
+        load_cache(tmp_path / "nothing.pt", run_params({}))
+    (tmp_path / "torn.pt").write_bytes(b"PK\x03\x04 half a file")
+    with pytest.raises(DataError, match=r"torn\.pt: not a readable data cache"):
+        load_cache(tmp_path / "torn.pt", run_params({}))
+
+
+def test_failed_build_removes_the_previous_cache(tree, tmp_path):
+    params = images_params(make_archive(tree[0], tmp_path / "cifar.tar.gz", "w:gz"))
+    build_into(tmp_path, params)
+    out = tmp_path / "out"
+    assert (out / "cifar10.pt").is_file()
+    (tmp_path / "cifar.tar.gz").write_bytes(b"not an archive any more")   # the same path, now bad
+    err = assert_build_fails(tmp_path, params, "cifar.tar.gz", "the previous cache was removed",
+                             str(out / "cifar10.pt"))
+    assert "not a readable" in str(err)
+    # A later stage finds no cache instead of the old one.
+    with pytest.raises(DataError, match="no data cache"):
+        load_cache(out / "cifar10.pt", run_params(params))
+
+
+def test_replaced_source_archive_is_refused(tree, tmp_path):
+    archive = make_archive(tree[0], tmp_path / "cifar.tar.gz", "w:gz")
+    params = images_params(archive)
+    build_into(tmp_path, params)
+    make_tree(tmp_path / "other", per_class=3, seed=1)
+    make_archive(tmp_path / "other", archive, "w:gz")                 # replaced, data stage not rerun
+    with pytest.raises(DataError, match=r"its source .*cifar\.tar\.gz has changed since the cache was built"):
+        load_cache(tmp_path / "out" / "cifar10.pt", run_params(params))
