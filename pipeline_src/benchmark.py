@@ -34,6 +34,7 @@ from .io import git_commit, save_json, save_torch
 from .methods import METHODS, build_method, certified_loss, method_context
 from .models import build_model
 from .paths import RunLayout
+from .report.benchmark_tables import concurrency_markdown_table, depth_markdown_table, markdown_table
 from .runtime import (device_name, make_generator, peak_memory_mb, reset_peak_memory, resolve_device,
                       use_fp32_numerics)
 
@@ -90,16 +91,6 @@ def benchmark_depth(params: dict, root: Path, methods: list[str], archs: list[st
     print(depth_markdown_table(depth))
     print(f"[benchmark] wrote {out}")
     return depth
-
-
-def depth_markdown_table(depth: dict) -> str:
-    archs = depth["archs"]
-    lines = [f"Device: {depth['device']}; seconds per epoch (× the {archs[0]} time)", "",
-             "| method | " + " | ".join(archs) + " |", "| --- |" + " ---: |" * len(archs)]
-    for method, times in depth["seconds_per_epoch"].items():
-        growth = depth["growth_over_first_arch"][method]
-        lines.append(f"| {method} | " + " | ".join(f"{times[a]:.2f} (×{growth[a]:.2f})" for a in archs) + " |")
-    return "\n".join(lines)
 
 
 def benchmark(params: dict, root: Path, methods: list[str], arch: str | None, warmup_steps: int,
@@ -203,18 +194,6 @@ def compile_variants(timed: list[tuple[str, str, dict]], both: bool) -> list[tup
     eager = [(name, method, {**cfg, "compile": False} if "compile" in cfg else cfg) for name, method, cfg in timed]
     return eager + [(f"{name}+compile", method, {**cfg, "compile": True})
                     for name, method, cfg in timed if "compile" in cfg]
-
-
-def markdown_table(result: dict) -> str:
-    lines = [f"Device: {result['device']} (torch {result['torch']}), {result['arch']}, "
-             f"{result['train_images']} training images, {result['timed_steps']} timed steps",
-             "", "| method | batch | s / epoch | peak memory (MB) | x floor | x BCP |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
-    for row in result["rows"]:
-        to_bcp = "" if row["ratio_to_bcp"] is None else f"{row['ratio_to_bcp']:.2f}"
-        lines.append(f"| {row['method']} | {row['batch_size']} | {row['seconds_per_epoch']:.2f} | "
-                     f"{row['peak_memory_mb']:.0f} | {row['ratio_to_floor']:.2f} | {to_bcp} |")
-    return "\n".join(lines)
 
 
 def certified_step(model, optimizer, generator, method_name: str, cfg: dict, n_train: int, guide_root: Path,
@@ -349,13 +328,3 @@ def concurrency_benchmark(params: dict, root: Path, counts: list[int], warmup_st
             "note": "k processes train at once, each its own model and batches; images per second over "
                     "the wall time from the first start to the last end",
             "rows": rows}
-
-
-def concurrency_markdown_table(concurrency: dict) -> str:
-    lines = [f"{concurrency['method']} trainings at once (one process each, batch {concurrency['batch_size']}, "
-             f"{'compiled' if concurrency['compiled'] else 'eager'}, MPS {'on' if concurrency['mps'] else 'off'})",
-             "", "| jobs | images / s | × one job | each job's slowdown |", "| ---: | ---: | ---: | ---: |"]
-    for row in concurrency["rows"]:
-        lines.append(f"| {row['jobs']} | {row['images_per_second']:.0f} | {row['speedup_over_one']:.2f} | "
-                     f"{row['slowdown_each']:.2f} |")
-    return "\n".join(lines)

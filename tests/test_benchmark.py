@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline_src.benchmark import benchmark, markdown_table
+from pipeline_src.benchmark import benchmark
+from pipeline_src.report.benchmark_tables import markdown_table
 from pipeline_src.config import load_params
 from pipeline_src.data.cifar import build_cache
 from pipeline_src.paths import RunLayout
@@ -68,7 +69,8 @@ def test_benchmark_times_methods_the_profile_does_not_train(tmp_path: Path):
 
 def test_benchmark_depth_times_every_method_at_every_architecture(tmp_path: Path, monkeypatch):
     """Cost against depth: Duet at an architecture other than the run's gets a stand-in guide."""
-    from pipeline_src.benchmark import benchmark_depth, depth_markdown_table
+    from pipeline_src.benchmark import benchmark_depth
+    from pipeline_src.report.benchmark_tables import depth_markdown_table
 
     import tempfile
 

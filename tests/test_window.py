@@ -129,7 +129,8 @@ def test_window_plan_fits_the_budget_and_is_written_into_the_profile(tmp_path: P
 
 def test_concurrency_benchmark_plumbing_on_cpu(tmp_path: Path):
     """k BCP trainings at once, one process each: on a CPU only the plumbing means anything."""
-    from pipeline_src.benchmark import concurrency_benchmark, concurrency_markdown_table
+    from pipeline_src.benchmark import concurrency_benchmark
+    from pipeline_src.report.benchmark_tables import concurrency_markdown_table
     from pipeline_src.data.cifar import build_cache
     from pipeline_src.paths import RunLayout
 

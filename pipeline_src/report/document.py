@@ -197,7 +197,7 @@ def _benchmark(inputs: ReportInputs, root: Path) -> list[str]:
     """The benchmark stage's tables (one device, every method beside the floor), when it ran."""
     import json
 
-    from ..benchmark import depth_markdown_table, markdown_table
+    from .benchmark_tables import depth_markdown_table, markdown_table
     from ..config import benchmark_archs
 
     layout = RunLayout.of(inputs.params)
