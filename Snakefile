@@ -53,15 +53,35 @@ include: "workflow/rules/controls.smk"
 include: "workflow/rules/report.smk"
 
 
+# Every output of every job, intermediate ones included: a file that is missing (a
+# model.pt lost when a `--forcerun` run was killed) is rebuilt, and what depends on it
+# reruns by modification time, instead of "Nothing to be done" beside stale tables.
 rule all:
     input:
+        rules.data.output,
         rules.vanilla.output,
         rules.svd.output,
-        expand(rules.certify.output.metrics, method=TRAIN_RUNS),
-        expand(rules.pgd.output.metrics, method=TRAIN_RUNS),
-        expand(rules.similarity.output.metrics, method=TRAIN_RUNS),
+        *(expand(rule.output, method=TRAIN_RUNS) for rule in (rules.train, rules.certify, rules.pgd,
+                                                              rules.similarity)),
+        *([rules.vanilla_control.output] if CONTROLS else []),
         list(CONTROLS.values()),  # Table 1's control rows (similarity.controls)
+        BENCHMARK_OUTPUTS,
         rules.tables.output,
         rules.figures.output,
         rules.report.output,
     default_target: True
+
+
+# Snakemake and DVC share results/ (docs/runners.md): a successful run records the lock
+# entries of its jobs for `dvc repro` (when DVC is installed).
+onsuccess:
+    from pipeline_src.dag import record_snakemake_jobs_for_dvc
+
+    record_snakemake_jobs_for_dvc(workflow.dag.jobs, PROFILE, ROOT)
+
+
+onerror:
+    print(f"\nThe run stopped before every job finished; what finished is kept. To go on, run the same "
+          f"command again; if Snakemake says the directory is locked (no other Snakemake running): "
+          f"`snakemake --unlock --config profile={PROFILE}`, then the command with --rerun-incomplete. "
+          f"A killed training resumes from its checkpoint. See docs/runners.md.", file=sys.stderr)

@@ -3,6 +3,7 @@ a plain command, so it runs where neither Snakemake nor DVC is installed."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -211,32 +212,59 @@ class _Tee:
         return False
 
 
+def set_numerics(params: dict) -> None:
+    """The numerics of a stage, set by the stage itself so that the same params give the
+    same bits under Snakemake (which exports OMP_NUM_THREADS=1), `dvc repro` and the plain
+    commands: `run.cpu_threads` torch threads, deterministic algorithms where torch has
+    them (warn_only: a GPU kernel without one warns instead of failing), and the cuBLAS
+    workspace that deterministic GPU matmuls need, set before CUDA starts."""
+    threads = params["run"]["cpu_threads"]
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(threads)
+    except RuntimeError:  # already set, or inter-op work already started in this process
+        pass
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.log:
-        Path(args.log).parent.mkdir(parents=True, exist_ok=True)
-        log = open(args.log, "w")
-        sys.stdout, sys.stderr = _Tee(sys.__stdout__, log), _Tee(sys.__stderr__, log)
     handler = {**STAGES, **TOOLS}[args.command][0]
     root = PROJECT_ROOT
+    # Params are checked before anything is written: a bad value leaves every output,
+    # the log included, as it was (the error goes to the terminal).
     try:
         params = load_params(args.profile, root)
     except ParamsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from .certify.attack import UnsoundCertificateError
-    from .data.cifar import DataError
-    from .report.collect import ReportError
-
     from .config import method_runs
 
     if getattr(args, "method", None) and args.method not in method_runs(params):
         print(f"error: --method {args.method}: not a run of this profile "
               f"({', '.join(method_runs(params))})", file=sys.stderr)
         return 2
+    if args.log:
+        Path(args.log).parent.mkdir(parents=True, exist_ok=True)
+        log = open(args.log, "w")
+        sys.stdout, sys.stderr = _Tee(sys.__stdout__, log), _Tee(sys.__stderr__, log)
+    if args.command in STAGES or args.command == "benchmark":
+        set_numerics(params)
+    from .certify.attack import UnsoundCertificateError
+    from .data.cifar import DataError
+    from .report.collect import ReportError
+
     try:
         handler(params, root, args)
     except (DataError, ParamsError, ReportError, UnsoundCertificateError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.command in STAGES and os.environ.get("DVC_STAGE"):
+        from .dag import record_dvc_stage_for_snakemake
+
+        record_dvc_stage_for_snakemake(os.environ["DVC_STAGE"], args.profile, args.log, root)
     return 0

@@ -25,9 +25,11 @@ from .config import (BASE_PARAMS, PAPER_PROFILE, PROJECT_ROOT, load_params, meth
 
 HEADER = ("# Generated from the Snakemake workflow by `python -m pipeline_src export-dvc`;\n"
           "# do not edit: change workflow/rules/*.smk and regenerate.\n")
-# Small text outputs are kept in git, not in the DVC cache; metrics files and
-# per-epoch histories are declared as such for `dvc metrics` and `dvc plots`.
-UNCACHED_OUTS = ("summary.json", "provenance.json", ".md", ".csv", ".tex")
+# Both runners share one results folder (docs/runners.md): DVC neither caches an output
+# (no copy, no relink, no new mtime) nor deletes one before its stage runs (a stage that
+# refuses its params leaves every output in place). Metrics files and per-epoch histories
+# are declared as such for `dvc metrics` and `dvc plots`.
+OUT_OPTIONS = {"cache": False, "persist": True}
 METRICS = ("metrics.json",)
 PLOTS = ("history.csv",)
 
@@ -65,6 +67,11 @@ def workflow_rules(profile: str = PAPER_PROFILE, root: Path = PROJECT_ROOT) -> d
 WILDCARD_VALUES = {"method": lambda params: list(runs_to_train(params))}
 
 
+def stage_name(rule: str, wildcards: dict) -> str:
+    """A job's DVC stage: the rule, then its wildcard values in name order (`train_bcp`)."""
+    return "_".join([rule, *(str(wildcards[n]) for n in sorted(wildcards))])
+
+
 def workflow_stages(profile: str = PAPER_PROFILE, root: Path = PROJECT_ROOT) -> list[Stage]:
     """The rules of the workflow (but `all`) as runner-neutral stages, one per
     job: a rule with a {method} wildcard gives a stage per method (`train_bcp`)."""
@@ -86,7 +93,7 @@ def workflow_stages(profile: str = PAPER_PROFILE, root: Path = PROJECT_ROOT) -> 
             fill = lambda pattern: apply_wildcards(str(pattern), wildcards)  # noqa: E731
             log = [fill(f) for f in rule.log]
             stages.append(Stage(
-                name="_".join([rule.name, *(wildcards[n] for n in names)]),
+                name=stage_name(rule.name, wildcards),
                 cmd=rule.shellcmd.strip().format(log=" ".join(log), wildcards=SimpleNamespace(**wildcards)),
                 deps=[fill(f) for f in _expand_inputs(rule.input, wildcards)],
                 outs=[fill(f) for f in rule.output],
@@ -103,8 +110,11 @@ def _expand_inputs(inputs, wildcards: dict) -> list[str]:
     are called with the job's wildcards."""
     files = []
     for item in inputs:
-        if item.is_callable():  # snakemake wraps input functions in its file type
-            value = item._file.callable(SimpleNamespace(**wildcards))
+        # Snakemake wraps unpack()ed input functions in its file type; a named one is kept plain.
+        function = item._file.callable if hasattr(item, "is_callable") and item.is_callable() else (
+            item if callable(item) else None)
+        if function is not None:
+            value = function(SimpleNamespace(**wildcards))
             values = value.values() if isinstance(value, dict) else (
                 value if isinstance(value, (list, tuple)) else [value])
             for v in values:
@@ -137,8 +147,8 @@ def dvc_document(profile: str = PAPER_PROFILE, root: Path = PROJECT_ROOT) -> str
         if in_override:
             stage_params.append({str(override.relative_to(root)): in_override})
         entry["params"] = stage_params
-        uncached = lambda path: {path: {"cache": False}}  # noqa: E731
-        entry["outs"] = [uncached(out) if out.endswith(UNCACHED_OUTS) else out for out in stage.outs
+        uncached = lambda path: {path: dict(OUT_OPTIONS)}  # noqa: E731
+        entry["outs"] = [uncached(out) for out in stage.outs
                          if not out.endswith(METRICS + PLOTS)] + [uncached(log) for log in stage.log]
         for kind, suffixes in (("metrics", METRICS), ("plots", PLOTS)):
             declared = [uncached(out) for out in stage.outs if out.endswith(suffixes)]
@@ -181,3 +191,66 @@ def write_dvc_yaml(root: Path = PROJECT_ROOT, profiles: list[str] | None = None)
         path.write_text(dvc_document(profile, root))
         written.append(path)
     return written
+
+
+# ---------------------------------------------------------------- one results folder
+# Each runner records what the other ran (docs/runners.md), so that after either one the
+# other has nothing to do until something it tracks changes.
+def _dvc_importable() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("dvc") is not None
+
+
+def record_snakemake_jobs_for_dvc(jobs, profile: str, root: Path = PROJECT_ROOT) -> None:
+    """Snakemake's `onsuccess:`: write the dvc.lock entries of every job of the finished
+    run's DAG (each one is up to date now), as `dvc repro` would have: `dvc commit -f`.
+    Outputs are not cached (OUT_OPTIONS), so this only hashes files. Nothing when DVC is
+    not installed, when the project is no DVC repository, or when `dvc repro` itself ran
+    this Snakemake (it records its own lock)."""
+    import subprocess
+    import sys
+
+    dvc_file = dvc_yaml_path(profile, root)
+    if os.environ.get("DVC_STAGE") or not _dvc_importable() or not (root / ".dvc").is_dir() \
+            or not dvc_file.is_file():
+        return
+    defined = set((yaml.safe_load(dvc_file.read_text()) or {}).get("stages", {}))
+    names = sorted({stage_name(job.rule.name, dict(job.wildcards_dict)) for job in jobs
+                    if job.rule.name != "all"} & defined)
+    if not names:
+        return
+    where = dvc_file.relative_to(root).as_posix()
+    targets = names if where == "dvc.yaml" else [f"{where}:{name}" for name in names]
+    result = subprocess.run([sys.executable, "-m", "dvc", "commit", "--force", "--quiet", *targets],
+                            cwd=root, capture_output=True, text=True)
+    if result.returncode != 0:
+        print(f"warning: dvc commit of {len(names)} stage(s) failed; `dvc status {where}` will list "
+              f"them as changed ({(result.stderr or result.stdout).strip()[-500:]})", file=sys.stderr)
+
+
+def record_dvc_stage_for_snakemake(dvc_stage: str, profile: str, log: str | None,
+                                   root: Path = PROJECT_ROOT) -> None:
+    """After a stage that `dvc repro` ran (DVC_STAGE set): record its job in Snakemake's
+    metadata (params, code, input set), as a Snakemake run would have, with `snakemake
+    --touch --force` on its outputs. Nothing when Snakemake is not installed."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("snakemake") is None:
+        return
+    where, _, name = dvc_stage.rpartition(":")
+    dvc_file = root / (where or "dvc.yaml")
+    entry = (yaml.safe_load(dvc_file.read_text()) or {}).get("stages", {}).get(name)
+    if entry is None:
+        return
+    outs = [next(iter(out)) if isinstance(out, dict) else out
+            for kind in ("outs", "metrics", "plots") for out in entry.get(kind, [])]
+    targets = [out for out in outs if out != log]
+    result = subprocess.run([sys.executable, "-m", "snakemake", "--touch", "--force", "--cores", "1",
+                             "--quiet", "all", "--config", f"profile={profile}", "--", *targets],
+                            cwd=root, capture_output=True, text=True)
+    if result.returncode != 0:
+        print(f"warning: could not record stage {name} for Snakemake; its next run may redo it "
+              f"({(result.stderr or result.stdout).strip()[-500:]})", file=sys.stderr)

@@ -60,7 +60,12 @@ def project_copy(tmp_path: Path) -> Path:
 # `slow`: a test that trains for real, measured at 5 s or more on two idle cores
 # (pytest --durations, 2026-12-01). The quick tier is `-m "not e2e and not slow"`
 # (about 2.5 minutes on two cores); CI runs every test.
-E2E_TESTS = {"tests/test_window.py::test_two_windows_add_a_seed_without_retraining"}
+E2E_TESTS = {"tests/test_window.py::test_two_windows_add_a_seed_without_retraining",
+             "tests/test_runners.py::test_dvc_then_snakemake_then_dvc_share_results_and_bits",
+             "tests/test_runners.py::test_bad_params_value_leaves_every_output_in_place",
+             "tests/test_runners.py::test_data_stage_reruns_when_its_archive_is_replaced",
+             "tests/test_runners.py::test_a_missing_intermediate_output_is_rebuilt",
+             "tests/test_runners.py::test_a_failed_run_says_how_to_recover"}
 SLOW_TESTS = {
     "tests/test_duet_local.py::test_lambda_zero_is_localbcp_bit_for_bit",
     "tests/test_duet_local.py::test_duet_local_and_localbcp_start_from_the_same_weights_and_batches",

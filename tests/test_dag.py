@@ -134,3 +134,33 @@ def test_control_stages_follow_similarity_controls(tmp_path: Path):
     override.write_text(override.read_text() + "\nsimilarity: {controls: false}\n")
     off = {s.name for s in workflow_stages("smoke", project)}
     assert not controls & off and "similarity_bcp" in off
+
+
+@pytest.mark.parametrize("profile", ["smoke", "paper"])
+def test_dvc_never_deletes_or_caches_an_output(profile: str):
+    """Every DVC output is `cache: false` (DVC neither copies nor relinks it: the file and
+    its mtime are the stage's, which Snakemake reads) and `persist: true` (not deleted
+    before its stage runs, so a stage that refuses its params loses nothing)."""
+    document = yaml.safe_load(dvc_yaml_path(profile).read_text())["stages"]
+    for name, entry in document.items():
+        for kind in ("outs", "metrics", "plots"):
+            for out in entry.get(kind, []):
+                assert isinstance(out, dict), f"{name}: {out} has no options"
+                assert next(iter(out.values())) == {"cache": False, "persist": True}, (name, out)
+
+
+def test_data_stage_depends_on_the_data_it_reads():
+    deps = {profile: next(s for s in workflow_stages(profile) if s.name == "data").deps
+            for profile in ("smoke", "gpu", "paper")}
+    assert "pipeline_src/data/sample/cifar10-sample.tar.gz" in deps["smoke"]
+    assert load_params("gpu")["data"]["path"] in deps["gpu"]
+    # torchvision downloads and checks its own files; they may not exist before the first run.
+    assert not any(d.startswith(("data/", "../")) or d.endswith(".tar.gz") for d in deps["paper"])
+
+
+def test_all_asks_for_every_output_of_every_job():
+    """A missing intermediate file (a model.pt) is rebuilt rather than hidden behind
+    downstream files that exist."""
+    wanted = {str(f) for f in workflow_rules("smoke")["all"].input}
+    made = {out for stage in workflow_stages("smoke") for out in stage.outs}
+    assert made - wanted == set()
