@@ -78,6 +78,11 @@ SLOW_TESTS = {
     "tests/test_data.py::test_shared_jpeg_archive",
     "tests/test_benchmark.py::test_benchmark_depth_times_every_method_at_every_architecture",
     "tests/test_vanilla_checks.py::test_vanilla_stage_reports_the_subset_and_stops_below_the_threshold",
+    # Plain commands in a copy of the project (about 2 CPU-minutes in all).
+    "tests/test_reliability.py::test_bad_params_values_give_one_line_errors_and_lose_nothing",
+    "tests/test_reliability.py::test_open_bad_params_values",
+    "tests/test_reliability.py::test_bad_data_inputs_give_one_line_errors_and_leave_no_stale_cache",
+    "tests/test_reliability.py::test_kills_at_random_points_resume_to_the_same_weights",
 }
 
 
