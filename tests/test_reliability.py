@@ -55,13 +55,15 @@ def ledger(request, tmp_path_factory):
     path = tmp_path_factory.getbasetemp() / "reliability.json"
     path.write_text(json.dumps({"counts": counts, "as_expected": passed, "cases": LEDGER}, indent=1))
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_sep("-", "reliability (tests/test_reliability.py)")
-        for kind, rows in LEDGER.items():
-            if rows:
-                reporter.write_line(f"{kind}: {passed[kind]}/{counts[kind]} as expected "
-                                    f"({rows[0]['expected']})")
-        reporter.write_line(f"cases: {path}")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is not None and capture is not None:
+        with capture.global_and_fixture_disabled():   # to the terminal, not into a captured section
+            reporter.write_sep("-", "reliability (tests/test_reliability.py)")
+            for kind, rows in LEDGER.items():
+                if rows:
+                    reporter.write_line(f"{kind}: {passed[kind]}/{counts[kind]} as expected "
+                                        f"({rows[0]['expected']})")
+            reporter.write_line(f"cases: {path}")
 
 
 @pytest.fixture(scope="module")
