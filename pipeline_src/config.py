@@ -65,7 +65,11 @@ def _read_yaml(path: Path) -> dict:
     try:
         data = yaml.load(path.read_text(), Loader=ParamsLoader)
     except yaml.YAMLError as err:
-        raise ParamsError(f"{path}: not valid YAML ({err})") from None
+        # One line: where the parser stopped and why (PyYAML's own message spans several).
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = " ".join(str(getattr(err, "problem", None) or err).split())
+        raise ParamsError(f"{path}: not valid YAML{where}: {problem}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -78,8 +82,12 @@ def load_schema(root: Path = PROJECT_ROOT) -> dict:
 
 
 def _holds(mapping: dict, path: list) -> bool:
-    """Whether the nested mapping sets the key at `path` (or one of its parents)."""
+    """Whether the nested mapping sets the key at `path` (or one of its parents); a list
+    item counts as set by the file that sets the list (a list is replaced whole, not merged)."""
     for part in path:
+        if isinstance(mapping, list) and isinstance(part, int) and part < len(mapping):
+            mapping = mapping[part]
+            continue
         if not isinstance(mapping, dict) or part not in mapping:
             return False
         mapping = mapping[part]

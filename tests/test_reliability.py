@@ -137,16 +137,9 @@ BAD_PARAMS = [
     ("a ramp past the last epoch", merged(bcp={"epochs": 2, "warmup_epochs": 1, "ramp_epochs": 5}),
      "bcp.ramp_epochs"),
     ("not a mapping", "- just\n- a list\n", "profiles/bad{index}/params.yaml"),
+    ("bad enum: an item of a list set by the profile", merged(methods=["bcp", "resnet"]), "methods"),
+    ("not YAML (one line: where the parser stopped)", "vanilla: [epochs: 3\n", "profiles/bad{index}/params.yaml"),
 ]
-# Found by this file and still open in pipeline_src/config.py (reported with issue 14): a bad
-# item of a list set by a profile is blamed on params.yaml (`_holds` does not follow list
-# indices), and a YAML syntax error is printed on several lines (ParamsError does not join
-# them, as DataError does). Strict: each fails the suite once fixed, to be moved up.
-OPEN_BAD_PARAMS = [
-    ("bad enum: an item of a list", merged(methods=["bcp", "resnet"]), "methods"),
-    ("not YAML", "vanilla: [epochs: 3\n", "profiles/bad{index}/params.yaml"),
-]
-
 
 def test_bad_params_values_give_one_line_errors_and_lose_nothing(project: Path, ledger):
     before = sha256(project / CACHE)
@@ -166,18 +159,6 @@ def test_bad_params_values_give_one_line_errors_and_lose_nothing(project: Path, 
     rows = LEDGER["bad params values"]
     assert len(rows) == len(BAD_PARAMS) + 1 >= 15
     assert all(row["ok"] for row in rows), [row for row in rows if not row["ok"]]
-
-
-@pytest.mark.xfail(strict=True, reason="open in pipeline_src/config.py: see OPEN_BAD_PARAMS")
-@pytest.mark.parametrize("case, params, named", OPEN_BAD_PARAMS, ids=[case for case, _, _ in OPEN_BAD_PARAMS])
-def test_open_bad_params_values(project: Path, ledger, case: str, params, named: str):
-    profile = f"open{OPEN_BAD_PARAMS.index((case, params, named)):02d}"
-    write_profile(project, profile, params)
-    result = cli(project, "data", profile)
-    problem = one_line_error(result, named.replace("bad{index}", profile), f"profiles/{profile}/params.yaml")
-    record("bad params values", case, "one-line error naming the key and file; the cache untouched",
-           problem and f"OPEN: {problem}", result.stderr.strip())
-    assert problem is None, problem
 
 
 # ---------------------------------------------------------------- bad data inputs
