@@ -131,9 +131,11 @@ def test_snakemake_smoke_end_to_end_and_deterministic(project_copy: Path):
     first_bcp = _metrics_without_timing(project_copy / SMOKE / "train/bcp/metrics.json")
     first_svd = json.loads((project_copy / SMOKE / "svd/summary.json").read_text())
 
-    # Nothing to do when nothing changed.
+    # Nothing to do when nothing changed, for Snakemake nor for DVC (docs/runners.md).
     dry = run(["snakemake", "--cores", "1", "all", "--config", "profile=smoke", "-n"], project_copy)
     assert "Nothing to be done" in dry.stdout + dry.stderr
+    status = run(["dvc", "status", "profiles/smoke/dvc.yaml"], project_copy).stdout
+    assert "up to date" in status.lower(), status
 
     # The HTML report holds the tables, the figures and REPORT.md.
     run(["snakemake", "--cores", "1", "--config", "profile=smoke", "--report", "report.html"], project_copy)
@@ -167,6 +169,9 @@ def test_dvc_repro_smoke(project_copy: Path):
     _check_smoke_outputs(project_copy)
     status = run(["dvc", "status", "profiles/smoke/dvc.yaml"], project_copy)
     assert "up to date" in status.stdout.lower()
+    # Snakemake has nothing to do on what DVC built (docs/runners.md).
+    dry = run(["snakemake", "--cores", "1", "all", "--config", "profile=smoke", "-n"], project_copy)
+    assert "Nothing to be done" in dry.stdout + dry.stderr, dry.stdout[-3000:]
     metrics = run(["dvc", "metrics", "show"], project_copy).stdout
     smoke_row = next(line for line in metrics.splitlines() if line.startswith("results/smoke/"))
     assert "test_accuracy" in metrics and "sample" in smoke_row
