@@ -31,12 +31,13 @@ from .data.cifar import load_cache
 from .data.loader import DeviceBatches
 from .config import method_runs
 from .io import git_commit, save_json, save_torch
-from .methods import METHODS, build_method, certified_loss, method_context
+from .methods import METHODS, build_method, method_context
 from .models import build_model
 from .paths import RunLayout
 from .report.benchmark_tables import concurrency_markdown_table, depth_markdown_table, markdown_table
 from .runtime import (device_name, make_generator, peak_memory_mb, reset_peak_memory, resolve_device,
                       use_fp32_numerics)
+from .training.certified import certified_step
 
 
 def _time_steps(step, batches, warmup_steps: int, steps: int, device: torch.device) -> tuple[float, float]:
@@ -154,11 +155,11 @@ def benchmark(params: dict, root: Path, methods: list[str], arch: str | None, wa
     guide_root = _guide_root(params, root, arch) if any(METHODS[m].reads_guide for _, m, _ in timed) else root
     for name, method_name, cfg in timed:
 
-        def method_step(model, optimizer, generator, method_name=method_name, cfg=cfg):
-            return certified_step(model, optimizer, generator, method_name, cfg, n_train, guide_root, layout,
-                                  device)
+        def make_step(model, optimizer, generator, method_name=method_name, cfg=cfg):
+            return method_step(model, optimizer, generator, method_name, cfg, n_train, guide_root, layout,
+                               device)
 
-        run(name, cfg["batch_size"], {**params["model"], **cfg.get("model", {})}, method_step)
+        run(name, cfg["batch_size"], {**params["model"], **cfg.get("model", {})}, make_step)
     if guide_root != root:  # the stand-in guide was read into memory; its scratch folder goes
         shutil.rmtree(guide_root, ignore_errors=True)
 
@@ -196,9 +197,10 @@ def compile_variants(timed: list[tuple[str, str, dict]], both: bool) -> list[tup
                     for name, method, cfg in timed if "compile" in cfg]
 
 
-def certified_step(model, optimizer, generator, method_name: str, cfg: dict, n_train: int, guide_root: Path,
-                   layout: RunLayout, device: torch.device):
-    """One training step of a certified method, in the order of the training loop."""
+def method_step(model, optimizer, generator, method_name: str, cfg: dict, n_train: int, guide_root: Path,
+                layout: RunLayout, device: torch.device):
+    """`step(x, y, index)`: training's `certified_step` of the method at its full bound
+    (eps_train, kappa_final: the steps after the ramp)."""
     if cfg.get("compile"):
         # A fresh compilation per row: rows of other models would otherwise pile up
         # recompilations of the same function towards dynamo's limit.
@@ -207,16 +209,7 @@ def certified_step(model, optimizer, generator, method_name: str, cfg: dict, n_t
                           method_context(method_name, guide_root, layout, device))
 
     def step(x, y, index):
-        logits = method.forward(x)  # the order of a training step
-        regulariser = method.regulariser(x, y, logits)
-        bounds = method.bounds(x, y, logits, cfg["eps_train"], index)
-        loss, _ = certified_loss(F.cross_entropy(logits, y), bounds, y, cfg["kappa_final"])
-        if regulariser is not None:
-            loss = loss + regulariser
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        method.after_step()
+        certified_step(method, optimizer, x, y, index, cfg["eps_train"], cfg["kappa_final"])
     return step
 
 
@@ -246,8 +239,8 @@ def _concurrent_worker(worker: int, params: dict, root: str, method_name: str, w
         batches = DeviceBatches(data.train_x, data.train_y, cfg["batch_size"], device, shuffle=True,
                                 crop_padding=4, flip=True, generator=generator, with_indices=True,
                                 drop_last=True)
-        step = certified_step(model, optimizer, generator, method_name, cfg, len(data.train_y), root_path,
-                              layout, device)
+        step = method_step(model, optimizer, generator, method_name, cfg, len(data.train_y), root_path,
+                           layout, device)
 
         def batch_stream():
             while True:

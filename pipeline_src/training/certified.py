@@ -20,26 +20,25 @@ every epoch makes an interrupted run continue to the same weights.
 from __future__ import annotations
 
 import copy
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from ..config import method_runs
 from ..bounds.certifiers import certify_batch, layer_norms, sound_numerics
+from ..config import method_runs
 from ..data.cifar import load_cache
 from ..data.loader import DeviceBatches
 from ..io import save_json, save_torch, state_dict_sha256
-from ..methods import METHODS, build_method, certified_loss, method_context
+from ..methods import METHODS, StepBounds, build_method, certified_loss, method_context
 from ..models import build_model
 from ..models.loading import copy_weight_layers
 from ..paths import RunLayout
-from ..runtime import (make_generator, peak_memory_mb, reset_peak_memory, resolve_device, seed_everything,
-                       stage_seed, use_fp32_numerics)
+from ..runtime import make_generator, resolve_device, seed_everything, stage_seed, use_fp32_numerics
 from .common import (Checkpoint, params_fingerprint, run_provenance, set_learning_rate, vanilla_initial_model,
                      write_history)
+from .loop import Tally, last_step_progress, train_epochs
 
 
 def eps_kappa(cfg: dict, progress: float) -> tuple[float, float]:
@@ -81,124 +80,188 @@ def sound_certified_accuracy(model, batches, eps: float, certifier: str) -> tupl
     return 100.0 * correct / count, 100.0 * certified / count
 
 
+@dataclass
+class StepOutcome:
+    """What one certified step computed (detached where the history sums it)."""
+    logits: torch.Tensor
+    clean_loss: torch.Tensor
+    regulariser: torch.Tensor | None
+    bounds: StepBounds | None       # None while kappa = 1 (no bound is trained for)
+    robust_loss: torch.Tensor | None
+
+
+def certified_step(method, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                   index: torch.Tensor, eps: float, kappa: float) -> StepOutcome:
+    """One training step of a certified method, for training and the benchmark alike:
+    clean logits, the method's regulariser, its bounds at eps (while kappa < 1), the loss
+    kappa * CE + (1 - kappa) * robust (+ the regulariser), backward, the optimizer's
+    step, then the method's `after_step`."""
+    logits = method.forward(x)
+    clean_loss = F.cross_entropy(logits, y)
+    loss = clean_loss
+    regulariser = method.regulariser(x, y, logits)
+    bounds = robust_loss = None
+    if kappa < 1.0:
+        bounds = method.bounds(x, y, logits, eps, index)
+        loss, robust_loss = certified_loss(clean_loss, bounds, y, kappa)
+    if regulariser is not None:
+        loss = loss + regulariser
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    method.after_step()
+    return StepOutcome(logits, clean_loss, regulariser, bounds, robust_loss)
+
+
+def tally_step(tally: Tally, out: StepOutcome, y: torch.Tensor) -> None:
+    """Add a step to the epoch's sums (the bound's only where one was trained for)."""
+    if out.bounds is not None:
+        if out.bounds.penalty is not None:
+            tally.add("regulariser", out.bounds.penalty.detach() * len(y))
+        worst = out.bounds.worst_logits.detach()
+        margin_ok = worst.gather(1, y[:, None]).squeeze(1) > worst.scatter(1, y[:, None], float("-inf")).amax(1)
+        tally.add("robust_loss", out.robust_loss.detach() * len(y))
+        tally.add("lipschitz", out.bounds.lipschitz * len(y))
+        tally.add("certified", (margin_ok & (out.logits.argmax(1) == y)).sum())
+        tally.add("bounded", len(y))
+    if out.regulariser is not None:
+        tally.add("regulariser", out.regulariser.detach() * len(y))
+    tally.add("clean_loss", out.clean_loss.detach() * len(y))
+    tally.add("correct", (out.logits.detach().argmax(1) == y).sum())
+    tally.add("seen", len(y))
+
+
+def history_row(cfg: dict, epoch: int, steps: int, tally: Tally, validation: tuple[float, float]) -> dict:
+    """An epoch's history columns (eps and kappa: its last step's)."""
+    seen, bounded, nan = tally["seen"], tally["bounded"], float("nan")
+    eps, kappa = eps_kappa(cfg, last_step_progress(epoch, steps))
+    return {"clean_loss": tally["clean_loss"] / seen, "clean_accuracy": 100.0 * tally["correct"] / seen,
+            "robust_loss": tally["robust_loss"] / bounded if bounded else nan,
+            "certified_accuracy": 100.0 * tally["certified"] / bounded if bounded else nan,
+            "lipschitz": tally["lipschitz"] / bounded if bounded else nan,
+            "regulariser": tally["regulariser"] / seen,
+            "eps": eps, "kappa": kappa, "lr": certified_learning_rate(cfg, epoch),
+            "val_clean_accuracy": validation[0], "val_certified_accuracy": validation[1]}
+
+
+def print_epoch(run_name: str, epochs: int, row: dict) -> None:
+    print(f"[{run_name}] epoch {row['epoch']}/{epochs} eps {row['eps']:.4f} kappa {row['kappa']:.2f} | "
+          f"train clean {row['clean_accuracy']:.1f}% cert {row['certified_accuracy']:.1f}% | "
+          f"val clean {row['val_clean_accuracy']:.1f}% cert {row['val_certified_accuracy']:.1f}% | "
+          f"lr {row['lr']:.3g} | {row['seconds']:.1f}s", flush=True)
+
+
+class BestEpoch:
+    """Model selection: the epoch with the best sound certified accuracy on the validation
+    split, among the epochs after warm-up (the bound is trained for only then); its state
+    is part of the checkpoint."""
+
+    def __init__(self, warmup_epochs: int, state: dict | None = None):
+        self.warmup_epochs = warmup_epochs
+        self.state = state or {"val_certified": -1.0, "epoch": 0, "state_dict": None}
+
+    def consider(self, row: dict, model: torch.nn.Module) -> None:
+        if row["epoch"] > self.warmup_epochs and row["val_certified_accuracy"] > self.state["val_certified"]:
+            self.state = {"val_certified": row["val_certified_accuracy"], "epoch": row["epoch"],
+                          "state_dict": copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})}
+
+    def final(self, history: list[dict], model: torch.nn.Module) -> dict:
+        """The selected epoch; the last one when no epoch came after warm-up."""
+        if self.state["state_dict"] is not None:
+            return self.state
+        return {"val_certified": history[-1]["val_certified_accuracy"], "epoch": len(history),
+                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+
+
+@dataclass
+class CertifiedRun:
+    """A run's model, method, optimizer and data, seeded as the run's seed and family say."""
+    method_name: str
+    cfg: dict
+    seed: int
+    group: str
+    model_params: dict
+    model: torch.nn.Module
+    method: object
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    data: object
+    train: DeviceBatches
+    val: DeviceBatches
+    device: torch.device
+
+    @classmethod
+    def start(cls, params: dict, run_name: str, root: Path) -> "CertifiedRun":
+        layout = RunLayout.of(params)
+        method_name, cfg, seed, group = method_runs(params)[run_name]
+        device = resolve_device(params["run"]["device"])
+        use_fp32_numerics()
+        # A method paired with another (Duet with BCP) draws its seeds as that one does:
+        # same initial weights, same batches, for each seed.
+        family = METHODS[method_name].seed_family()
+        seed_everything(stage_seed(seed, "train", family))
+        data = load_cache(root / layout.data_cache)
+        model_params = {**params["model"], **cfg.get("model", {})}
+        model = build_model(model_params)
+        if cfg["init_from"] == "vanilla_init":
+            copy_weight_layers(vanilla_initial_model(params), model)
+        model = model.to(device)
+        generator = make_generator(stage_seed(seed, "train", family, "data"), device)
+        method = build_method(method_name, model, cfg, generator, len(data.train_y),
+                              method_context(method_name, root, layout, device))
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+        train = DeviceBatches(data.train_x, data.train_y, cfg["batch_size"], device, shuffle=True,
+                              crop_padding=cfg["augment"]["crop_padding"], flip=cfg["augment"]["flip"],
+                              generator=generator, with_indices=True)
+        val = DeviceBatches(data.val_x, data.val_y, params["certify"]["batch_size"], device)
+        return cls(method_name, cfg, seed, group, model_params, model, method, optimizer, generator, data, train,
+                   val, device)
+
+
 def train_certified(params: dict, run_name: str, root: Path) -> dict:
     """Train one run of `method_runs(params)` (a method, or a point of Duet's grid)."""
-    layout = RunLayout.of(params)
-    method_name, cfg, seed, group = method_runs(params)[run_name]
-    eps_test = params["certify"]["eps"]
-    device = resolve_device(params["run"]["device"])
-    use_fp32_numerics()
-    # A method paired with another (Duet with BCP) draws its seeds as that one does:
-    # same initial weights, same batches, for each seed.
-    family = METHODS[method_name].seed_family()
-    seed_everything(stage_seed(seed, "train", family))
-    data = load_cache(root / layout.data_cache)
-    model_params = {**params["model"], **cfg.get("model", {})}
-    model = build_model(model_params)
-    if cfg["init_from"] == "vanilla_init":
-        copy_weight_layers(vanilla_initial_model(params), model)
-    model = model.to(device)
-    generator = make_generator(stage_seed(seed, "train", family, "data"), device)
-    method = build_method(method_name, model, cfg, generator, len(data.train_y),
-                          method_context(method_name, root, layout, device))
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    train = DeviceBatches(data.train_x, data.train_y, cfg["batch_size"], device, shuffle=True,
-                          crop_padding=cfg["augment"]["crop_padding"], flip=cfg["augment"]["flip"],
-                          generator=generator, with_indices=True)
-    val = DeviceBatches(data.val_x, data.val_y, params["certify"]["batch_size"], device)
-
+    layout, eps_test = RunLayout.of(params), params["certify"]["eps"]
+    run = CertifiedRun.start(params, run_name, root)
+    cfg, model, method, data = run.cfg, run.model, run.method, run.data
     checkpoint = Checkpoint(root / layout.train(run_name, "checkpoint.pt"),
-                            params_fingerprint(run_name, model_params, cfg, seed, eps_test,
+                            params_fingerprint(run_name, run.model_params, cfg, run.seed, eps_test,
                                                data.provenance["sha256"], data.provenance["images"]))
-    resumed = checkpoint.load(model, optimizer, generator)
+    resumed = checkpoint.load(model, run.optimizer, run.generator)
     start_epoch, history, extra = resumed if resumed else (0, [], {})
     if resumed:
         method.load_state_dict(extra["method"])
-    best = extra.get("best", {"val_certified": -1.0, "epoch": 0, "state_dict": None})
+    best = BestEpoch(cfg["warmup_epochs"], extra.get("best"))
 
-    steps = len(train)
-    for epoch in range(start_epoch, cfg["epochs"]):
-        model.train()
-        lr = certified_learning_rate(cfg, epoch)
-        set_learning_rate(optimizer, lr)
-        reset_peak_memory(device)
-        started = time.perf_counter()
-        sums = {k: torch.zeros((), device=device)
-                for k in ("clean_loss", "robust_loss", "lipschitz", "regulariser")}
-        counts = {k: torch.zeros((), device=device, dtype=torch.long) for k in ("correct", "certified")}
-        seen = bounded = 0
-        bar = tqdm(train, total=steps, desc=f"{run_name} {epoch + 1}/{cfg['epochs']}", leave=False,
-                   mininterval=2.0, dynamic_ncols=True)
-        for step, (x, y, index) in enumerate(bar):
-            eps, kappa = eps_kappa(cfg, epoch + step / steps)
-            logits = method.forward(x)
-            clean_loss = F.cross_entropy(logits, y)
-            loss = clean_loss
-            regulariser = method.regulariser(x, y, logits)
-            if kappa < 1.0:
-                bounds = method.bounds(x, y, logits, eps, index)
-                loss, robust_loss = certified_loss(clean_loss, bounds, y, kappa)
-                if bounds.penalty is not None:
-                    sums["regulariser"] += bounds.penalty.detach() * len(y)
-                worst = bounds.worst_logits.detach()
-                margin_ok = worst.gather(1, y[:, None]).squeeze(1) > \
-                    worst.scatter(1, y[:, None], float("-inf")).amax(1)
-                sums["robust_loss"] += robust_loss.detach() * len(y)
-                sums["lipschitz"] += bounds.lipschitz * len(y)
-                counts["certified"] += (margin_ok & (logits.argmax(1) == y)).sum()
-                bounded += len(y)
-            if regulariser is not None:
-                loss = loss + regulariser
-                sums["regulariser"] += regulariser.detach() * len(y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            method.after_step()
-            sums["clean_loss"] += clean_loss.detach() * len(y)
-            counts["correct"] += (logits.detach().argmax(1) == y).sum()
-            seen += len(y)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - started
-        val_clean, val_certified = sound_certified_accuracy(model, val, eps_test, method.certifier)
-        nan = float("nan")
-        row = {"epoch": epoch + 1,
-               "clean_loss": sums["clean_loss"].item() / seen,
-               "clean_accuracy": 100.0 * counts["correct"].item() / seen,
-               "robust_loss": sums["robust_loss"].item() / bounded if bounded else nan,
-               "certified_accuracy": 100.0 * counts["certified"].item() / bounded if bounded else nan,
-               "lipschitz": sums["lipschitz"].item() / bounded if bounded else nan,
-               "regulariser": sums["regulariser"].item() / seen,
-               "eps": eps, "kappa": kappa, "lr": lr,
-               "val_clean_accuracy": val_clean, "val_certified_accuracy": val_certified,
-               "seconds": seconds, "peak_memory_mb": peak_memory_mb(device)}
-        history.append(row)
-        # Selection only once the bound is trained for (after warm-up), best on validation.
-        if epoch + 1 > cfg["warmup_epochs"] and val_certified > best["val_certified"]:
-            best = {"val_certified": val_certified, "epoch": epoch + 1,
-                    "state_dict": copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})}
-        print(f"[{run_name}] epoch {row['epoch']}/{cfg['epochs']} eps {eps:.4f} kappa {kappa:.2f} | "
-              f"train clean {row['clean_accuracy']:.1f}% cert {row['certified_accuracy']:.1f}% | "
-              f"val clean {val_clean:.1f}% cert {val_certified:.1f}% | lr {lr:.3g} | {seconds:.1f}s",
-              flush=True)
-        checkpoint.save(epoch=epoch + 1, model=model, optimizer=optimizer, generator=generator,
-                        history=history, extra={"method": method.state_dict(), "best": best})
+    def step(progress: float, batch: tuple, tally: Tally) -> None:
+        x, y, index = batch
+        tally_step(tally, certified_step(method, run.optimizer, x, y, index, *eps_kappa(cfg, progress)), y)
 
-    if best["state_dict"] is None:  # no epoch after warm-up: keep the last
-        best = {"val_certified": history[-1]["val_certified_accuracy"], "epoch": len(history),
-                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
-    save_torch({"state_dict": best["state_dict"], "model": model_params, "method": method_name,
-                "epoch": best["epoch"], "data_sha256": data.provenance["sha256"]},
+    def end_epoch(row: dict) -> dict:
+        best.consider(row, model)
+        print_epoch(run_name, cfg["epochs"], row)
+        return {"method": method.state_dict(), "best": best.state}
+
+    train_epochs(run_name, cfg["epochs"], start_epoch, run.train, step=step,
+                 start_epoch_hook=lambda epoch: set_learning_rate(run.optimizer, certified_learning_rate(cfg, epoch)),
+                 summarise=lambda epoch, tally: history_row(
+                     cfg, epoch, len(run.train), tally,
+                     sound_certified_accuracy(model, run.val, eps_test, method.certifier)),
+                 end_epoch=end_epoch, model=model, optimizer=run.optimizer, generator=run.generator,
+                 checkpoint=checkpoint, history=history, device=run.device)
+
+    selected = best.final(history, model)
+    save_torch({"state_dict": selected["state_dict"], "model": run.model_params, "method": run.method_name,
+                "epoch": selected["epoch"], "data_sha256": data.provenance["sha256"]},
                root / layout.train(run_name, "model.pt"))
     write_history(history, root / layout.train(run_name, "history.csv"))
     metrics = {
-        "stage": "train", "run": run_name, "group": group, "method": method_name, "config": cfg,
+        "stage": "train", "run": run_name, "group": run.group, "method": run.method_name, "config": cfg,
         "profile": params["profile"],
-        "arch": model_params["arch"], "activation": model_params["activation"],
-        "epochs": cfg["epochs"], "seed": seed, "eps_train": cfg["eps_train"], "eps_test": eps_test,
-        "selected_epoch": best["epoch"], "val_certified_accuracy": best["val_certified"],
-        "weights_sha256": state_dict_sha256(best["state_dict"]),
-        **run_provenance(history, data.provenance, device, root),
+        "arch": run.model_params["arch"], "activation": run.model_params["activation"],
+        "epochs": cfg["epochs"], "seed": run.seed, "eps_train": cfg["eps_train"], "eps_test": eps_test,
+        "selected_epoch": selected["epoch"], "val_certified_accuracy": selected["val_certified"],
+        "weights_sha256": state_dict_sha256(selected["state_dict"]),
+        **run_provenance(history, data.provenance, run.device, root),
     }
     save_json(metrics, root / layout.train(run_name, "metrics.json"))
     checkpoint.remove()

@@ -7,22 +7,20 @@ validation split is reported per epoch, the test set once at the end.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from ..data.cifar import load_cache
 from ..data.loader import DeviceBatches
 from ..io import save_json, save_torch, state_dict_sha256
 from ..models import build_model
 from ..paths import RunLayout, control_seed
-from ..runtime import (make_generator, peak_memory_mb, reset_peak_memory, resolve_device, seed_everything,
-                       stage_seed, use_fp32_numerics)
+from ..runtime import make_generator, resolve_device, seed_everything, stage_seed, use_fp32_numerics
 from .common import (Checkpoint, evaluate, learning_rate, params_fingerprint, run_provenance, set_learning_rate,
                      write_history)
+from .loop import Tally, last_step_progress, train_epochs
 from .vanilla_checks import certify_subset_accuracy, check_vanilla_learned
 
 
@@ -79,42 +77,34 @@ def train_vanilla(params: dict, root: Path, seed: int | None = None, outputs: di
     start_epoch, history = (resumed[0], resumed[1]) if resumed else (0, [])
 
     steps = len(train)
-    for epoch in range(start_epoch, cfg["epochs"]):
-        model.train()
-        reset_peak_memory(device)
-        started = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        seen = 0
-        bar = tqdm(train, total=steps, desc=f"{stage} {epoch + 1}/{cfg['epochs']}", leave=False,
-                   mininterval=2.0, dynamic_ncols=True)
-        for step, (x, y) in enumerate(bar):
-            lr = learning_rate(cfg, epoch + step / steps)
-            set_learning_rate(optimizer, lr)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=cfg["label_smoothing"])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            model.clamp_parameters_()
-            # Accumulate on the device: no host sync per step.
-            loss_sum += loss.detach() * len(y)
-            correct += (logits.detach().argmax(1) == y).sum()
-            seen += len(y)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - started
+
+    def step(progress: float, batch: tuple, tally: Tally) -> None:
+        x, y = batch
+        set_learning_rate(optimizer, learning_rate(cfg, progress))
+        logits = model(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=cfg["label_smoothing"])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        model.clamp_parameters_()
+        tally.add("loss", loss.detach() * len(y))
+        tally.add("correct", (logits.detach().argmax(1) == y).sum())
+        tally.add("seen", len(y))
+
+    def summarise(epoch: int, tally: Tally) -> dict:
         val_metrics = evaluate(model, val) if len(data.val_y) else {"loss": float("nan"), "accuracy": float("nan")}
-        row = {"epoch": epoch + 1, "train_loss": loss_sum.item() / seen,
-               "train_accuracy": 100.0 * correct.item() / seen,
-               "val_loss": val_metrics["loss"], "val_accuracy": val_metrics["accuracy"],
-               "lr": lr, "seconds": seconds, "peak_memory_mb": peak_memory_mb(device)}
-        history.append(row)
+        return {"train_loss": tally["loss"] / tally["seen"], "train_accuracy": 100.0 * tally["correct"] / tally["seen"],
+                "val_loss": val_metrics["loss"], "val_accuracy": val_metrics["accuracy"],
+                "lr": learning_rate(cfg, last_step_progress(epoch, steps))}
+
+    def end_epoch(row: dict) -> None:
         print(f"[{stage}] epoch {row['epoch']}/{cfg['epochs']} train loss {row['train_loss']:.4f} "
-              f"acc {row['train_accuracy']:.2f}% | val acc {row['val_accuracy']:.2f}% | lr {lr:.4g} | "
-              f"{seconds:.1f}s", flush=True)
-        checkpoint.save(epoch=epoch + 1, model=model, optimizer=optimizer, generator=generator,
-                        history=history)
+              f"acc {row['train_accuracy']:.2f}% | val acc {row['val_accuracy']:.2f}% | lr {row['lr']:.4g} | "
+              f"{row['seconds']:.1f}s", flush=True)
+
+    train_epochs(stage, cfg["epochs"], start_epoch, train, step=step, summarise=summarise, end_epoch=end_epoch,
+                 model=model, optimizer=optimizer, generator=generator, checkpoint=checkpoint, history=history,
+                 device=device)
 
     test_metrics = evaluate(model, test)
     save_torch({"state_dict": model.state_dict(), "model": params["model"],
