@@ -180,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
                              help="default: benchmark.archs; several (4C3F 6C2F 8C2F): time per epoch against depth")
             cmd.add_argument("--steps", type=int, default=None, help="timed steps per method (benchmark.steps)")
             cmd.add_argument("--compile", action="store_true",
-                             help="time the methods that can compile their bounds both eager and compiled (one architecture)")
+                             help="time the methods that can compile their bounds both eager and compiled "
+                                  "(one architecture)")
             cmd.add_argument("--warmup-steps", type=int, default=None,
                              help="untimed steps first (benchmark.warmup_steps)")
         if name == "fit-epochs":

@@ -44,6 +44,23 @@ class Stage:
     params: list[str]
 
 
+# The committed CIFAR-10 sample (data.cifar.SAMPLE_ARCHIVE), from the project root;
+# named here so that loading the workflow does not import torch.
+SAMPLE_ARCHIVE = "pipeline_src/data/sample/cifar10-sample.tar.gz"
+
+
+def data_inputs(data: dict) -> list[str]:
+    """What the data stage reads, as an input of its rule (a DVC dep too): replacing the
+    archive or folder at the same path reruns it. The committed sample for `sample`,
+    `data.path` for `images`; nothing for `torchvision`, whose download torchvision checks
+    itself (and which need not exist before the first run)."""
+    if data["source"] == "sample":
+        return [SAMPLE_ARCHIVE]
+    if data["source"] == "images" and data["path"]:
+        return [os.path.expanduser(data["path"])]
+    return []
+
+
 def workflow_rules(profile: str = PAPER_PROFILE, root: Path = PROJECT_ROOT) -> dict:
     """The Snakemake rule objects of the workflow as loaded for `profile`, by name."""
     from snakemake.api import SnakemakeApi
@@ -157,7 +174,8 @@ def dvc_document(profile: str = PAPER_PROFILE, root: Path = PROJECT_ROOT) -> str
         stages[stage.name] = entry
     # Top-level plot paths are relative to the dvc.yaml file, not to the stages' wdir.
     document = {"stages": stages, "plots": training_curves(workflow, "" if override is None else "../../")}
-    title = f"# Profile '{profile}': `dvc repro{'' if override is None else ' ' + dvc_yaml_path(profile, root).relative_to(root).as_posix()}`.\n"
+    target = "" if override is None else " " + dvc_yaml_path(profile, root).relative_to(root).as_posix()
+    title = f"# Profile '{profile}': `dvc repro{target}`.\n"
     return HEADER + title + yaml.safe_dump(document, sort_keys=False, width=100, allow_unicode=True)
 
 

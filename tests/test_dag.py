@@ -150,6 +150,10 @@ def test_dvc_never_deletes_or_caches_an_output(profile: str):
 
 
 def test_data_stage_depends_on_the_data_it_reads():
+    from pipeline_src.dag import SAMPLE_ARCHIVE
+    from pipeline_src.data.cifar import SAMPLE_ARCHIVE as sample
+
+    assert sample == ROOT / SAMPLE_ARCHIVE
     deps = {profile: next(s for s in workflow_stages(profile) if s.name == "data").deps
             for profile in ("smoke", "gpu", "paper")}
     assert "pipeline_src/data/sample/cifar10-sample.tar.gz" in deps["smoke"]
