@@ -114,6 +114,15 @@ def _pairwise_directions(last: nn.Linear, y: torch.Tensor) -> torch.Tensor:
     return weight.unsqueeze(0) - weight[y].unsqueeze(1)
 
 
+def translation_problem(model: CertifiableNet, state: BallBox,
+                        y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The translation's data at the input of the logit layer, for training and the
+    certificate alike: the directions c (B, C, h) (`_pairwise_directions`) and the box
+    around the centre, low and high (B, 1, h)."""
+    c = _pairwise_directions(model.weight_layers()[-1].module, y)
+    return c, (state.lower - state.centre).unsqueeze(1), (state.upper - state.centre).unsqueeze(1)
+
+
 def translation_clip_rescale(c: torch.Tensor, low: torch.Tensor, high: torch.Tensor,
                              radius: torch.Tensor, iterations: int) -> torch.Tensor:
     """max c.d over ||d|| <= r, low <= d <= high (low <= 0 <= high), approximately:
@@ -183,11 +192,7 @@ def bcp_worst_logits(model: CertifiableNet, x: torch.Tensor, y: torch.Tensor, ep
 def certified_translation(model: CertifiableNet, state: BallBox, y: torch.Tensor) -> torch.Tensor:
     """t (B, C), float64: t_i a guaranteed upper bound of the translation max (w_i - w_y) . d
     over the ball and box at the input of the logit layer, for every class i (t_y = 0)."""
-    last = model.weight_layers()[-1].module
-    c = _pairwise_directions(last, y)
-    low = (state.lower - state.centre).unsqueeze(1)
-    high = (state.upper - state.centre).unsqueeze(1)
-    shift = translation_upper_bound(c, low, high, state.radius)
+    shift = translation_upper_bound(*translation_problem(model, state, y), state.radius)
     wrong = 1.0 - F.one_hot(y, shift.shape[1]).to(shift.dtype)
     return shift * wrong
 
@@ -213,10 +218,7 @@ def translated_logits(model: CertifiableNet, state: BallBox, logits: torch.Tenso
     if translation_iterations is None:
         shift = round_up(certified_translation(model, state, y), logits.dtype)
         return logits + shift * wrong
-    last = model.weight_layers()[-1].module
-    c = _pairwise_directions(last, y)
-    low = (state.lower - state.centre).unsqueeze(1)
-    high = (state.upper - state.centre).unsqueeze(1)
+    c, low, high = translation_problem(model, state, y)
     # Rounding can put the centre a hair outside its box; the translation needs 0 inside.
     shift = translation_clip_rescale(c, low.clamp_max(0), high.clamp_min(0), state.radius,
                                      translation_iterations)

@@ -222,10 +222,13 @@ def certified_at(name: str, model: CertifiableNet, x: torch.Tensor, y: torch.Ten
 
 
 def certify_batch(model: CertifiableNet, x: torch.Tensor, y: torch.Tensor, eps: float,
-                  norms: LayerNorms, certifiers: list[str]) -> dict[str, torch.Tensor]:
+                  norms: LayerNorms, certifiers: list[str],
+                  model64: CertifiableNet | None = None) -> dict[str, torch.Tensor]:
     """{certifier: certified (bool per example)}; correct predictions (of `model`) only.
-    The certifiers run on one float64 copy of the model (module docstring)."""
+    The certifiers run on one float64 copy of the model (module docstring): `model64`,
+    `float64_model(model)` made once by a caller that certifies many batches, else
+    one made here."""
     logits = model(x)
-    exact = float64_model(model)
+    exact = float64_model(model) if model64 is None else model64
     exact_logits = exact(x.double())
     return {name: certified_at(name, exact, x, y, logits, eps, norms, exact_logits) for name in certifiers}

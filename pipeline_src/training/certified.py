@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..bounds.certifiers import certify_batch, layer_norms, sound_numerics
+from ..bounds.certifiers import certify_batch, float64_model, layer_norms, sound_numerics
 from ..config import method_runs
 from ..data.cifar import load_cache
 from ..data.loader import DeviceBatches
@@ -73,9 +73,10 @@ def sound_certified_accuracy(model, batches, eps: float, certifier: str) -> tupl
     correct = certified = count = 0
     with sound_numerics(model):
         norms = layer_norms(model, power_iterations=50)
+        model64 = float64_model(model)  # one float64 copy for every batch
         for x, y in batches:
             correct += (model(x).argmax(1) == y).sum().item()
-            certified += certify_batch(model, x, y, eps, norms, [certifier])[certifier].sum().item()
+            certified += certify_batch(model, x, y, eps, norms, [certifier], model64)[certifier].sum().item()
             count += len(y)
     return 100.0 * correct / count, 100.0 * certified / count
 
