@@ -97,7 +97,7 @@ def test_guide_without_metrics_or_with_others_metrics_is_refused(guide):
     assert check_guide(root / layout.vanilla_metrics, sha, params)["test_accuracy"] == 40.0
 
 
-def test_svd_export_refuses_a_dead_guide_and_writes_nothing(guide):
+def test_svd_export_refuses_a_dead_guide_and_writes_nothing(guide, capsys):
     from pipeline_src.spectral.svd_export import export_svd
 
     params, layout, root, _, write_metrics = guide
@@ -105,6 +105,15 @@ def test_svd_export_refuses_a_dead_guide_and_writes_nothing(guide):
     with pytest.raises(VanillaNotLearnedError, match=rf"{path}: the vanilla model reached 10\.00%"):
         export_svd(params, root)
     assert not (root / layout.svd_factors).exists() and not (root / layout.svd_summary).exists()
+    write_metrics(40.0, weights="0" * 64)
+    with pytest.raises(VanillaNotLearnedError, match="describes other weights"):
+        export_svd(params, root)
+    # A model with no vanilla stage's metrics beside it (the benchmark's stand-in guide):
+    # exported, and the export says the accuracy was not checked.
+    path.unlink()
+    export_svd({**params, "svd": {**params["svd"], "power_iterations": 2}}, root)
+    assert "the guide's accuracy is not checked" in capsys.readouterr().out
+    assert (root / layout.svd_factors).is_file()
 
 
 # ---------------------------------------------------------------- Table 2's vanilla row
