@@ -49,6 +49,8 @@ RECIPES = {
     "sgd-0.05-he-clip1": {"optimizer": "sgd", "lr": 0.05, "init": "kaiming", "clip": 1.0},
     "adam-1e-3-he": {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "init": "kaiming"},
     "adam-1e-3-reference": {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "init": "reference"},
+    "adam-1e-3-he-no-warmup": {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "init": "kaiming",
+                               "warmup_epochs": 0},
 }
 
 
