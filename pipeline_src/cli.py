@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from .config import PAPER_PROFILE, PROJECT_ROOT, ParamsError, load_params
+from .errors import StageError
 
 
 def _stage_data(params: dict, root: Path, args) -> None:
@@ -257,13 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     dag_stage = args.command in STAGES or args.command == "benchmark"
     if dag_stage:
         set_numerics(params)
-    from .certify.attack import UnsoundCertificateError
-    from .data.cifar import DataError
-    from .report.collect import ReportError
-
     try:
         handler(params, root, args)
-    except (DataError, ParamsError, ReportError, UnsoundCertificateError) as err:
+    except StageError as err:  # ParamsError, DataError, ReportError, an unsound certificate, ...
         print(f"error: {err}", file=sys.stderr)
         return 2
     if dag_stage and os.environ.get("DVC_STAGE"):

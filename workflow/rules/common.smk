@@ -13,73 +13,10 @@ def stage_command(stage, method=False):
     return f"python -m pipeline_src {stage} --profile {PROFILE}{per_method} --log {{log}}"
 
 
-# The package files each stage runs: editing one reruns the stages that use it.
-CORE_CODE = [
-    "pipeline_src/__main__.py",
-    "pipeline_src/cli.py",
-    "pipeline_src/config.py",
-    "pipeline_src/io.py",
-    "pipeline_src/paths.py",
-    "workflow/schemas/params.schema.yaml",
-]
-MODEL_CODE = [
-    "pipeline_src/models/activations.py",
-    "pipeline_src/models/architectures.py",
-]
-CODE = {
-    "data": CORE_CODE + ["pipeline_src/data/cifar.py"],
-    "vanilla": CORE_CODE + MODEL_CODE + [
-        "pipeline_src/data/cifar.py",
-        "pipeline_src/data/loader.py",
-        "pipeline_src/training/common.py",
-        "pipeline_src/training/vanilla.py",
-    ],
-    "svd": CORE_CODE + MODEL_CODE + [
-        "pipeline_src/spectral/operator_norm.py",
-        "pipeline_src/spectral/svd_export.py",
-    ],
-}
-BOUND_CODE = MODEL_CODE + [
-    "pipeline_src/bounds/bcp.py",
-    "pipeline_src/bounds/gloro.py",
-    "pipeline_src/bounds/ibp.py",
-    "pipeline_src/bounds/lipschitz.py",
-    "pipeline_src/bounds/local.py",
-    "pipeline_src/spectral/operator_norm.py",
-    "pipeline_src/certify/certifiers.py",
-]
-METHOD_CODE = [
-    "pipeline_src/methods/__init__.py",
-    "pipeline_src/methods/base.py",
-    "pipeline_src/methods/bcp.py",
-    "pipeline_src/methods/duet.py",
-    "pipeline_src/methods/duet_local.py",
-    "pipeline_src/methods/gloro.py",
-    "pipeline_src/methods/lmt.py",
-    "pipeline_src/methods/localbcp.py",
-    "pipeline_src/spectral/rotation.py",
-]
-EVAL_CODE = CORE_CODE + BOUND_CODE + METHOD_CODE + [
-    "pipeline_src/models/loading.py",
-    "pipeline_src/data/cifar.py",
-    "pipeline_src/data/loader.py",
-    "pipeline_src/training/common.py",
-    "pipeline_src/certify/stage.py",
-]
-# Duet's training also reads the SVD export's factors.
-CODE["train"] = EVAL_CODE + ["pipeline_src/training/certified.py", "pipeline_src/spectral/svd_export.py"]
-CODE["certify"] = EVAL_CODE
-CODE["pgd"] = EVAL_CODE + ["pipeline_src/certify/attack.py"]
-CODE["similarity"] = EVAL_CODE + ["pipeline_src/certify/similarity.py"]
-REPORT_CODE = CORE_CODE + [
-    "pipeline_src/report/__init__.py",
-    "pipeline_src/report/collect.py",
-    "pipeline_src/report/paper.py",
-    "pipeline_src/report/stage.py",
-    "pipeline_src/report/tables.py",
-]
-CODE["tables"] = REPORT_CODE
-CODE["figures"] = REPORT_CODE + ["pipeline_src/report/figures.py"]
-CODE["report"] = CODE["figures"] + ["pipeline_src/report/document.py"]
-CODE["benchmark"] = EVAL_CODE + ["pipeline_src/benchmark.py", "pipeline_src/spectral/svd_export.py"]
-CODE["report"] = CODE["report"] + ["pipeline_src/benchmark.py"]
+# The package files each stage runs, derived from the imports of its code
+# (pipeline_src/code_deps.py: the stage's handler in cli and everything it imports,
+# at module level or inside functions): editing one reruns the stages that run it.
+from pipeline_src.cli import STAGES, TOOLS
+from pipeline_src.code_deps import stage_code
+
+CODE = {name: stage_code(handler.__name__) for name, (handler, _) in {**STAGES, **TOOLS}.items()}
