@@ -76,8 +76,9 @@ rule all:
 # entries of its jobs for `dvc repro` (when DVC is installed).
 onsuccess:
     from pipeline_src.dag import record_snakemake_jobs_for_dvc
+    from pipeline_src.snakemake_adapter import dag_jobs
 
-    record_snakemake_jobs_for_dvc(workflow.dag.jobs, PROFILE, ROOT)
+    record_snakemake_jobs_for_dvc(dag_jobs(workflow), PROFILE, ROOT)
 
 
 onerror:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from .snakemake_adapter import RuleView, apply_wildcards, load_rules
 from .config import (BASE_PARAMS, PAPER_PROFILE, PROJECT_ROOT, load_params, method_runs,
                      profile_override_path, runs_to_train)
 
@@ -61,22 +62,9 @@ def data_inputs(data: dict) -> list[str]:
     return []
 
 
-def workflow_rules(profile: str = PAPER_PROFILE, root: Path = PROJECT_ROOT) -> dict:
-    """The Snakemake rule objects of the workflow as loaded for `profile`, by name."""
-    from snakemake.api import SnakemakeApi
-    from snakemake.settings.types import (ConfigSettings, OutputSettings, Quietness,
-                                          ResourceSettings, StorageSettings)
-
-    cwd = os.getcwd()  # the workflow API changes into its workdir
-    try:
-        with SnakemakeApi(OutputSettings(quiet={Quietness.ALL})) as api:
-            workflow_api = api.workflow(resource_settings=ResourceSettings(cores=1),
-                                        config_settings=ConfigSettings(config={"profile": profile}),
-                                        storage_settings=StorageSettings(),
-                                        snakefile=root / "Snakefile", workdir=root)
-            return {rule.name: rule for rule in workflow_api._workflow.rules}
-    finally:
-        os.chdir(cwd)
+def workflow_rules(profile: str = PAPER_PROFILE, root: Path = PROJECT_ROOT) -> dict[str, RuleView]:
+    """The rules of the workflow as loaded for `profile`, by name (snakemake_adapter)."""
+    return load_rules(root / "Snakefile", root, {"profile": profile})
 
 
 # Where a wildcard's values come from: the DAG runs one job per value.
@@ -92,8 +80,6 @@ def stage_name(rule: str, wildcards: dict) -> str:
 def workflow_stages(profile: str = PAPER_PROFILE, root: Path = PROJECT_ROOT) -> list[Stage]:
     """The rules of the workflow (but `all`) as runner-neutral stages, one per
     job: a rule with a {method} wildcard gives a stage per method (`train_bcp`)."""
-    from snakemake.io import apply_wildcards
-
     params = load_params(profile, root)
     stages = []
     for rule in workflow_rules(profile, root).values():
@@ -107,38 +93,18 @@ def workflow_stages(profile: str = PAPER_PROFILE, root: Path = PROJECT_ROOT) -> 
         combos = [{}] if not names else [
             dict(zip(names, values)) for values in product(*(WILDCARD_VALUES[n](params) for n in names))]
         for wildcards in combos:
-            fill = lambda pattern: apply_wildcards(str(pattern), wildcards)  # noqa: E731
-            log = [fill(f) for f in rule.log]
+            log = [apply_wildcards(f, wildcards) for f in rule.log]
             stages.append(Stage(
                 name=stage_name(rule.name, wildcards),
-                cmd=rule.shellcmd.strip().format(log=" ".join(log), wildcards=SimpleNamespace(**wildcards)),
-                deps=[fill(f) for f in _expand_inputs(rule.input, wildcards)],
-                outs=[fill(f) for f in rule.output],
+                cmd=rule.shellcmd.format(log=" ".join(log), wildcards=SimpleNamespace(**wildcards)),
+                deps=rule.inputs_for(wildcards),
+                outs=[apply_wildcards(f, wildcards) for f in rule.outputs],
                 log=log,
                 # A param named `method` carries the params block of the run's method.
                 params=[method_runs(params)[wildcards["method"]].method if key == "method" else key
-                        for key in rule.params.keys()],
+                        for key in rule.params],
             ))
     return stages
-
-
-def _expand_inputs(inputs, wildcards: dict) -> list[str]:
-    """A rule's input files for one job: input functions (plain or unpack()ed)
-    are called with the job's wildcards."""
-    files = []
-    for item in inputs:
-        # Snakemake wraps unpack()ed input functions in its file type; a named one is kept plain.
-        function = item._file.callable if hasattr(item, "is_callable") and item.is_callable() else (
-            item if callable(item) else None)
-        if function is not None:
-            value = function(SimpleNamespace(**wildcards))
-            values = value.values() if isinstance(value, dict) else (
-                value if isinstance(value, (list, tuple)) else [value])
-            for v in values:
-                files.extend(v if isinstance(v, (list, tuple)) else [v])
-        else:
-            files.append(item)
-    return [str(f) for f in files]
 
 
 def dvc_document(profile: str = PAPER_PROFILE, root: Path = PROJECT_ROOT) -> str:
@@ -220,7 +186,7 @@ def _dvc_importable() -> bool:
     return importlib.util.find_spec("dvc") is not None
 
 
-def record_snakemake_jobs_for_dvc(jobs, profile: str, root: Path = PROJECT_ROOT) -> None:
+def record_snakemake_jobs_for_dvc(jobs: list[tuple[str, dict]], profile: str, root: Path = PROJECT_ROOT) -> None:
     """Snakemake's `onsuccess:`: write the dvc.lock entries of every job of the finished
     run's DAG (each one is up to date now), as `dvc repro` would have: `dvc commit -f`.
     Outputs are not cached (OUT_OPTIONS), so this only hashes files. Nothing when DVC is
@@ -234,8 +200,7 @@ def record_snakemake_jobs_for_dvc(jobs, profile: str, root: Path = PROJECT_ROOT)
             or not dvc_file.is_file():
         return
     defined = set((yaml.safe_load(dvc_file.read_text()) or {}).get("stages", {}))
-    names = sorted({stage_name(job.rule.name, dict(job.wildcards_dict)) for job in jobs
-                    if job.rule.name != "all"} & defined)
+    names = sorted({stage_name(rule, wildcards) for rule, wildcards in jobs if rule != "all"} & defined)
     if not names:
         return
     where = dvc_file.relative_to(root).as_posix()

@@ -80,8 +80,12 @@ def apply_wildcards(pattern: str, wildcards: dict[str, str]) -> str:
 def _view(rule) -> RuleView:
     inputs: list = []
     for item in rule.input:
-        # Snakemake wraps an input function in its file type; the function is the private `_file`.
-        inputs.append(item._file.callable if item.is_callable() else str(item))
+        # Snakemake wraps an unpack()ed input function in its file type (the function is the
+        # private `_file`); a named one may stay a plain function.
+        if hasattr(item, "is_callable") and item.is_callable():
+            inputs.append(item._file.callable)
+        else:
+            inputs.append(item if callable(item) else str(item))
     resources = {}
     for name, value in rule.resources.items():
         # Defaults such as disk_mb are functions of a job's inputs: they have no value per rule.
@@ -112,3 +116,10 @@ def load_rules(snakefile: Path, workdir: Path, config: dict[str, Any]) -> dict[s
             return {rule.name: _view(rule) for rule in workflow_api._workflow.rules}
     finally:
         os.chdir(cwd)
+
+
+def dag_jobs(workflow) -> list[tuple[str, dict[str, str]]]:
+    """(rule name, wildcards) of every job in the DAG of a running workflow (the
+    `workflow` object of a Snakefile's onsuccess: handler)."""
+    check_snakemake_version()
+    return [(job.rule.name, dict(job.wildcards_dict)) for job in workflow.dag.jobs]

@@ -66,7 +66,7 @@ def test_committed_runs_have_no_stage_but_the_report_reads_them(tmp_path: Path):
         assert {"results/tinywin/certify/bcp-s0/metrics.json", "results/tinywin/train/duet-s0/history.csv",
                 "results/tinywin/certify/bcp-s1/metrics.json"} <= set(stages[rule].deps), rule
     assert "results/tinywin/certify/bcp-s0/metrics.json" not in {str(f) for f in
-                                                                  workflow_rules("tinywin", project)["all"].input}
+                                                                  workflow_rules("tinywin", project)["all"].inputs_for({})}
 
 
 def test_gpu_rules_share_the_card_through_a_resource():
@@ -74,7 +74,7 @@ def test_gpu_rules_share_the_card_through_a_resource():
 
     rules = workflow_rules("smoke")
     for name in ("vanilla", "vanilla_control", "train", "certify", "pgd", "timing"):
-        assert rules[name].resources["gpu_jobs"].value == 1, name
+        assert rules[name].resources["gpu_jobs"] == 1, name
     assert "gpu_jobs" not in rules["data"].resources and "gpu_jobs" not in rules["report"].resources
 
 
