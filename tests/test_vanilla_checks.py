@@ -1,4 +1,4 @@
-"""A vanilla model near chance stops the pipeline (pipeline_src/training/vanilla_checks.py):
+"""A vanilla model near chance stops the pipeline (pipeline_src/models/guide_checks.py):
 at the end of the vanilla stage and where the SVD export reads the guide; and the
 vanilla stage's accuracy on the certified test subset (Table 2's vanilla row)."""
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pipeline_src.data.subsets import stratified_test_indices
 from pipeline_src.io import save_json, save_torch, state_dict_sha256
 from pipeline_src.models import build_model
 from pipeline_src.paths import RunLayout
-from pipeline_src.training.vanilla_checks import (VanillaNotLearnedError, certify_subset_accuracy,
-                                                  check_guide, check_vanilla_learned)
+from pipeline_src.models.guide_checks import VanillaNotLearnedError, check_guide, check_vanilla_learned
+from pipeline_src.training.vanilla_checks import certify_subset_accuracy
 
 
 def params_with(threshold: float, profile: str = "smoke", **certify) -> dict:

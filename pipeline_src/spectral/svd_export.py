@@ -19,7 +19,7 @@ import torch
 from ..io import save_json, save_torch, state_dict_sha256
 from ..models import build_model
 from ..paths import RunLayout
-from ..training.vanilla_checks import check_guide
+from ..models.guide_checks import check_guide
 from .operator_norm import matrix_view, operator_norm_upper_bound, power_iteration
 
 

@@ -21,7 +21,8 @@ from ..runtime import make_generator, resolve_device, seed_everything, stage_see
 from .common import (Checkpoint, evaluate, learning_rate, params_fingerprint, run_provenance, set_learning_rate,
                      write_history)
 from .loop import Tally, last_step_progress, train_epochs
-from .vanilla_checks import certify_subset_accuracy, check_vanilla_learned
+from ..models.guide_checks import check_vanilla_learned
+from .vanilla_checks import certify_subset_accuracy
 
 
 def make_optimizer(model: torch.nn.Module, params: dict) -> torch.optim.Optimizer:
