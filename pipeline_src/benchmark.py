@@ -35,6 +35,7 @@ from .methods import METHODS, build_method, method_context
 from .models import build_model
 from .paths import RunLayout
 from .report.benchmark_tables import concurrency_markdown_table, depth_markdown_table, markdown_table
+from .report.format import format_peak_memory
 from .runtime import (device_name, make_generator, peak_memory_mb, reset_peak_memory, resolve_device,
                       use_fp32_numerics)
 from .training.certified import certified_step
@@ -104,7 +105,7 @@ def benchmark(params: dict, root: Path, methods: list[str], arch: str | None, wa
     layout = RunLayout.of(params)
     device = resolve_device(params["run"]["device"])
     use_fp32_numerics()
-    data = load_cache(root / layout.data_cache)
+    data = load_cache(root / layout.data_cache, params)
     n_train = len(data.train_y)
     arch = arch or params["model"]["arch"]
     rows = []
@@ -128,7 +129,7 @@ def benchmark(params: dict, root: Path, methods: list[str], arch: str | None, wa
                      "seconds_per_epoch": per_step * (n_train // batch_size),
                      "peak_memory_mb": memory})
         print(f"[benchmark] {name:9s} {arch} batch {batch_size}: {rows[-1]['seconds_per_epoch']:.2f} s/epoch, "
-              f"{memory:.0f} MB peak", flush=True)
+              f"{format_peak_memory(memory, device_name(device), with_unit=True)} peak", flush=True)
 
     def plain_step(model, optimizer, generator):
         def step(x, y, index):
@@ -231,7 +232,7 @@ def _concurrent_worker(worker: int, params: dict, root: str, method_name: str, w
         layout = RunLayout.of(params)
         device = resolve_device(params["run"]["device"])
         use_fp32_numerics()
-        data = load_cache(root_path / layout.data_cache)
+        data = load_cache(root_path / layout.data_cache, params)
         cfg = params[method_name]
         generator = make_generator(params["run"]["seed"] + worker, device)
         model = build_model({**params["model"], **cfg.get("model", {})}).to(device)

@@ -98,3 +98,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.e2e)
         elif test_id in SLOW_TESTS:
             item.add_marker(pytest.mark.slow)
+
+
+def save_cut_cache(cache: dict, path: Path, data_params: dict) -> None:
+    """Write a test's cut of a data cache (a few images of the sample, or synthetic ones)
+    where a stage reads it, stamped as built from `data_params`: the stages refuse a
+    cache whose recorded data params differ from the run's (data.cifar.load_cache)."""
+    import torch
+
+    from pipeline_src.data.cifar import data_fingerprint
+
+    provenance = {**cache.get("provenance", {}), "data_params": dict(data_params),
+                  "params_fingerprint": data_fingerprint(data_params)}
+    provenance.pop("source_bytes", None)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({**cache, "provenance": provenance}, path)

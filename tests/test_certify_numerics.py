@@ -38,6 +38,7 @@ from pipeline_src.certify import stage as certify_stage
 from pipeline_src.bounds.certifiers import (MARGIN_RTOL, certified_at, certify_batch, float64_model,
                                              layer_norms, margin_certified, sound_numerics)
 from tiny_nets import TINY, margin_attack, single_thread, tiny_net  # noqa: F401
+from conftest import save_cut_cache
 
 
 # ------------------------------------------------------------------ helpers
@@ -425,10 +426,9 @@ def write_tiny_run(tmp_path, activation: str, eps: float):
     empty = torch.zeros(0, *TINY["tiny_conv"][0], dtype=torch.uint8)
     provenance = {"source": "test", "sha256": "0" * 64, "lossy_jpeg": False, "note": "random"}
     cache = tmp_path / layout.data_cache
-    cache.parent.mkdir(parents=True)
-    torch.save({"train_x": empty, "train_y": torch.zeros(0, dtype=torch.long), "val_x": empty,
-                "val_y": torch.zeros(0, dtype=torch.long), "test_x": images, "test_y": labels,
-                "classes": ("a", "b", "c"), "provenance": provenance}, cache)
+    save_cut_cache({"train_x": empty, "train_y": torch.zeros(0, dtype=torch.long), "val_x": empty,
+                    "val_y": torch.zeros(0, dtype=torch.long), "test_x": images, "test_y": labels,
+                    "classes": ("a", "b", "c"), "provenance": provenance}, cache, params["data"])
     method = "localbcp" if activation == "clipped_relu" else "bcp"
     trained = tmp_path / layout.train(method, "model.pt")
     trained.parent.mkdir(parents=True)

@@ -36,6 +36,7 @@ from pipeline_src.spectral.svd_export import export_svd
 from pipeline_src.training import certified as certified_training
 from pipeline_src.training import vanilla as vanilla_training
 from pipeline_src.runtime import seed_everything, stage_seed
+from conftest import save_cut_cache
 
 SEED = 0
 GUIDE_POWER_ITERATIONS = 200
@@ -462,8 +463,7 @@ def guide_root(tmp_path_factory, params, vanilla) -> Path:
     layout = RunLayout.of(params)
     cache = build_cache({**params["data"], "val_size": 100}, root / "full.pt", root / "full.json", root)
     small = {**cache.__dict__, "train_x": cache.train_x[:200], "train_y": cache.train_y[:200]}
-    (root / layout.data_cache).parent.mkdir(parents=True)
-    torch.save(small, root / layout.data_cache)
+    save_cut_cache(small, root / layout.data_cache, params["data"])
     (root / layout.vanilla_model).parent.mkdir(parents=True)
     torch.save({"state_dict": vanilla.state_dict(), "model": params["model"], "data_sha256": "x"},
                root / layout.vanilla_model)

@@ -28,6 +28,7 @@ from pipeline_src.methods.base import CertifiedMethod, register
 from pipeline_src.methods.gloro import GloRo
 from tiny_nets import (TINY, ball_samples, certification_case, margin_attack, pgd,  # noqa: F401
                        single_thread, tiny_net)
+from conftest import save_cut_cache
 
 ACTIVATIONS = ["relu", "maxmin", "clipped_relu"]
 RTOL = 1e-5
@@ -309,8 +310,7 @@ def test_gloro_trains_through_the_shared_loop(tmp_path):
     layout = RunLayout.of(params)
     cache = build_cache({**params["data"], "val_size": 100}, tmp_path / "full.pt", tmp_path / "full.json", tmp_path)
     small = {**cache.__dict__, "train_x": cache.train_x[:200], "train_y": cache.train_y[:200]}
-    (tmp_path / layout.data_cache).parent.mkdir(parents=True)
-    torch.save(small, tmp_path / layout.data_cache)
+    save_cut_cache(small, tmp_path / layout.data_cache, params["data"])
     params["gloro"].update(epochs=2, warmup_epochs=0, ramp_epochs=1, batch_size=50)
     params["certify"] = {**params["certify"], "batch_size": 100}
     metrics = train_certified(params, "gloro", tmp_path)

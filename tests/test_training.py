@@ -14,6 +14,7 @@ from pipeline_src.paths import RunLayout
 from pipeline_src.training import common
 from pipeline_src.training.common import learning_rate
 from pipeline_src.training.vanilla import train_vanilla
+from conftest import save_cut_cache
 
 
 def _schedule(**overrides) -> dict:
@@ -50,8 +51,7 @@ def tiny_run(tmp_path: Path):
     cache = build_cache({**params["data"], "val_size": 100}, tmp_path / "full.pt",
                         tmp_path / "full.json", tmp_path)
     small = {**cache.__dict__, "train_x": cache.train_x[:200], "train_y": cache.train_y[:200]}
-    (tmp_path / layout.data_cache).parent.mkdir(parents=True)
-    torch.save(small, tmp_path / layout.data_cache)
+    save_cut_cache(small, tmp_path / layout.data_cache, params["data"])
     return params, layout
 
 

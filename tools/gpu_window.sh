@@ -114,7 +114,8 @@ if [ "$MODE" = benchmark ]; then
   if [ "$MPS" != 0 ] && start_mps; then
     python3 -c "import json, sys; sys.path.insert(0, '.')
 from pathlib import Path
-from pipeline_src.benchmark import concurrency_benchmark, concurrency_markdown_table
+from pipeline_src.benchmark import concurrency_benchmark
+from pipeline_src.report.benchmark_tables import concurrency_markdown_table
 from pipeline_src.config import load_params
 p = load_params('$PROFILE'); c = p['benchmark']
 r = concurrency_benchmark(p, Path('.'), c['concurrency'], c['warmup_steps'], c['steps'])

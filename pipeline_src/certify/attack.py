@@ -41,7 +41,7 @@ def attack_model(params: dict, method: str, root: Path) -> dict:
     layout = RunLayout.of(params)
     cfg, eps, seed = params["pgd"], params["certify"]["eps"], params["run"]["seed"]
     device = resolve_device(params["run"]["device"])
-    data = load_cache(root / layout.data_cache)
+    data = load_cache(root / layout.data_cache, params)
     model = load_trained(root / layout.train(method, "model.pt"), device)
     certificates = torch.load(root / layout.certify(method, "certified.pt"), weights_only=False)
     certified_any = torch.stack(list(certificates["certified"].values())).any(0)

@@ -76,7 +76,7 @@ def certify_model(params: dict, method: str, root: Path) -> dict:
     layout = RunLayout.of(params)
     cfg = params["certify"]
     device = resolve_device(params["run"]["device"])
-    data = load_cache(root / layout.data_cache)
+    data = load_cache(root / layout.data_cache, params)
     model = load_trained(root / layout.train(method, "model.pt"), device)
     test_x, test_y = evaluated_test_split(data, cfg)
     test = DeviceBatches(test_x, test_y, cfg["batch_size"], device)

@@ -3,6 +3,8 @@ prints them; REPORT.md's cost section shows them): one device's methods beside
 the floor, the cost against depth, k trainings at once."""
 from __future__ import annotations
 
+from .format import format_peak_memory
+
 
 def markdown_table(result: dict) -> str:
     lines = [f"Device: {result['device']} (torch {result['torch']}), {result['arch']}, "
@@ -12,7 +14,7 @@ def markdown_table(result: dict) -> str:
     for row in result["rows"]:
         to_bcp = "" if row["ratio_to_bcp"] is None else f"{row['ratio_to_bcp']:.2f}"
         lines.append(f"| {row['method']} | {row['batch_size']} | {row['seconds_per_epoch']:.2f} | "
-                     f"{row['peak_memory_mb']:.0f} | {row['ratio_to_floor']:.2f} | {to_bcp} |")
+                     f"{format_peak_memory(row['peak_memory_mb'], result['device'])} | {row['ratio_to_floor']:.2f} | {to_bcp} |")
     return "\n".join(lines)
 
 

@@ -201,7 +201,7 @@ class CertifiedRun:
         # same initial weights, same batches, for each seed.
         family = METHODS[method_name].seed_family()
         seed_everything(stage_seed(seed, "train", family))
-        data = load_cache(root / layout.data_cache)
+        data = load_cache(root / layout.data_cache, params)
         model_params = {**params["model"], **cfg.get("model", {})}
         model = build_model(model_params)
         if cfg["init_from"] == "vanilla_init":
