@@ -31,7 +31,7 @@ from pipeline_src.models import WeightLayer, build_model
 from pipeline_src.paths import RunLayout
 from pipeline_src.spectral.operator_norm import apply_operator, matrix_view, power_iteration
 from pipeline_src.spectral.rotation import (FactorisedRotation, apply_rotation, exact_rotation, layer_matrix,
-                                            rotation_cosine, top_rank_rotation)
+                                            top_rank_rotation)
 from pipeline_src.spectral.svd_export import export_svd
 from pipeline_src.training import certified as certified_training
 from pipeline_src.training import vanilla as vanilla_training

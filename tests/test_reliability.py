@@ -296,7 +296,8 @@ def test_kills_at_random_points_resume_to_the_same_weights(project: Path, ledger
         elif vanilla_weights(project) != reference:
             problem = "the final weights differ from those of the run never killed"
         record("kills during training", case, expected, problem,
-               f"resumed after epoch {epoch}, bit-identical" if epoch else "restarted (no checkpoint yet), bit-identical")
+               f"resumed after epoch {epoch}, bit-identical" if epoch
+               else "restarted (no checkpoint yet), bit-identical")
     rows = LEDGER["kills during training"]
     assert len(rows) == KILLS
     assert all(row["ok"] for row in rows), rows

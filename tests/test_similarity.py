@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline_src.certify.similarity import (comparison_metrics, control_metrics, layer_svds,
-                                             match_hidden_units, permute_hidden_units, similarity_controls, random_network, similarity_measures,
-                                             similarity_metrics, subspace_overlap)
+from pipeline_src.certify.similarity import (comparison_metrics, control_metrics, layer_svds, match_hidden_units,
+                                             permute_hidden_units, random_network, similarity_controls,
+                                             similarity_measures, similarity_metrics, subspace_overlap)
 from pipeline_src.config import load_params, method_runs
 from pipeline_src.io import save_json, save_torch, state_dict_sha256
 from pipeline_src.models import build_model

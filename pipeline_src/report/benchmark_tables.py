@@ -13,8 +13,9 @@ def markdown_table(result: dict) -> str:
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for row in result["rows"]:
         to_bcp = "" if row["ratio_to_bcp"] is None else f"{row['ratio_to_bcp']:.2f}"
+        memory = format_peak_memory(row["peak_memory_mb"], result["device"])
         lines.append(f"| {row['method']} | {row['batch_size']} | {row['seconds_per_epoch']:.2f} | "
-                     f"{format_peak_memory(row['peak_memory_mb'], result['device'])} | {row['ratio_to_floor']:.2f} | {to_bcp} |")
+                     f"{memory} | {row['ratio_to_floor']:.2f} | {to_bcp} |")
     return "\n".join(lines)
 
 

@@ -3,20 +3,10 @@
 # point of Duet's ablation grid (config.method_runs). The rule param `method`
 # carries the run's params block (dvc.yaml maps it to the method's key).
 
-from pipeline_src.config import METHOD_FACTS
-
-
-def train_inputs(wildcards):
-    """A method with Duet's similarity term (Duet, Duet-local) also reads the vanilla
-    model and its SVD factors."""
-    inputs = {"code": CODE["train"], "cache": LAYOUT.data_cache}
-    if METHOD_FACTS[RUNS[wildcards.method].method].similarity_term:
-        inputs.update(vanilla=LAYOUT.vanilla_model, factors=LAYOUT.svd_factors)
-    return inputs
-
-
 rule train:
     """Certified training of one method; model selected on validation."""
+    conda:
+        "../envs/pipeline.yaml"
     input:
         unpack(train_inputs),
     output:
@@ -43,6 +33,8 @@ rule train:
 
 rule certify:
     """Sound certification of the test set with every certifier that applies."""
+    conda:
+        "../envs/pipeline.yaml"
     input:
         code=CODE["certify"],
         cache=LAYOUT.data_cache,
@@ -68,6 +60,8 @@ rule certify:
 
 rule pgd:
     """l2 PGD and APGD; fails if an attack breaks a certified point."""
+    conda:
+        "../envs/pipeline.yaml"
     input:
         code=CODE["pgd"],
         cache=LAYOUT.data_cache,
@@ -94,6 +88,8 @@ rule pgd:
 
 rule similarity:
     """Rotation similarity to the vanilla model and Lipschitz product (Table 1)."""
+    conda:
+        "../envs/pipeline.yaml"
     input:
         code=CODE["similarity"],
         model=LAYOUT.train("{method}", "model.pt"),

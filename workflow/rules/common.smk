@@ -20,3 +20,33 @@ from pipeline_src.cli import STAGES, TOOLS
 from pipeline_src.code_deps import stage_code
 
 CODE = {name: stage_code(handler.__name__) for name, (handler, _) in {**STAGES, **TOOLS}.items()}
+
+
+# Input functions of the rules (`snakemake --lint`: functions live here, rules in their files).
+from pipeline_src.config import METHOD_FACTS
+
+
+def train_inputs(wildcards):
+    """A method with Duet's similarity term (Duet, Duet-local) also reads the vanilla
+    model and its SVD factors."""
+    inputs = {"code": CODE["train"], "cache": LAYOUT.data_cache}
+    if METHOD_FACTS[RUNS[wildcards.method].method].similarity_term:
+        inputs.update(vanilla=LAYOUT.vanilla_model, factors=LAYOUT.svd_factors)
+    return inputs
+
+
+def run_metrics(wildcards):
+    """The metrics files of every run, and what the tables' context comes from."""
+    per_run = lambda name: expand(name, method=RUNS)  # noqa: E731
+    return {
+        "provenance": LAYOUT.data_provenance,
+        "vanilla": LAYOUT.vanilla_metrics,
+        "svd": LAYOUT.svd_summary,
+        "train": per_run(LAYOUT.train("{method}", "metrics.json")),
+        "history": per_run(LAYOUT.train("{method}", "history.csv")),
+        "certify": per_run(LAYOUT.certify("{method}", "metrics.json")),
+        "pgd": per_run(LAYOUT.attack("{method}", "metrics.json")),
+        "similarity": per_run(LAYOUT.similarity("{method}", "metrics.json")),
+        "controls": list(CONTROLS.values()),
+        "timing": BENCHMARK_OUTPUTS,
+    }

@@ -12,6 +12,8 @@ if CONTROLS:
 
     rule vanilla_control:
         """A second vanilla model: the vanilla stage's recipe from another seed."""
+        conda:
+            "../envs/pipeline.yaml"
         input:
             code=CODE["vanilla"],
             cache=LAYOUT.data_cache,
@@ -39,6 +41,8 @@ if CONTROLS:
     rule similarity_control:
         """Table 1's control rows: the second vanilla model and the certified architecture at
         initialisation (its own seed), each against the vanilla model."""
+        conda:
+            "../envs/pipeline.yaml"
         input:
             code=CODE["similarity"],
             model=LAYOUT.vanilla_control("model.pt"),

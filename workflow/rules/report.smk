@@ -1,28 +1,10 @@
 # The last stages: the paper's tables and figures from every run's metrics
 # files, and REPORT.md. Outputs marked report() go into `snakemake --report`.
 
-from pipeline_src.config import METHOD_FACTS
 from pipeline_src.paths import REPORT_FIGURES as FIGURES, REPORT_TABLES as TABLES
 
 # Every certified method's params block (the benchmark may time any; the report checks runs against them).
 METHOD_BLOCKS = list(METHOD_FACTS)
-
-
-def run_metrics(wildcards):
-    """The metrics files of every run, and what the tables' context comes from."""
-    per_run = lambda name: expand(name, method=RUNS)  # noqa: E731
-    return {
-        "provenance": LAYOUT.data_provenance,
-        "vanilla": LAYOUT.vanilla_metrics,
-        "svd": LAYOUT.svd_summary,
-        "train": per_run(LAYOUT.train("{method}", "metrics.json")),
-        "history": per_run(LAYOUT.train("{method}", "history.csv")),
-        "certify": per_run(LAYOUT.certify("{method}", "metrics.json")),
-        "pgd": per_run(LAYOUT.attack("{method}", "metrics.json")),
-        "similarity": per_run(LAYOUT.similarity("{method}", "metrics.json")),
-        "controls": list(CONTROLS.values()),
-        "timing": BENCHMARK_OUTPUTS,
-    }
 
 
 # Table 3 measured on one device beside the floor, when `benchmark.enabled`.
@@ -33,6 +15,8 @@ if P["benchmark"]["enabled"]:
 
     rule timing:
         """Seconds per epoch and peak memory of every method beside the floor (the benchmark)."""
+        conda:
+            "../envs/pipeline.yaml"
         input:
             code=CODE["benchmark"],
             cache=LAYOUT.data_cache,
@@ -65,6 +49,8 @@ REPORT_PARAMS = dict(run=P["run"], methods=P["methods"], seeds=P["seeds"], model
 
 rule tables:
     """Tables 1-3 (Markdown, CSV, LaTeX) beside the paper's numbers."""
+    conda:
+        "../envs/pipeline.yaml"
     input:
         unpack(run_metrics),
         code=CODE["tables"],
@@ -88,6 +74,8 @@ rule tables:
 
 rule figures:
     """Figures 2 and 3, the certified-radius curve and per-layer similarity (PNG, PDF)."""
+    conda:
+        "../envs/pipeline.yaml"
     input:
         unpack(run_metrics),
         code=CODE["figures"],
@@ -110,6 +98,8 @@ rule figures:
 
 rule report:
     """REPORT.md: provenance, schedules, the three tables and the figures."""
+    conda:
+        "../envs/pipeline.yaml"
     input:
         unpack(run_metrics),
         code=CODE["report"],

@@ -1,5 +1,7 @@
 rule svd:
     """Offline SVD of every vanilla layer: factors, ranks, operator norms."""
+    conda:
+        "../envs/pipeline.yaml"
     input:
         code=CODE["svd"],
         model=LAYOUT.vanilla_model,

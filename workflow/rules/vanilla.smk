@@ -1,5 +1,7 @@
 rule vanilla:
     """Cross-entropy pretraining of the vanilla (guide) model."""
+    conda:
+        "../envs/pipeline.yaml"
     input:
         code=CODE["vanilla"],
         cache=LAYOUT.data_cache,
