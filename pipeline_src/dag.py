@@ -4,7 +4,8 @@ Each Snakemake rule (but `all`) becomes a DVC stage with the same command,
 the rule's inputs as deps, its outputs (and log) as outs, and its `params:`
 entries as params keys: a rule's params are named after the params.yaml
 blocks they carry, so `params: vanilla=P["vanilla"]` becomes the DVC param
-`vanilla`. The paper profile's stages go to ./dvc.yaml; another profile's to
+`vanilla`, and a double underscore names one key of a block
+(`certify__test_images=P["certify"]["test_images"]`: `certify.test_images`). The paper profile's stages go to ./dvc.yaml; another profile's to
 profiles/<name>/dvc.yaml, run from the project root (`wdir`), with the
 profile's override file as a second params file.
 
@@ -101,32 +102,39 @@ def workflow_stages(profile: str = PAPER_PROFILE, root: Path = PROJECT_ROOT) -> 
                 outs=[apply_wildcards(f, wildcards) for f in rule.outputs],
                 log=log,
                 # A param named `method` carries the params block of the run's method.
-                params=[method_runs(params)[wildcards["method"]].method if key == "method" else key
-                        for key in rule.params],
+                params=[method_runs(params)[wildcards["method"]].method if key == "method"
+                        else key.replace("__", ".") for key in rule.params],
             ))
     return stages
+
+
+def _sets(params: dict, dotted: str) -> bool:
+    """Whether `params` holds the block or block.key `dotted`."""
+    for part in dotted.split("."):
+        if not isinstance(params, dict) or part not in params:
+            return False
+        params = params[part]
+    return True
 
 
 def dvc_document(profile: str = PAPER_PROFILE, root: Path = PROJECT_ROOT) -> str:
     params = load_params(profile, root)
     override = profile_override_path(profile, root)
-    override_keys = set()
-    if override is not None:
-        override_keys = set(yaml.safe_load(override.read_text()) or {})
+    override_params = {} if override is None else (yaml.safe_load(override.read_text()) or {})
     stages = {}
     workflow = workflow_stages(profile, root)
     for stage in workflow:
-        unknown = [key for key in stage.params if key not in params]
+        unknown = [key for key in stage.params if not _sets(params, key)]
         if unknown:
             raise ValueError(f"rule {stage.name}: params {unknown} are not params.yaml blocks; name "
-                             f"each rule param after the block it carries")
+                             f"each rule param after the block it carries (block__key for one key)")
         entry: dict = {}
         if override is not None:
             entry["wdir"] = "../.."
         entry["cmd"] = stage.cmd
         entry["deps"] = stage.deps
         stage_params: list = [{BASE_PARAMS: sorted(stage.params)}]
-        in_override = sorted(set(stage.params) & override_keys)
+        in_override = sorted(key for key in stage.params if _sets(override_params, key))
         if in_override:
             stage_params.append({str(override.relative_to(root)): in_override})
         entry["params"] = stage_params

@@ -15,7 +15,7 @@ if CONTROLS:
         conda:
             "../envs/pipeline.yaml"
         input:
-            code=CODE["vanilla"],
+            code=CODE["vanilla_control"],
             cache=LAYOUT.data_cache,
         output:
             model=LAYOUT.vanilla_control("model.pt"),
@@ -25,6 +25,8 @@ if CONTROLS:
             run=P["run"],
             model=P["model"],
             vanilla=P["vanilla"],
+            # Its metrics include the accuracy on the certified test subset (Table 2's vanilla row).
+            certify__test_images=P["certify"]["test_images"],
             similarity=P["similarity"],
         log:
             LAYOUT.log("vanilla_control"),

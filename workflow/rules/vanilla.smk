@@ -13,6 +13,8 @@ rule vanilla:
         run=P["run"],
         model=P["model"],
         vanilla=P["vanilla"],
+        # Its metrics include the accuracy on the certified test subset (Table 2's vanilla row).
+        certify__test_images=P["certify"]["test_images"],
     log:
         LAYOUT.log("vanilla"),
     benchmark:
