@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, help_text) in {**STAGES, **TOOLS}.items():
         cmd = sub.add_parser(name, help=help_text)
         cmd.add_argument("--profile", default=PAPER_PROFILE,
-                         help="run profile: 'paper' (params.yaml) or profiles/<name>/params.yaml")
+                         help="run profile: 'paper' (params.yaml) or config/<name>/params.yaml")
         cmd.add_argument("--log", default=None,
                          help="also write everything the stage prints to this file")
         if name in METHOD_STAGES:
@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
                              help="a certified training run: a method (bcp) or a Duet grid point")
         if name == "export-dvc":
             cmd.add_argument("--profiles", nargs="+", default=None,
-                             help="profiles to export (default: paper and every profiles/*/params.yaml)")
+                             help="profiles to export (default: paper and every config/*/params.yaml)")
         if name == "benchmark":
             cmd.add_argument("--methods", nargs="+", default=None,
                              help="methods or runs to time (default: benchmark.methods, else the profile's methods)")

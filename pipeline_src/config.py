@@ -1,5 +1,5 @@
 """Run profiles: `params.yaml` is the paper's configuration; a profile is an
-override file `profiles/<name>/params.yaml` merged on top of it.
+override file `config/<name>/params.yaml` merged on top of it.
 
 Kept free of torch so that the Snakefile can import it cheaply.
 """
@@ -28,7 +28,7 @@ def profile_override_path(profile: str, root: Path = PROJECT_ROOT) -> Path | Non
     """The override file of a profile; the paper profile is params.yaml alone."""
     if profile == PAPER_PROFILE:
         return None
-    return root / "profiles" / profile / "params.yaml"
+    return root / "config" / profile / "params.yaml"
 
 
 def deep_merge(base: dict, override: dict) -> dict:
@@ -128,7 +128,7 @@ def load_params(profile: str = PAPER_PROFILE, root: Path = PROJECT_ROOT,
     override = profile_override_path(profile, root)
     if override is not None:
         if not override.is_file():
-            known = sorted(p.parent.name for p in (root / "profiles").glob("*/params.yaml"))
+            known = sorted(p.parent.name for p in (root / "config").glob("*/params.yaml"))
             raise ParamsError(
                 f"profile '{profile}': {override} not found (profiles: {', '.join([PAPER_PROFILE] + known)})")
         override_params = _read_yaml(override)
@@ -279,6 +279,6 @@ def runs_to_train(params: dict) -> dict[str, CertifiedRun]:
     are in git (results/<run>/, no weights); the report stages read them like any other
     run's, but no train, certify, pgd or similarity job exists for it, so neither
     Snakemake nor DVC can try to rebuild it (nor needs its weights). This is how the
-    seeds of successive GPU windows add up (README, GPU window)."""
+    seeds of successive GPU windows add up (docs/gpu-window.md)."""
     committed = set(params.get("committed_runs") or [])
     return {name: run for name, run in method_runs(params).items() if name not in committed}

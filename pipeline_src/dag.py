@@ -5,8 +5,9 @@ the rule's inputs as deps, its outputs (and log) as outs, and its `params:`
 entries as params keys: a rule's params are named after the params.yaml
 blocks they carry, so `params: vanilla=P["vanilla"]` becomes the DVC param
 `vanilla`, and a double underscore names one key of a block
-(`certify__test_images=P["certify"]["test_images"]`: `certify.test_images`). The paper profile's stages go to ./dvc.yaml; another profile's to
-profiles/<name>/dvc.yaml, run from the project root (`wdir`), with the
+(`certify__test_images=P["certify"]["test_images"]`: `certify.test_images`).
+The paper profile's stages go to ./dvc.yaml; another profile's to
+config/<name>/dvc.yaml, run from the project root (`wdir`), with the
 profile's override file as a second params file.
 
 `tests/test_dag.py` regenerates them and fails when the committed files drift.
@@ -173,7 +174,7 @@ def dvc_yaml_path(profile: str, root: Path = PROJECT_ROOT) -> Path:
 
 
 def known_profiles(root: Path = PROJECT_ROOT) -> list[str]:
-    return [PAPER_PROFILE] + sorted(p.parent.name for p in (root / "profiles").glob("*/params.yaml"))
+    return [PAPER_PROFILE] + sorted(p.parent.name for p in (root / "config").glob("*/params.yaml"))
 
 
 def write_dvc_yaml(root: Path = PROJECT_ROOT, profiles: list[str] | None = None) -> list[Path]:

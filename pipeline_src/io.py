@@ -75,7 +75,7 @@ def git_commit(root: str | Path) -> str:
         # Runner bookkeeping (dvc.lock, results) does not make the code dirty.
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
                                 "pipeline_src", "workflow", "Snakefile", "params.yaml",
-                                ":(glob)profiles/*/params.yaml"], cwd=root,
+                                ":(glob)config/*/params.yaml"], cwd=root,
                                capture_output=True, text=True, check=True).stdout.strip()
         return commit + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):

@@ -37,7 +37,7 @@ def test_deep_merge_replaces_lists_and_leaves_inputs_alone():
 
 @pytest.fixture
 def params_root(tmp_path: Path) -> Path:
-    for name in ("params.yaml", "workflow/schemas/params.schema.yaml", "profiles/smoke/params.yaml"):
+    for name in ("params.yaml", "workflow/schemas/params.schema.yaml", "config/smoke/params.yaml"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / name, tmp_path / name)
     return tmp_path
@@ -67,8 +67,8 @@ def test_bad_params_name_the_key(params_root: Path, change, key: str):
 
 
 def test_bad_key_in_a_profile_names_the_profile_file(params_root: Path):
-    _edit(params_root, "profiles/smoke/params.yaml", lambda p: p["vanilla"].update(lr=-1))
-    with pytest.raises(ParamsError, match=r"profiles/smoke/params.yaml.*'vanilla.lr'"):
+    _edit(params_root, "config/smoke/params.yaml", lambda p: p["vanilla"].update(lr=-1))
+    with pytest.raises(ParamsError, match=r"config/smoke/params.yaml.*'vanilla.lr'"):
         load_params("smoke", params_root)
 
 
@@ -191,7 +191,7 @@ def test_git_commit_names_the_commit_of_a_copy(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- what a person writes
 def _project_copy(tmp_path: Path) -> Path:
-    for rel in ("params.yaml", "workflow/schemas/params.schema.yaml", "profiles/smoke/params.yaml"):
+    for rel in ("params.yaml", "workflow/schemas/params.schema.yaml", "config/smoke/params.yaml"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(PROJECT_ROOT / rel, tmp_path / rel)
     return tmp_path
@@ -199,7 +199,7 @@ def _project_copy(tmp_path: Path) -> Path:
 
 def test_numbers_in_any_yaml_spelling_and_hashes_as_strings(tmp_path):
     root = _project_copy(tmp_path)
-    profile = root / "profiles/smoke/params.yaml"
+    profile = root / "config/smoke/params.yaml"
     zeros = "0" * 64
     profile.write_text(profile.read_text() + f"\nbcp:\n  lr: 1e-3\n  weight_decay: 5E-6\n"
                        f"data:\n  sha256: {zeros}\n")
@@ -211,13 +211,13 @@ def test_numbers_in_any_yaml_spelling_and_hashes_as_strings(tmp_path):
 
 def test_a_bad_key_names_the_file_that_sets_it(tmp_path):
     root = _project_copy(tmp_path)
-    profile = root / "profiles/smoke/params.yaml"
+    profile = root / "config/smoke/params.yaml"
     original = profile.read_text()
     profile.write_text(original.replace("  val_size: 100", "  val_size: -5"))
-    with pytest.raises(ParamsError, match=r"^profiles/smoke/params\.yaml: key 'data\.val_size'"):
+    with pytest.raises(ParamsError, match=r"^config/smoke/params\.yaml: key 'data\.val_size'"):
         load_params("smoke", root)
     profile.write_text(original + "\nbcp:\n  bogus: 1\n")
-    with pytest.raises(ParamsError, match=r"^profiles/smoke/params\.yaml: unknown key 'bcp\.bogus'"):
+    with pytest.raises(ParamsError, match=r"^config/smoke/params\.yaml: unknown key 'bcp\.bogus'"):
         load_params("smoke", root)
     profile.write_text(original)
     base = root / "params.yaml"
@@ -228,7 +228,7 @@ def test_a_bad_key_names_the_file_that_sets_it(tmp_path):
 
 def test_a_ramp_past_the_last_epoch_is_refused(tmp_path):
     root = _project_copy(tmp_path)
-    profile = root / "profiles/smoke/params.yaml"
+    profile = root / "config/smoke/params.yaml"
     profile.write_text(profile.read_text().replace("  ramp_epochs: 1\n  batch_size: 64\n  compile: false",
                                                    "  ramp_epochs: 5\n  batch_size: 64\n  compile: false", 1))
     with pytest.raises(ParamsError, match=r"key 'bcp\.ramp_epochs'.*exceed bcp\.epochs \(2\)"):

@@ -96,7 +96,7 @@ def test_seeds_give_one_job_per_run_and_seed_and_tables_read_them_all(tmp_path: 
     from conftest import copy_project
 
     project = copy_project(tmp_path / "project")
-    override = project / "profiles/smoke/params.yaml"
+    override = project / "config/smoke/params.yaml"
     override.write_text(override.read_text() + "\nseeds: [0, 1]\n")
     stages = {s.name: s for s in workflow_stages("smoke", project)}
     groups = list(method_runs(load_params("smoke")))
@@ -130,7 +130,7 @@ def test_control_stages_follow_similarity_controls(tmp_path: Path):
     assert "results/smoke/similarity_control/random/metrics.json" in all_inputs
 
     project = copy_project(tmp_path / "project")
-    override = project / "profiles/smoke/params.yaml"
+    override = project / "config/smoke/params.yaml"
     override.write_text(override.read_text() + "\nsimilarity: {controls: false}\n")
     off = {s.name for s in workflow_stages("smoke", project)}
     assert not controls & off and "similarity_bcp" in off

@@ -24,7 +24,8 @@ FENCE = re.compile(r"^\s*(```|~~~)")
 
 
 def doc_files() -> list[Path]:
-    files = [README, ROOT / "results" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    files = [README, ROOT / "results" / "README.md", ROOT / "config" / "README.md",
+             *sorted((ROOT / "docs").glob("*.md"))]
     return [f for f in files if f.is_file()]
 
 

@@ -156,7 +156,7 @@ def test_grid_and_guide():
     assert runs["duet_local-r1-l1-paper"].method == "duet_local" and runs["duet_local-r1-l1-paper"].config["rank"] == 1
     assert "duet_local" in runs and runs["duet_local"].config["rank"] == 4
     # The generated smoke DAG gives Duet-local's training the guide (vanilla model, SVD factors), not GloRo's.
-    stages = yaml.safe_load((Path(__file__).resolve().parent.parent / "profiles/smoke/dvc.yaml").read_text())["stages"]
+    stages = yaml.safe_load((Path(__file__).resolve().parent.parent / "config/smoke/dvc.yaml").read_text())["stages"]
     guide = {"results/smoke/vanilla/model.pt", "results/smoke/svd/factors.pt"}
     assert guide <= set(stages["train_duet_local"]["deps"]) and guide <= set(stages["train_duet"]["deps"])
     assert not guide & set(stages["train_gloro"]["deps"]) and not guide & set(stages["train_localbcp"]["deps"])

@@ -134,7 +134,7 @@ def test_snakemake_smoke_end_to_end_and_deterministic(project_copy: Path):
     # Nothing to do when nothing changed, for Snakemake nor for DVC (docs/runners.md).
     dry = run(["snakemake", "--cores", "1", "all", "--config", "profile=smoke", "-n"], project_copy)
     assert "Nothing to be done" in dry.stdout + dry.stderr
-    status = run(["dvc", "status", "profiles/smoke/dvc.yaml"], project_copy).stdout
+    status = run(["dvc", "status", "config/smoke/dvc.yaml"], project_copy).stdout
     assert "up to date" in status.lower(), status
 
     # The HTML report holds the tables, the figures and REPORT.md.
@@ -165,9 +165,9 @@ def test_snakemake_smoke_end_to_end_and_deterministic(project_copy: Path):
 
 
 def test_dvc_repro_smoke(project_copy: Path):
-    run(["dvc", "repro", "profiles/smoke/dvc.yaml"], project_copy)
+    run(["dvc", "repro", "config/smoke/dvc.yaml"], project_copy)
     _check_smoke_outputs(project_copy)
-    status = run(["dvc", "status", "profiles/smoke/dvc.yaml"], project_copy)
+    status = run(["dvc", "status", "config/smoke/dvc.yaml"], project_copy)
     assert "up to date" in status.stdout.lower()
     # Snakemake has nothing to do on what DVC built (docs/runners.md).
     dry = run(["snakemake", "--cores", "1", "all", "--config", "profile=smoke", "-n"], project_copy)
@@ -272,7 +272,7 @@ def test_cluster_executor_receives_resources(project_copy: Path, tmp_path: Path)
 
 @pytest.mark.parametrize("runner", ["snakemake", "cli"])
 def test_bad_params_stop_with_the_key_named(project_copy: Path, runner: str):
-    override = project_copy / "profiles/smoke/params.yaml"
+    override = project_copy / "config/smoke/params.yaml"
     override.write_text(override.read_text().replace("val_size: 100", "val_sise: 100"))
     cmd = (["snakemake", "--cores", "1", "all", "--config", "profile=smoke", "-n"] if runner == "snakemake"
            else ["python", "-m", "pipeline_src", "data", "--profile", "smoke"])
@@ -289,7 +289,7 @@ def test_command_line_config_other_than_profile_is_refused(project_copy: Path):
 
 def test_bad_data_stops_the_stage_with_the_file_named(project_copy: Path, tmp_path: Path):
     missing = tmp_path / "no-such-cifar.tar.gz"
-    override = project_copy / "profiles/smoke/params.yaml"
+    override = project_copy / "config/smoke/params.yaml"
     override.write_text(override.read_text().replace("source: sample", "source: images")
                         .replace("path: null", f"path: {missing}"))
     result = run(["python", "-m", "pipeline_src", "data", "--profile", "smoke"], project_copy, check=False)

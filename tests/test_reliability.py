@@ -76,7 +76,7 @@ def project(tmp_path_factory) -> Path:
 
 
 def write_profile(root: Path, name: str, params: dict | str) -> None:
-    path = root / "profiles" / name / "params.yaml"
+    path = root / "config" / name / "params.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(params if isinstance(params, str) else yaml.safe_dump(params, sort_keys=False))
 
@@ -136,9 +136,9 @@ BAD_PARAMS = [
     ("malformed sha256", merged(data={"sha256": "abc"}), "data.sha256"),
     ("a ramp past the last epoch", merged(bcp={"epochs": 2, "warmup_epochs": 1, "ramp_epochs": 5}),
      "bcp.ramp_epochs"),
-    ("not a mapping", "- just\n- a list\n", "profiles/bad{index}/params.yaml"),
+    ("not a mapping", "- just\n- a list\n", "config/bad{index}/params.yaml"),
     ("bad enum: an item of a list set by the profile", merged(methods=["bcp", "resnet"]), "methods"),
-    ("not YAML (one line: where the parser stopped)", "vanilla: [epochs: 3\n", "profiles/bad{index}/params.yaml"),
+    ("not YAML (one line: where the parser stopped)", "vanilla: [epochs: 3\n", "config/bad{index}/params.yaml"),
 ]
 
 def test_bad_params_values_give_one_line_errors_and_lose_nothing(project: Path, ledger):
@@ -148,7 +148,7 @@ def test_bad_params_values_give_one_line_errors_and_lose_nothing(project: Path, 
         write_profile(project, profile, params if isinstance(params, str)
                       else {**params, "run": {**params["run"], "name": "rel"}})
         result = cli(project, "data", profile)
-        problem = one_line_error(result, named.format(index=f"{index:02d}"), f"profiles/{profile}/params.yaml")
+        problem = one_line_error(result, named.format(index=f"{index:02d}"), f"config/{profile}/params.yaml")
         if problem is None and sha256(project / CACHE) != before:
             problem = "the existing data cache changed"
         record("bad params values", case, "one-line error naming the key and file; the cache untouched",

@@ -550,7 +550,7 @@ def test_report_gives_the_command_of_its_profile(tmp_path: Path):
     make_tables(params, tmp_path)
     make_figures(params, tmp_path)
     text = make_report(params, tmp_path).read_text()
-    assert ("made by `snakemake --cores 1 all --config profile=smoke` (or `dvc repro profiles/smoke/dvc.yaml`)"
+    assert ("made by `snakemake --cores 1 all --config profile=smoke` (or `dvc repro config/smoke/dvc.yaml`)"
             in text)
     assert "`snakemake --cores 1 all`" not in text
 

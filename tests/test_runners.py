@@ -11,7 +11,7 @@ from pathlib import Path
 from conftest import run
 
 SMOKE = Path("results/smoke")
-DVC_YAML = "profiles/smoke/dvc.yaml"
+DVC_YAML = "config/smoke/dvc.yaml"
 SNAKEMAKE = ["snakemake", "--cores", "1", "--config", "profile=smoke"]
 NOTHING = "Nothing to be done"
 
@@ -30,7 +30,7 @@ def _weights(project: Path) -> str:
 
 
 def _set_override(project: Path, old: str, new: str) -> None:
-    override = project / "profiles/smoke/params.yaml"
+    override = project / "config/smoke/params.yaml"
     text = override.read_text()
     assert old in text, old
     override.write_text(text.replace(old, new))

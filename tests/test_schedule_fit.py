@@ -55,7 +55,7 @@ def test_rewrite_block_edits_one_block_and_keeps_the_rest():
 
 
 def test_fit_epochs_writes_the_profile_from_the_benchmark(tmp_path: Path):
-    for path in ("params.yaml", "workflow/schemas/params.schema.yaml", "profiles/gpu_bcp/params.yaml"):
+    for path in ("params.yaml", "workflow/schemas/params.schema.yaml", "config/gpu_bcp/params.yaml"):
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / path, tmp_path / path)
     params = load_params("gpu_bcp", tmp_path)
@@ -70,7 +70,7 @@ def test_fit_epochs_writes_the_profile_from_the_benchmark(tmp_path: Path):
     fitted = load_params("gpu_bcp", tmp_path)       # still valid against the schema
     assert (fitted["bcp"]["epochs"], fitted["bcp"]["warmup_epochs"], fitted["bcp"]["ramp_epochs"],
             fitted["bcp"]["lr_schedule"]["step_epochs"]) == (21, 1, 13, 1)
-    assert "# GPU profile" in (tmp_path / "profiles/gpu_bcp/params.yaml").read_text()
+    assert "# GPU profile" in (tmp_path / "config/gpu_bcp/params.yaml").read_text()
     # A compiled run pays its compilation once: fewer epochs in the same budget.
     compiled = {**fitted, "bcp": {**fitted["bcp"], "compile": True, "epochs": 30}}
     assert fit_epochs(compiled, tmp_path, "bcp", 300)["epochs"] == 17      # (300 - 60) // 14

@@ -17,7 +17,7 @@ from pipeline_src.schedule_fit import concurrency_slowdown, scaled_schedule, win
 
 
 def _add_profile(project: Path, name: str, override: dict) -> None:
-    folder = project / "profiles" / name
+    folder = project / "config" / name
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "params.yaml").write_text(yaml.safe_dump(override, sort_keys=False))
 
@@ -125,7 +125,7 @@ def test_window_plan_fits_the_budget_and_is_written_into_the_profile(tmp_path: P
     for method in ("lmt", "bcp", "duet"):
         assert fitted[method]["epochs"] == family["epochs"]
     assert fitted["localbcp"]["epochs"] == local["epochs"]
-    assert "# GPU window profile" in (project / "profiles/window/params.yaml").read_text()
+    assert "# GPU window profile" in (project / "config/window/params.yaml").read_text()
 
 
 def test_concurrency_benchmark_plumbing_on_cpu(tmp_path: Path):

@@ -6,7 +6,7 @@
 #
 #   PROFILE=gpu_bcp BUDGET_S=540 PIPELINE_GIT_COMMIT=$(git rev-parse HEAD) bash tools/gpu_session.sh
 #
-# PROFILE     profiles/<name>/params.yaml (default gpu_bcp)
+# PROFILE     config/<name>/params.yaml (default gpu_bcp)
 # BUDGET_S    seconds the whole command may take; training gets what the other
 #             stages leave (RESERVE_S, default 200), split among the trained methods
 #             (one run each: no seeds, no Duet grid), and `fit-epochs` shrinks each
@@ -73,7 +73,7 @@ fitted="" trained=""
 for method in $methods; do
   stage fit-epochs --method "$method" --seconds "$train_budget" && fitted="$fitted $method"
 done
-cp "profiles/$PROFILE/params.yaml" "$OUT/params.yaml"
+cp "config/$PROFILE/params.yaml" "$OUT/params.yaml"
 for run in $runs; do
   method=$(params_value "method_runs(p)['$run'].method")
   # An unfitted schedule could outrun the budget and lose everything: skip it.

@@ -2,7 +2,7 @@
 # One GPU window (issue 12): the `window` profile's whole DAG under Snakemake in one
 # command on a lent GPU machine, the certified runs sharing the card, and what comes
 # back packed into $OUT. Each window trains the next seed not yet committed
-# (profiles/window/params.yaml: `seeds`, `committed_runs`; README, GPU window).
+# (config/window/params.yaml: `seeds`, `committed_runs`; docs/gpu-window.md).
 #
 # Here, once per session (wheels and data travel in device_carry/, git-ignored):
 #   bash tools/device_wheels.sh && cp ../shared/data/cifar10-jpeg.tar.gz device_carry/
@@ -90,7 +90,7 @@ pack() {  # results without weights or data cache, the profile, the logs; checkp
     cp "$machine" "$run_dir/benchmark/machine.txt" 2>/dev/null
   fi
   mkdir -p "$run_dir/logs" && mv "$OUT"/machine.txt "$OUT"/snakemake.log "$run_dir/logs/" 2>/dev/null
-  tar -czf "$OUT/window.tar.gz" --exclude='*.pt' "$run_dir" "profiles/$PROFILE/params.yaml"
+  tar -czf "$OUT/window.tar.gz" --exclude='*.pt' "$run_dir" "config/$PROFILE/params.yaml"
   # Unfinished runs' checkpoints, Duet first (the critical path), while CKPT_PARTS allows
   # (the 8 files back, and the 64 MiB the next window can carry).
   local slots=${CKPT_PARTS:-2}

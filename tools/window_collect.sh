@@ -26,6 +26,6 @@ python -m pipeline_src export-dvc --profiles "$PROFILE"
 cat <<MSG
 Now commit the window (metrics, histories, tables, figures, REPORT.md, WINDOW.md, benchmark;
 no weights, no data cache; results/ is git-ignored, hence -f):
-  git add -f \$(cd . && find $run_dir -type f ! -name '*.pt' ! -path '*/.snakemake/*') profiles/$PROFILE/params.yaml profiles/$PROFILE/dvc.yaml
-  git commit -m "window: ..." -- $run_dir profiles/$PROFILE
+  git add -f \$(cd . && find $run_dir -type f ! -name '*.pt' ! -path '*/.snakemake/*') config/$PROFILE/params.yaml config/$PROFILE/dvc.yaml
+  git commit -m "window: ..." -- $run_dir config/$PROFILE
 MSG

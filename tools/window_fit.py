@@ -8,7 +8,7 @@ of k BCP trainings at once):
     python tools/window_fit.py --profile window --seconds 540 [--write]
 
 Without a GPU measurement, from assumed numbers (the committed estimate of
-profiles/window/params.yaml was made so; see its header):
+config/window/params.yaml was made so; see its header):
 
     python tools/window_fit.py --profile window --seconds 540 \
         --assume floor=0.94 lmt=1.68 bcp=3.81 localbcp=8.80 duet=17.68 --slowdown 6=1.5
