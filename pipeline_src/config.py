@@ -189,17 +189,18 @@ class MethodFacts(NamedTuple):
                               # the same weights and see the same batches (Table 2 pairs them)
     similarity_term: bool     # adds Duet's similarity term: reads the vanilla model and its SVD
                               # export, and its block's ranks/lambdas/sim_forms span a grid
+    colour: str               # its base run's colour in every figure
 
 
 # One row per certified method. Adding a method: a module in pipeline_src/methods/, a
-# params block (params.yaml and the schema) and a row here.
+# params block (params.yaml and the schema) and a row here (label, pairing, guide, colour).
 METHOD_FACTS = {
-    "lmt": MethodFacts("LMT", None, False),
-    "bcp": MethodFacts("BCP", None, False),
-    "localbcp": MethodFacts("LocalBCP", None, False),
-    "duet": MethodFacts("Duet", "bcp", True),
-    "gloro": MethodFacts("GloRo", None, False),
-    "duet_local": MethodFacts("Duet-local", "localbcp", True),
+    "lmt": MethodFacts("LMT", None, False, "#7f7f7f"),
+    "bcp": MethodFacts("BCP", None, False, "#1f77b4"),
+    "localbcp": MethodFacts("LocalBCP", None, False, "#2ca02c"),
+    "duet": MethodFacts("Duet", "bcp", True, "#d62728"),
+    "gloro": MethodFacts("GloRo", None, False, "#17becf"),
+    "duet_local": MethodFacts("Duet-local", "localbcp", True, "#8c564b"),
 }
 
 

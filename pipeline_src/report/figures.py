@@ -26,6 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from ..config import METHOD_FACTS  # noqa: E402
 from ..io import atomic_path  # noqa: E402
 from ..paths import REPORT_FIGURES, RunLayout  # noqa: E402
 from .collect import ReportInputs, RunResult  # noqa: E402
@@ -39,8 +40,7 @@ SIZES = {  # inches; pixels are these times DPI
 }
 FIGURES = REPORT_FIGURES  # the names the rules declare; each has a size and a builder
 FORMATS = ("png", "pdf")
-METHOD_COLOURS = {"lmt": "#7f7f7f", "bcp": "#1f77b4", "localbcp": "#2ca02c", "duet": "#d62728",
-                  "gloro": "#17becf", "duet_local": "#8c564b"}
+METHOD_COLOURS = {method: facts.colour for method, facts in METHOD_FACTS.items()}
 GRID_COLOURS = ["#ff7f0e", "#9467bd", "#e377c2", "#bcbd22", "#f4a582", "#762a83", "#4d9221", "#c51b7d"]
 STRONG = ("duet", "bcp")  # the paper's comparison; other groups are drawn lighter
 
