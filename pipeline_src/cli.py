@@ -218,7 +218,8 @@ def set_numerics(params: dict) -> None:
     """The numerics of a stage, set by the stage itself so that the same params give the
     same bits under Snakemake (which exports OMP_NUM_THREADS=1), `dvc repro` and the plain
     commands: `run.cpu_threads` torch threads, deterministic algorithms where torch has
-    them (warn_only: a GPU kernel without one warns instead of failing), and the cuBLAS
+    them when `run.deterministic` (warn_only: a GPU kernel without one warns instead of
+    failing; their cost on a GPU is unmeasured, hence the switch), and the cuBLAS
     workspace that deterministic GPU matmuls need, set before CUDA starts."""
     threads = params["run"]["cpu_threads"]
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
@@ -230,7 +231,7 @@ def set_numerics(params: dict) -> None:
         torch.set_num_interop_threads(threads)
     except RuntimeError:  # already set, or inter-op work already started in this process
         pass
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.use_deterministic_algorithms(params["run"]["deterministic"], warn_only=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -182,3 +182,7 @@ def test_a_stage_sets_its_own_numerics(tmp_path: Path):
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
                          check=True).stdout.split()
     assert out == ["3", "3", "True", "True", ":4096:8", "3"]
+    script = script.replace("= 3\n", "= 3\nparams['run']['deterministic'] = False\n")
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out[2] == "False"
