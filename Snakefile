@@ -27,8 +27,10 @@ try:
     # Stages read params from the files, never from --config: only `profile` may be set there.
     extra = {k: v for k, v in config.items() if k != "profile" and read_base_params(ROOT).get(k) != v}
     if extra:
-        raise ParamsError(f"--config: set {', '.join(sorted(extra))} in params.yaml or a profile, "
-                          "not on the command line (only 'profile' is read from --config)")
+        raise ParamsError(f"--config/--configfile: {', '.join(sorted(extra))} set on the command line; only "
+                          "'profile' is read there: select a profile with `--config profile=<name>` (not "
+                          "`--configfile config/<name>/params.yaml`) and set every other key in params.yaml or "
+                          "the profile's file")
     P = load_params(PROFILE, ROOT)
 except ParamsError as err:
     raise WorkflowError(f"invalid params: {err}")

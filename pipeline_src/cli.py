@@ -195,15 +195,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class _Tee:
-    """Write to the terminal and a log file at once (the runners' `log:` files)."""
+    """Write to the terminal and a log file at once (the runners' `log:` files). A
+    progress bar's redraws (writes with a carriage return) reach the terminal only:
+    the log keeps the lines the stage prints."""
 
-    def __init__(self, *streams):
-        self.streams = streams
+    def __init__(self, terminal, log):
+        self.streams = (terminal, log)
 
     def write(self, text: str) -> int:
-        for stream in self.streams:
-            stream.write(text)
-            stream.flush()
+        terminal, log = self.streams
+        terminal.write(text)
+        terminal.flush()
+        if "\r" not in text:
+            log.write(text)
+            log.flush()
         return len(text)
 
     def flush(self) -> None:
@@ -221,9 +226,11 @@ def set_numerics(params: dict) -> None:
     them when `run.deterministic` (warn_only: a GPU kernel without one warns instead of
     failing; their cost on a GPU is unmeasured, hence the switch), and the cuBLAS
     workspace that deterministic GPU matmuls need, set before CUDA starts."""
-    threads = params["run"]["cpu_threads"]
+    threads, deterministic = params["run"]["cpu_threads"], params["run"]["deterministic"]
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    # Inductor's own switch, read when torch._inductor.config is first imported.
+    os.environ["TORCHINDUCTOR_DETERMINISTIC"] = "1" if deterministic else "0"
     import torch
 
     torch.set_num_threads(threads)
@@ -231,7 +238,16 @@ def set_numerics(params: dict) -> None:
         torch.set_num_interop_threads(threads)
     except RuntimeError:  # already set, or inter-op work already started in this process
         pass
-    torch.use_deterministic_algorithms(params["run"]["deterministic"], warn_only=True)
+    if torch.cuda.is_available():
+        torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    else:
+        # torch.use_deterministic_algorithms imports torch._inductor to set its config: 2.5 s
+        # of every stage's start on two CPU cores (measured), for a compiler a CPU stage rarely
+        # runs. The same two switches without it: torch's flag, and inductor's config through
+        # the variable above (or directly, if something imported it already).
+        torch._C._set_deterministic_algorithms(deterministic, warn_only=True)
+        if "torch._inductor.config" in sys.modules:
+            sys.modules["torch._inductor.config"].deterministic = deterministic
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -94,29 +94,73 @@ def _holds(mapping: dict, path: list) -> bool:
     return True
 
 
+def _key_line(path: Path, keys: list) -> int | None:
+    """The line (1-based) of the key at `keys` in a YAML file, or of its deepest parent
+    that the file holds; None when the file cannot be read."""
+    try:
+        node = yaml.compose(path.read_text(), Loader=ParamsLoader)
+    except (OSError, yaml.YAMLError):
+        return None
+    line = None
+    for part in keys:
+        if isinstance(node, yaml.MappingNode):
+            match = next(((k, v) for k, v in node.value if k.value == str(part)), None)
+            if match is None:
+                break
+            line, node = match[0].start_mark.line + 1, match[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def _params_error_text(err, source: str, root: Path, override: tuple[dict, str] | None) -> str:
+    """One schema error as `file: key 'a.b' at line N: message` (an unknown key: `file:
+    unknown key 'a.b' at line N (did you mean 'a.c'?)`), naming the file that sets it:
+    `override` (its params, its name) when that file sets the key, else `source`."""
+    import difflib
+
+    path = list(err.absolute_path)
+    unknown = []
+    if err.validator == "additionalProperties":
+        unknown = sorted(set(err.instance) - set(err.schema.get("properties", {})))
+        path += unknown[:1]
+    if override is not None:
+        source = override[1] if path and _holds(override[0], path) else source.split(" + ")[0]
+    key = ".".join(str(p) for p in path)
+    line = _key_line(root / source, path) if path else None
+    where = f" at line {line}" if line else ""
+    if unknown:
+        close = difflib.get_close_matches(str(unknown[0]), list(err.schema.get("properties", {})), n=1)
+        hint = f" (did you mean '{'.'.join([str(p) for p in path[:-1]] + close)}'?)" if close else ""
+        return f"{source}: unknown key '{key}'{where}{hint}"
+    return f"{source}: key '{key or '<top>'}'{where}: {err.message}"
+
+
 def validate_params(params: dict, source: str = "params", root: Path = PROJECT_ROOT,
                     override: tuple[dict, str] | None = None) -> None:
-    """Raise ParamsError naming the first offending key (dotted path) and the file that
-    sets it: `override` (its params, its name) when that file sets the key, else `source`."""
+    """Raise ParamsError naming every offending key (dotted path), each with the file
+    that sets it and its line there, on one line (the first error first)."""
     import jsonschema
 
     validator = jsonschema.Draft202012Validator(load_schema(root))
-    errors = sorted(validator.iter_errors(params), key=lambda e: list(e.absolute_path))
+    errors = sorted(validator.iter_errors(params), key=lambda e: [str(p) for p in e.absolute_path])
     if not errors:
         return
-    err = errors[0]
-    key = ".".join(str(p) for p in err.absolute_path)
-    if override is not None:
-        path = list(err.absolute_path)
+    texts = []
+    for err in errors:
         if err.validator == "additionalProperties":
-            path += sorted(set(err.instance) - set(err.schema.get("properties", {})))[:1]
-        source = override[1] if path and _holds(override[0], path) else source.split(" + ")[0]
-    if err.validator == "additionalProperties":
-        # jsonschema reports the parent; name the unknown key itself.
-        unknown = sorted(set(err.instance) - set(err.schema.get("properties", {})))
-        key = ".".join(filter(None, [key, unknown[0] if unknown else ""]))
-        raise ParamsError(f"{source}: unknown key '{key}'")
-    raise ParamsError(f"{source}: key '{key or '<top>'}': {err.message}")
+            # One error per unknown key (jsonschema reports their parent once).
+            for name in sorted(set(err.instance) - set(err.schema.get("properties", {}))):
+                single = copy.copy(err)
+                single.instance = {name: None}
+                texts.append(_params_error_text(single, source, root, override))
+        else:
+            texts.append(_params_error_text(err, source, root, override))
+    texts = list(dict.fromkeys(texts))
+    raise ParamsError("; ".join(texts) + (f" ({len(texts)} problems)" if len(texts) > 1 else ""))
 
 
 def load_params(profile: str = PAPER_PROFILE, root: Path = PROJECT_ROOT,
@@ -142,8 +186,34 @@ def load_params(profile: str = PAPER_PROFILE, root: Path = PROJECT_ROOT,
         raise ParamsError(f"{source}: key 'committed_runs': {', '.join(unknown)} not runs of this profile "
                           f"({', '.join(method_runs(params))})")
     check_schedules(params, source)
+    check_run_name(profile, params, root, source)
     params["profile"] = profile
     return params
+
+
+def profile_run_names(root: Path = PROJECT_ROOT) -> dict[str, str]:
+    """{profile: its run.name} of params.yaml and every config/<name>/params.yaml, as
+    written (a profile without run.name has params.yaml's)."""
+    base = (_read_yaml(root / BASE_PARAMS).get("run") or {}).get("name", PAPER_PROFILE)
+    names = {PAPER_PROFILE: base}
+    for path in sorted((root / "config").glob("*/params.yaml")):
+        try:
+            names[path.parent.name] = (_read_yaml(path).get("run") or {}).get("name", base)
+        except (ParamsError, AttributeError):
+            continue   # that profile's own load names its problem
+    return names
+
+
+def check_run_name(profile: str, params: dict, root: Path, source: str) -> None:
+    """Refuse a profile whose results folder, results/<run.name>/, is another profile's
+    (a copied profile that kept its run.name would overwrite the original's results)."""
+    name = params["run"]["name"]
+    others = sorted(other for other, other_name in profile_run_names(root).items()
+                    if other != profile and other_name == name)
+    if others:
+        raise ParamsError(f"{source}: key 'run.name': '{name}' is also profile '{others[0]}'s run.name "
+                          f"(both would write results/{name}/): give this profile its own, e.g. "
+                          f"run.name: {profile}")
 
 
 def check_schedules(params: dict, source: str) -> None:

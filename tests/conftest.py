@@ -19,6 +19,10 @@ def tool_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.pop("PYTHONPATH", None)
+    # A stage's OpenMP threads wait for work asleep, not spinning: beside a busy pytest-xdist
+    # worker, spinning threads of two cores' stages slowed them threefold (measured). The
+    # stage's thread count, and so its bits, stay its params'.
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return env
 
 
@@ -55,49 +59,95 @@ def project_copy(tmp_path: Path) -> Path:
     return copy_project(tmp_path / "project")
 
 
+# ---------------------------------------------------------------- the shared smoke build
+SMOKE_BUILD = ["snakemake", "--cores", "1", "all", "--config", "profile=smoke"]   # each job: 2 threads
+
+
+def _shared_temp(tmp_path_factory) -> Path:
+    """A folder every pytest-xdist worker of this session sees (the base temp itself
+    without xdist)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@pytest.fixture(scope="session")
+def smoke_build(tmp_path_factory) -> Path:
+    """The whole smoke DAG built once per test session under Snakemake, as the README runs it, in
+    a copy of the project, for every runner test that reads it. Built by the first
+    worker that asks (a file lock keeps the other waiting); a failed build is failed
+    again, with its message, for every later test instead of being retried. Read it,
+    never change it: a test that changes files takes `smoke_copy`."""
+    from filelock import FileLock
+
+    shared = _shared_temp(tmp_path_factory) / "smoke_build"
+    shared.mkdir(exist_ok=True)
+    project, outcome = shared / "project", shared / "outcome.txt"
+    with FileLock(str(shared / "lock")):
+        if not outcome.exists():
+            try:
+                copy_project(project)
+                run(SMOKE_BUILD, project)
+            except BaseException as err:
+                outcome.write_text(f"failed: {err}")
+                raise
+            outcome.write_text("built")
+    if outcome.read_text() != "built":
+        raise AssertionError(f"the shared smoke build {outcome.read_text()}")
+    return project
+
+
+@pytest.fixture
+def smoke_copy(smoke_build: Path, tmp_path: Path) -> Path:
+    """A copy of the shared smoke build (outputs, Snakemake and DVC state, git) that a
+    test may change; modification times are kept, so Snakemake sees what it built."""
+    dest = tmp_path / "project"
+    shutil.copytree(smoke_build, dest, symlinks=True)
+    return dest
+
+
 # ---------------------------------------------------------------- test tiers
-# `e2e`: runs the pipeline through Snakemake or DVC in a copy of the project (minutes each).
-# `slow`: a test that trains for real, measured at 5 s or more on two idle cores
-# (pytest --durations, 2026-12-01). The quick tier is `-m "not e2e and not slow"`
-# (about 2.5 minutes on two cores); CI runs every test.
+# `e2e`: runs the pipeline through Snakemake or DVC in a copy of the project.
+# `slow`: 5 s or more in the recorded durations (tests/durations.json: every test's
+# seconds in a clean clone's run of the whole suite; `python tools/record_durations.py`
+# rewrites it). The quick tier is `-m "not e2e and not slow"`; CI runs every test.
+SLOW_SECONDS = 5.0
+DURATIONS = ROOT / "tests" / "durations.json"
 E2E_TESTS = {"tests/test_window.py::test_two_windows_add_a_seed_without_retraining",
              "tests/test_runners.py::test_dvc_then_snakemake_then_dvc_share_results_and_bits",
              "tests/test_runners.py::test_bad_params_value_leaves_every_output_in_place",
              "tests/test_runners.py::test_data_stage_reruns_when_its_archive_is_replaced",
              "tests/test_runners.py::test_a_missing_intermediate_output_is_rebuilt",
              "tests/test_runners.py::test_a_failed_run_says_how_to_recover"}
-SLOW_TESTS = {
-    "tests/test_duet_local.py::test_lambda_zero_is_localbcp_bit_for_bit",
-    "tests/test_duet_local.py::test_duet_local_and_localbcp_start_from_the_same_weights_and_batches",
-    "tests/test_training.py::test_certified_run_resumes_to_the_same_weights",
-    "tests/test_duet.py::test_training_stays_finite",
-    "tests/test_duet.py::test_lambda_zero_is_bcp_bit_for_bit",
-    "tests/test_duet.py::test_vanilla_init_starts_from_the_vanilla_models_initial_weights",
-    "tests/test_duet.py::test_duet_and_bcp_start_from_the_same_weights_and_batches",
-    "tests/test_window.py::test_concurrency_benchmark_plumbing_on_cpu",
-    "tests/test_data.py::test_shared_jpeg_archive",
-    "tests/test_benchmark.py::test_benchmark_depth_times_every_method_at_every_architecture",
-    "tests/test_vanilla_checks.py::test_vanilla_stage_reports_the_subset_and_stops_below_the_threshold",
-    # Plain commands in a copy of the project (about 2 CPU-minutes in all).
-    "tests/test_reliability.py::test_bad_params_values_give_one_line_errors_and_lose_nothing",
-    "tests/test_reliability.py::test_open_bad_params_values",
-    "tests/test_reliability.py::test_bad_data_inputs_give_one_line_errors_and_leave_no_stale_cache",
-    "tests/test_reliability.py::test_kills_at_random_points_resume_to_the_same_weights",
-}
+
+
+def recorded_durations() -> dict[str, float]:
+    """{test node id: seconds} of the committed record (setup + call + teardown)."""
+    import json
+
+    return json.loads(DURATIONS.read_text())["seconds"] if DURATIONS.is_file() else {}
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "e2e: runs the pipeline through Snakemake or DVC (minutes)")
-    config.addinivalue_line("markers", "slow: trains for real (5 s or more on two cores)")
+    config.addinivalue_line("markers", f"slow: {SLOW_SECONDS:g} s or more in tests/durations.json")
+    # One torch thread per pytest-xdist worker: two workers on two cores, each with
+    # torch's default of one thread per core, spin against each other.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):
+    durations = recorded_durations()
     for item in items:
-        test_id = item.nodeid.split("[")[0]
-        if item.nodeid.startswith("tests/test_e2e.py") or test_id in E2E_TESTS:
+        if item.nodeid.startswith("tests/test_e2e.py") or item.nodeid.split("[")[0] in E2E_TESTS:
             item.add_marker(pytest.mark.e2e)
-        elif test_id in SLOW_TESTS:
+        elif durations.get(item.nodeid, 0.0) >= SLOW_SECONDS:
             item.add_marker(pytest.mark.slow)
+        if "smoke_build" in getattr(item, "fixturenames", ()):
+            # One worker runs every test of the shared build, one after another.
+            item.add_marker(pytest.mark.xdist_group("smoke_build"))
 
 
 def save_cut_cache(cache: dict, path: Path, data_params: dict) -> None:

@@ -233,3 +233,46 @@ def test_a_ramp_past_the_last_epoch_is_refused(tmp_path):
                                                    "  ramp_epochs: 5\n  batch_size: 64\n  compile: false", 1))
     with pytest.raises(ParamsError, match=r"key 'bcp\.ramp_epochs'.*exceed bcp\.epochs \(2\)"):
         load_params("smoke", root)
+
+
+def _params_root(tmp_path: Path) -> Path:
+    """params.yaml, the schema and the smoke profile: enough for load_params."""
+    shutil.copy2(ROOT / "params.yaml", tmp_path / "params.yaml")
+    shutil.copytree(ROOT / "workflow" / "schemas", tmp_path / "workflow" / "schemas")
+    shutil.copytree(ROOT / "config" / "smoke", tmp_path / "config" / "smoke")
+    return tmp_path
+
+
+def test_a_copied_profile_that_keeps_another_profiles_run_name_is_refused(tmp_path: Path):
+    root = _params_root(tmp_path)
+    shutil.copytree(root / "config" / "smoke", root / "config" / "mine")
+    for profile, other in (("mine", "smoke"), ("smoke", "mine")):
+        with pytest.raises(ParamsError, match=f"run.name.*'smoke' is also profile '{other}'s") as err:
+            load_params(profile, root)
+        assert "\n" not in str(err.value) and f"config/{profile}/params.yaml" in str(err.value)
+    # Its own name: both load, each into its own folder.
+    path = root / "config" / "mine" / "params.yaml"
+    path.write_text(path.read_text().replace("name: smoke", "name: mine"))
+    assert run_dir(load_params("mine", root)) != run_dir(load_params("smoke", root))
+    # A profile named after the paper's results folder is refused too.
+    path.write_text(path.read_text().replace("name: mine", "name: paper"))
+    with pytest.raises(ParamsError, match="also profile 'paper'"):
+        load_params("mine", root)
+
+
+def test_every_bad_key_of_a_file_is_reported_at_once_with_its_line(tmp_path: Path):
+    root = _params_root(tmp_path)
+    path = root / "config" / "smoke" / "params.yaml"
+    lines = path.read_text().splitlines()
+    val_line = next(i for i, line in enumerate(lines) if line == "  val_size: 100") + 1
+    text = path.read_text().replace("  val_size: 100", "  val_sise: 100").replace(
+        "  power_iterations: 100", "  power_iterations: -1").replace("\nlmt:\n", "\nlmt:\n  epohcs: 2\n")
+    path.write_text(text)
+    with pytest.raises(ParamsError) as err:
+        load_params("smoke", root)
+    message = str(err.value)
+    assert "\n" not in message and message.endswith("(3 problems)")
+    assert (f"config/smoke/params.yaml: unknown key 'data.val_sise' at line {val_line} "
+            "(did you mean 'data.val_size'?)") in message
+    assert "unknown key 'lmt.epohcs'" in message and "(did you mean 'lmt.epochs'?)" in message
+    assert "key 'svd.power_iterations' at line" in message

@@ -462,7 +462,9 @@ def guide_root(tmp_path_factory, params, vanilla) -> Path:
     root = tmp_path_factory.mktemp("duet_run")
     layout = RunLayout.of(params)
     cache = build_cache({**params["data"], "val_size": 100}, root / "full.pt", root / "full.json", root)
-    small = {**cache.__dict__, "train_x": cache.train_x[:200], "train_y": cache.train_y[:200]}
+    # 200 training and 20 validation images: each epoch's validation certifies them all.
+    small = {**cache.__dict__, "train_x": cache.train_x[:200], "train_y": cache.train_y[:200],
+             "val_x": cache.val_x[:20], "val_y": cache.val_y[:20]}
     save_cut_cache(small, root / layout.data_cache, params["data"])
     (root / layout.vanilla_model).parent.mkdir(parents=True)
     torch.save({"state_dict": vanilla.state_dict(), "model": params["model"], "data_sha256": "x"},

@@ -354,7 +354,7 @@ def test_table2_gloro_row_carries_gloros_own_number_labelled_as_such(tmp_path):
     write_fake_runs(tmp_path, params, {"gloro": {"clean": 55.0, "certified": 41.0}})
     table = table2(collect(params, tmp_path))
     row = _row(table, "GloRo")
-    assert row["Certified, paper (%)"] == "60.00" and row["Δ certified"] == "−19.00"
+    assert row["Certified, paper (%)"] == "60.00" and row["Δ certified (ours − paper)"] == "−19.00"
     assert row["Clean, paper (%)"] == "—" and row["PGD, paper (%)"] == "—"   # not published: left empty
     assert row["Paper's source"] == paper.GLORO and "not the Duet paper" in paper.GLORO
     assert "GloRo" in row["Paper's source"] and row["Duet − BCP, clean (paired)"] == "—"

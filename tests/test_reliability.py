@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -153,6 +154,9 @@ def test_bad_params_values_give_one_line_errors_and_lose_nothing(project: Path, 
             problem = "the existing data cache changed"
         record("bad params values", case, "one-line error naming the key and file; the cache untouched",
                problem, result.stderr.strip())
+        # Gone once tried: a profile left behind with run.name 'rel' would be refused
+        # beside 'rel' (they would share results/rel/).
+        shutil.rmtree(project / "config" / profile)
     unknown = cli(project, "data", "no_such_profile")
     record("bad params values", "unknown profile", "one-line error naming the key and file; the cache untouched",
            one_line_error(unknown, "no_such_profile", "profiles: paper"), unknown.stderr.strip())
@@ -229,11 +233,12 @@ def test_bad_data_inputs_give_one_line_errors_and_leave_no_stale_cache(project: 
         record("bad data inputs", case, expected, problem, result.stderr.strip())
 
     # Params changed after the data stage (no failure at all): the cache is refused.
-    write_profile(project, "stale", merged(run={"name": "rel"}, data={"val_size": 400}))
-    result = cli(project, "vanilla", "stale")
+    write_profile(project, "rel", merged(data={"val_size": 400}))
+    result = cli(project, "vanilla", "rel")
+    write_profile(project, "rel", TINY)
     record("bad data inputs", "cache of other data params (val_size changed, data stage not rerun)",
            expected, one_line_error(result, str(project / CACHE), "data.val_size: 500 in the cache, 400 in the params",
-                                    "python -m pipeline_src data --profile stale"), result.stderr.strip())
+                                    "python -m pipeline_src data --profile rel"), result.stderr.strip())
     rows = LEDGER["bad data inputs"]
     assert len(rows) >= 10
     assert all(row["ok"] for row in rows), [row for row in rows if not row["ok"]]

@@ -154,8 +154,8 @@ def test_table2_puts_each_number_in_its_cell_beside_the_papers(tmp_path: Path):
     # Duet, as the paper prints it: its difference to BCP, ours measured and the paper's.
     assert duet["Clean (%)"] == "64.50 (+4.50)" and duet["Certified (%)"] == "44.00 (−1.00)"
     assert duet["Clean, paper (%)"] == "69.46 (+3.76)" and duet["Certified, paper (%)"] == "50.37 (−0.93)"
-    assert duet["Δ clean"] == "−4.96" and duet["Δ certified"] == "−6.37"   # ours − paper
-    assert bcp["Δ PGD"] == "−5.80"
+    assert duet["Δ clean (ours − paper)"] == "−4.96" and duet["Δ certified (ours − paper)"] == "−6.37"
+    assert bcp["Δ PGD (ours − paper)"] == "−5.80"
     assert duet["Paper's source"] == paper.DUET and bcp["Paper's source"] == paper.LEE_2020
     vanilla = _row(table, "Vanilla")
     assert vanilla["Clean (%)"] == "88.50" and vanilla["Clean, paper (%)"] == "90.06"
@@ -489,7 +489,7 @@ def test_table2_vanilla_row_is_on_the_certified_rows_test_subset(tmp_path: Path)
     table = table2(collect(params, tmp_path))
     vanilla, bcp, duet = _row(table, "Vanilla"), _row(table, "BCP"), _row(table, "Duet")
     assert vanilla["Clean (%)"] == "77.25"                      # the subset's, not test_accuracy's 88.50
-    assert vanilla["Δ clean"] == f"{77.25 - paper.TABLE2['vanilla']['clean']:.2f}".replace("-", "−")
+    assert vanilla["Δ clean (ours − paper)"] == f"{77.25 - paper.TABLE2['vanilla']['clean']:.2f}".replace("-", "−")
     assert vanilla["Test images"] == bcp["Test images"] == duet["Test images"] == str(n_test)
     data = table.data.set_index("run_group")
     assert data.loc["vanilla", "test_images"] == n_test

@@ -50,7 +50,9 @@ def tiny_run(tmp_path: Path):
     layout = RunLayout.of(params)
     cache = build_cache({**params["data"], "val_size": 100}, tmp_path / "full.pt",
                         tmp_path / "full.json", tmp_path)
-    small = {**cache.__dict__, "train_x": cache.train_x[:200], "train_y": cache.train_y[:200]}
+    # 200 training and 20 validation images: each epoch's validation certifies them all.
+    small = {**cache.__dict__, "train_x": cache.train_x[:200], "train_y": cache.train_y[:200],
+             "val_x": cache.val_x[:20], "val_y": cache.val_y[:20]}
     save_cut_cache(small, tmp_path / layout.data_cache, params["data"])
     return params, layout
 

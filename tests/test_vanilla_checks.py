@@ -162,6 +162,6 @@ def test_vanilla_stage_reports_the_subset_and_stops_below_the_threshold(tmp_path
     with pytest.raises(VanillaNotLearnedError, match=r"below vanilla\.min_test_accuracy = 100% of profile 'smoke'"):
         train_vanilla(params, tmp_path)
     metrics = json.loads((tmp_path / layout.vanilla_metrics).read_text())
-    assert metrics["certify_subset"]["images"] == params["certify"]["test_images"] == 100
+    assert metrics["certify_subset"]["images"] == params["certify"]["test_images"] == 50
     assert 0.0 <= metrics["certify_subset"]["accuracy"] <= 100.0
     assert metrics["test_accuracy"] < 100.0

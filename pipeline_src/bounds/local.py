@@ -196,17 +196,24 @@ class PerExamplePowerIteration:
 @torch.no_grad()
 def masked_dense_norm_upper(layer: WeightLayer, mask_in: torch.Tensor | None,
                             mask_out: torch.Tensor) -> torch.Tensor:
-    """Exact ||M_out W M_in|| per example for a dense layer (float64 eigenvalues of
-    the Gram matrix (M_out W M_in)(M_out W M_in)^T), widened for rounding."""
+    """Exact ||M_out W M_in|| per example for a dense layer, widened for rounding.
+
+    The masks zero whole rows and columns, so the norm is that of the submatrix of W
+    on the example's varying units: the square root of the largest float64 eigenvalue
+    of its Gram matrix on the smaller side (k_out x k_out or k_in x k_in). Working on
+    the submatrix, not on the masked full matrix, costs k_out k_in min(k_out, k_in)
+    instead of out^2 in per example (6C2F's first dense layer: 512 x 4096)."""
     weight = layer.module.weight.double()
-    norms = []
-    for start in range(0, mask_out.shape[0], 32):  # chunks bound the memory of the Gram matrices
-        rows = mask_out[start:start + 32].double()[:, :, None] * weight
+    norms = torch.zeros(mask_out.shape[0], dtype=torch.float64, device=weight.device)
+    for example in range(mask_out.shape[0]):
+        rows = weight[mask_out[example] > 0]
         if mask_in is not None:
-            rows = rows * mask_in[start:start + 32].double()[:, None, :]
-        gram = rows @ rows.transpose(1, 2)
-        norms.append(torch.linalg.eigvalsh(gram)[:, -1].clamp_min(0.0).sqrt())
-    upper = (torch.cat(norms) * (1 + FLOAT64_MARGIN)).to(mask_out.dtype)
+            rows = rows[:, mask_in[example] > 0]
+        if rows.numel() == 0:
+            continue   # every unit fixed: the layer moves nothing, exactly
+        gram = rows @ rows.T if rows.shape[0] <= rows.shape[1] else rows.T @ rows
+        norms[example] = torch.linalg.eigvalsh(gram)[-1].clamp_min(0.0).sqrt()
+    upper = (norms * (1 + FLOAT64_MARGIN)).to(mask_out.dtype)
     # Casting to float32 rounds to nearest, possibly down: one ulp up keeps it an upper bound.
     # (A zero norm, every unit fixed, is exact.)
     return torch.where(upper > 0, torch.nextafter(upper, torch.full_like(upper, float("inf"))), upper)

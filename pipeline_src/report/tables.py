@@ -354,7 +354,8 @@ def test_images_text(runs: list[RunResult]) -> str:
 def table2(inputs: ReportInputs) -> Table:
     header = ["Method", "Init", "Test images"]
     for name, title in zip(TABLE2_METRICS, ("Clean", "PGD", "Certified")):
-        header += [f"{title} (%)", f"{title}, paper (%)", f"Δ {title.lower() if title != 'PGD' else title}"]
+        name_in_text = title.lower() if title != "PGD" else title
+        header += [f"{title} (%)", f"{title}, paper (%)", f"Δ {name_in_text} (ours − paper)"]
     pair = paired_title(inputs)
     header += [f"{pair}, clean (paired)", f"{pair}, PGD (paired)", f"{pair}, certified (paired)",
                "Paired seeds (n)", REFERENCE_ESTIMATE, "Certifier", "Paper's source"]

@@ -20,6 +20,7 @@ every epoch makes an interrupted run continue to the same weights.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,10 +146,15 @@ def history_row(cfg: dict, epoch: int, steps: int, tally: Tally, validation: tup
             "val_clean_accuracy": validation[0], "val_certified_accuracy": validation[1]}
 
 
+def percent(value: float) -> str:
+    """`12.3%`, or `—` for a quantity not measured that epoch (no bounds during warm-up)."""
+    return "—" if math.isnan(value) else f"{value:.1f}%"
+
+
 def print_epoch(run_name: str, epochs: int, row: dict) -> None:
     print(f"[{run_name}] epoch {row['epoch']}/{epochs} eps {row['eps']:.4f} kappa {row['kappa']:.2f} | "
-          f"train clean {row['clean_accuracy']:.1f}% cert {row['certified_accuracy']:.1f}% | "
-          f"val clean {row['val_clean_accuracy']:.1f}% cert {row['val_certified_accuracy']:.1f}% | "
+          f"train clean {percent(row['clean_accuracy'])} cert {percent(row['certified_accuracy'])} | "
+          f"val clean {percent(row['val_clean_accuracy'])} cert {percent(row['val_certified_accuracy'])} | "
           f"lr {row['lr']:.3g} | {row['seconds']:.1f}s", flush=True)
 
 
