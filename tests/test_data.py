@@ -150,6 +150,48 @@ def test_sample_build_is_deterministic(sample_build, tmp_path):
     assert torch.equal(again.val_x, cache.val_x) and torch.equal(again.train_y, cache.train_y)
 
 
+# ---------------------------------------------------------------- per-class subsets
+SUBSET = {"source": "sample", "path": None, "sha256": None, "per_class": {"train": 20, "test": 10},
+          "val_size": 30, "split_seed": 0}
+
+
+def test_per_class_subset_keeps_the_first_images_of_each_class(tmp_path):
+    """data.per_class: the first N training and M test images of each class in the
+    source's order (the sample: file names sorted within each class), the validation
+    split held out of them; recorded in the provenance."""
+    splits, _ = cifar.load_source({"source": "sample"}, tmp_path)
+    cache = build_into(tmp_path, SUBSET)
+    assert cache.provenance["images"] == {"train_total": 200, "train": 170, "val": 30, "test": 100}
+    assert cache.provenance["per_class"] == {"train": 20, "test": 10}
+    assert "the first 20 training and 10 test images of each class" in cache.provenance["subset"]
+    for split, take, x in (("train", 20, torch.cat([cache.train_x, cache.val_x])), ("test", 10, cache.test_x)):
+        images, labels = splits[split]
+        first = np.concatenate([images[labels == c][:take] for c in range(10)])
+        assert sorted(map(bytes, first)) == sorted(map(bytes, x.numpy())), split
+    assert torch.equal(cache.test_x, torch.from_numpy(np.concatenate(
+        [splits["test"][0][splits["test"][1] == c][:10] for c in range(10)])))
+    smaller = build_into(tmp_path / "smaller", {**SUBSET, "per_class": {"train": 10, "test": 5}})
+    assert set(map(bytes, smaller.test_x.numpy())) <= set(map(bytes, cache.test_x.numpy())), "nested"
+
+
+def test_per_class_subset_beyond_a_class_is_one_line_naming_the_key(tmp_path):
+    assert_build_fails(tmp_path, {**SUBSET, "per_class": {"train": 101, "test": 10}},
+                       "data.per_class.train", "101", "airplane 100", str(cifar.SAMPLE_ARCHIVE))
+    assert_build_fails(tmp_path, {**SUBSET, "per_class": {"train": 20, "test": 51}},
+                       "data.per_class.test", "truck 50")
+    assert_build_fails(tmp_path, {**SUBSET, "val_size": 200}, "data.val_size", "200 training images")
+
+
+def test_a_cache_of_another_subset_is_refused(tmp_path):
+    build_into(tmp_path, SUBSET)
+    other = {**SUBSET, "per_class": {"train": 30, "test": 10}}
+    with pytest.raises(DataError, match=r"data.per_class: \{'train': 20, 'test': 10\} in the cache"):
+        load_cache(tmp_path / "out" / "cifar10.pt", {"data": other, "profile": "p"})
+    with pytest.raises(DataError, match="data.per_class: None in the cache"):
+        build_into(tmp_path / "all", {**SUBSET, "per_class": None, "val_size": 100})
+        load_cache(tmp_path / "all" / "out" / "cifar10.pt", {"data": SUBSET, "profile": "p"})
+
+
 # ---------------------------------------------------------------- validation split
 def test_split_validation_partition():
     train, val = split_validation(50, 12, seed=3)

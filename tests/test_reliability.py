@@ -135,6 +135,10 @@ BAD_PARAMS = [
     ("bad enum: device", merged(run={"device": "tpu"}), "run.device"),
     ("empty list: SVD ranks", merged(svd={"ranks": []}), "svd.ranks"),
     ("malformed sha256", merged(data={"sha256": "abc"}), "data.sha256"),
+    ("zero: images per class", merged(data={"per_class": {"train": 0, "test": 10}}), "data.per_class.train"),
+    ("negative: images per class", merged(data={"per_class": {"train": 20, "test": -3}}), "data.per_class.test"),
+    ("not an integer: images per class", merged(data={"per_class": {"train": 2.5, "test": 10}}),
+     "data.per_class.train"),
     ("a ramp past the last epoch", merged(bcp={"epochs": 2, "warmup_epochs": 1, "ramp_epochs": 5}),
      "bcp.ramp_epochs"),
     ("not a mapping", "- just\n- a list\n", "config/bad{index}/params.yaml"),
@@ -174,6 +178,8 @@ def bad_inputs(folder: Path, archive: Path) -> list[tuple[str, Path, dict, list[
     truncated.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
     cases.append(("truncated archive", truncated, {}, ["not a readable"]))
     cases.append(("wrong checksum", archive, {"sha256": "0" * 64}, ["does not match the expected " + "0" * 64]))
+    cases.append(("more images per class than a class holds", archive, {"per_class": {"train": 2, "test": 1}},
+                  ["data.per_class.train", "airplane 1"]))
     text = folder / "notes.tar.gz"
     text.write_text("not an archive\n")
     cases.append(("not an archive", text, {}, ["not a readable"]))

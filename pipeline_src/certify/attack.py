@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.cifar import load_cache
+from ..data.cifar import data_record, load_cache
 from ..errors import StageError
 from ..io import git_commit, state_dict_sha256, save_json
 from ..paths import RunLayout
@@ -75,6 +75,7 @@ def attack_model(params: dict, method: str, root: Path) -> dict:
         "certified_points": int(certified_any.sum()),
         "certified_points_broken": len(broken),
         "numerics": "the float32 model, TF32 off, eval mode",
+        "data": data_record(data.provenance),
         "device": device_name(device), "git_commit": git_commit(root),
     }
     if broken:

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from ..bounds.bcp import certified_translation
 from ..bounds.local import REFERENCE_POWER_ITERATIONS, REFERENCE_TOLERANCE, local_estimated_state
-from ..data.cifar import load_cache
+from ..data.cifar import data_record, load_cache
 from ..data.loader import DeviceBatches
 from ..data.subsets import stratified_test_indices
 from ..config import method_runs
@@ -125,7 +125,7 @@ def certify_model(params: dict, method: str, root: Path) -> dict:
                          **{name: (100.0 * c / n).tolist() for name, c in curve.items()}},
         "spectral_norms": norms.report(),
         "numerics": NUMERICS,
-        "data": {key: data.provenance[key] for key in ("source", "sha256", "lossy_jpeg", "note")},
+        "data": data_record(data.provenance),
         "device": device_name(device),
         "git_commit": git_commit(root),
     }

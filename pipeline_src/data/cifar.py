@@ -7,6 +7,13 @@ Sources (`data.source`):
                train/<class>/*.{png,jpg} and test/<class>/*, read in place
                (an archive is streamed, never extracted to disk);
   sample       the small real sample committed with the code.
+
+`data.per_class` ({train: N, test: M}, null = every image) keeps the first N training
+and the first M test images of each class, in the source's order (torchvision: the
+order of the original batches; images and sample: file names sorted within each
+class), and leaves the images in that order; the validation split (`data.val_size`)
+is then held out of those N x 10 training images. Nested: the subset with N = 500 is
+part of the one with N = 1,000.
 """
 from __future__ import annotations
 
@@ -200,6 +207,37 @@ def load_source(data_params: dict, root: Path) -> tuple[dict, dict]:
 
 
 # ---------------------------------------------------------------- cache
+def first_per_class(labels: torch.Tensor, take: int, key: str, where: str) -> torch.Tensor:
+    """Indices of the first `take` images of each class, in the split's order; a class
+    holding fewer is a DataError naming `key` and the source."""
+    counts = torch.bincount(labels, minlength=len(CLASSES))
+    short = [f"{CLASSES[c]} {int(counts[c])}" for c in range(len(CLASSES)) if counts[c] < take]
+    if short:
+        raise DataError(f"{key}: {take} images of each class asked for, but {where} holds fewer "
+                        f"({', '.join(short)})")
+    # The position of each image among the images of its class, in the split's order.
+    position = torch.empty_like(labels)
+    for c in range(len(CLASSES)):
+        members = torch.nonzero(labels == c).flatten()
+        position[members] = torch.arange(len(members))
+    return torch.nonzero(position < take).flatten()
+
+
+def subset_text(per_class: dict | None) -> str:
+    """How `data.per_class` chose the images, for provenance and table notes."""
+    if not per_class:
+        return "every image of the source"
+    return (f"the first {per_class['train']:,} training and {per_class['test']:,} test images of each "
+            f"class, in the source's order")
+
+
+def data_record(provenance: dict) -> dict:
+    """What every metrics file says of its data: the source, whether it is lossy, the
+    split sizes and the per-class subset."""
+    record = {key: provenance[key] for key in ("source", "sha256", "lossy_jpeg", "note")}
+    return {**record, "images": provenance.get("images"), "per_class": provenance.get("per_class")}
+
+
 def split_validation(n_train: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices (train, val): a seeded random hold-out of `val_size` training images."""
     if not 0 <= val_size < n_train:
@@ -247,10 +285,20 @@ def _build_cache(data_params: dict, cache_path: Path, provenance_path: Path, roo
     splits, provenance = load_source(data_params, root)
     train_x, train_y = (torch.from_numpy(a) for a in splits["train"])
     test_x, test_y = (torch.from_numpy(a) for a in splits["test"])
+    per_class = data_params.get("per_class")
+    if per_class:
+        keep = first_per_class(train_y, per_class["train"], "data.per_class.train",
+                               f"the training split of {provenance['path']}")
+        train_x, train_y = train_x[keep], train_y[keep]
+        keep = first_per_class(test_y, per_class["test"], "data.per_class.test",
+                               f"the test split of {provenance['path']}")
+        test_x, test_y = test_x[keep], test_y[keep]
     train_idx, val_idx = split_validation(len(train_y), data_params["val_size"], data_params["split_seed"])
     provenance.update({
         "images": {"train_total": len(train_y), "train": len(train_idx), "val": len(val_idx),
                    "test": len(test_y)},
+        "per_class": dict(per_class) if per_class else None,
+        "subset": subset_text(per_class),
         "val_size": data_params["val_size"],
         "split_seed": data_params["split_seed"],
         "classes": list(CLASSES),

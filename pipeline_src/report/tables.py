@@ -94,6 +94,8 @@ def eps_text(eps: float) -> str:
 def data_text(provenance: dict) -> str:
     images = provenance["images"]
     counts = f"{images['train']:,} train / {images['val']:,} validation / {images['test']:,} test images"
+    if provenance.get("per_class"):
+        counts += f" ({provenance['subset']})"
     if provenance["source"] == "torchvision":
         return f"original CIFAR-10 (torchvision), {counts}"
     if provenance["source"] == "sample":

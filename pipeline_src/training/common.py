@@ -14,6 +14,7 @@ from typing import Any, Iterable
 import torch
 import torch.nn.functional as F
 
+from ..data.cifar import data_record
 from ..io import atomic_path, save_torch
 from ..models import build_model
 from ..runtime import device_name, seed_everything, stage_seed
@@ -119,7 +120,7 @@ def run_provenance(history: list[dict], provenance: dict, device: torch.device, 
 
     seconds = [row["seconds"] for row in history]
     return {
-        "data": {key: provenance[key] for key in ("source", "sha256", "lossy_jpeg", "note", "images")},
+        "data": data_record(provenance),
         "timing": {"device": device_name(device),
                    "seconds_per_epoch_mean": sum(seconds) / len(seconds),
                    "seconds_total": sum(seconds),
