@@ -168,8 +168,8 @@ def test_snakemake_smoke_end_to_end_and_deterministic(smoke_copy: Path):
 
 def test_dvc_repro_smoke(smoke_copy: Path):
     """DVC on what Snakemake built: `dvc repro` of the whole smoke DAG has nothing to run,
-    its views read every file; then the LocalBCP chain run again by DVC and by the plain
-    commands gives Snakemake's metrics. (DVC building stages from nothing, and Snakemake
+    its views read every file; then LocalBCP trained again by DVC and by the plain command
+    gives Snakemake's weights and metrics. (DVC building stages from nothing, and Snakemake
     then having nothing to do, is tests/test_runners.py's first test.)"""
     repro = run(["dvc", "repro", "config/smoke/dvc.yaml"], smoke_copy).stdout
     assert "Running stage" not in repro, repro[-3000:]
@@ -191,19 +191,19 @@ def test_dvc_repro_smoke(smoke_copy: Path):
     experiments = run(["dvc", "exp", "show", "--csv", "--no-pager"], smoke_copy).stdout
     assert "results/smoke/certify/duet/metrics.json:headline_certified_accuracy" in experiments
 
-    # The same metrics under Snakemake, DVC and the plain commands (one OpenMP thread asked
+    # The same training under Snakemake, DVC and the plain command (one OpenMP thread asked
     # for in the environment, the profile's run.cpu_threads is 2; the stage sets its own):
     # LocalBCP, whose clean and PGD accuracy once moved by 8-12 points with the thread
-    # count, trained, certified and attacked again.
-    chain = [SMOKE / stage / "localbcp/metrics.json" for stage in ("train", "certify", "pgd")]
-    under_snakemake = [_metrics_without_run_facts(smoke_copy / path) for path in chain]
-    run(["dvc", "repro", "--force", "--single-item",
-         *(f"config/smoke/dvc.yaml:{stage}_localbcp" for stage in ("train", "certify", "pgd"))], smoke_copy)
-    assert [_metrics_without_run_facts(smoke_copy / path) for path in chain] == under_snakemake
-    for stage in ("train", "certify", "pgd"):
-        run(["env", "OMP_NUM_THREADS=1", "MKL_NUM_THREADS=1", "python", "-m", "pipeline_src", stage,
-             "--profile", "smoke", "--method", "localbcp"], smoke_copy)
-    assert [_metrics_without_run_facts(smoke_copy / path) for path in chain] == under_snakemake
+    # count, trained again. Its metrics name the weights (weights_sha256): the same bits
+    # give the same certificates and attacks, which the certify and PGD stages of every
+    # runner compute by the same command.
+    trained = SMOKE / "train/localbcp/metrics.json"
+    under_snakemake = _metrics_without_run_facts(smoke_copy / trained)
+    run(["dvc", "repro", "--force", "--single-item", "config/smoke/dvc.yaml:train_localbcp"], smoke_copy)
+    assert _metrics_without_run_facts(smoke_copy / trained) == under_snakemake
+    run(["env", "OMP_NUM_THREADS=1", "MKL_NUM_THREADS=1", "python", "-m", "pipeline_src", "train",
+         "--profile", "smoke", "--method", "localbcp"], smoke_copy)
+    assert _metrics_without_run_facts(smoke_copy / trained) == under_snakemake
 
 
 def _metrics_without_run_facts(path: Path) -> dict:
@@ -280,7 +280,12 @@ def test_cluster_executor_receives_resources(project_copy: Path, tmp_path: Path)
         "latency-wait": 5,
         "default-resources": ["gpu=0"],
     }))
-    # One job of every rule: the stages behind the LMT attack, and the SVD export.
+    # One job of every rule: the stages behind the LMT attack, and the SVD export, on 200
+    # images of the sample (what is measured here is what reaches the submit command).
+    override = project_copy / "config/smoke/params.yaml"
+    override.write_text(override.read_text()
+                        .replace("val_size: 100", "per_class: {train: 20, test: 10}\n  val_size: 40")
+                        .replace("min_test_accuracy: 15.0", "min_test_accuracy: 0.0"))
     run(["snakemake", "--profile", str(profile), "--config", "profile=smoke", "--",
          str(SMOKE / "pgd/lmt/metrics.json"), str(SMOKE / "svd/summary.json")], project_copy)
     assert (project_copy / SMOKE / "pgd/lmt/metrics.json").is_file()

@@ -43,6 +43,9 @@ def test_dvc_then_snakemake_then_dvc_share_results_and_bits(project_copy: Path):
     DVC's weights bit for bit."""
     stages = ("data", "vanilla", "svd")
     summary = str(SMOKE / "svd/summary.json")
+    # 200 images of the sample: what is compared is which runner reruns what, and the bits.
+    _set_override(project_copy, "val_size: 100", "per_class: {train: 20, test: 10}\n  val_size: 40")
+    _set_override(project_copy, "min_test_accuracy: 15.0", "min_test_accuracy: 0.0")
     run(["dvc", "repro", f"{DVC_YAML}:svd"], project_copy)
     dvc_weights = _weights(project_copy)
     assert "up to date" in _dvc_status(project_copy, *stages)

@@ -147,6 +147,7 @@ def _certify_metrics(path: Path) -> None:
 def smoke_run(tmp_path: Path) -> tuple[dict, Path]:
     params = load_params("smoke")
     params["run"]["device"] = "cpu"
+    params["duet"]["ranks"] = [1, params["duet"]["rank"]]   # a grid point at another rank
     layout = RunLayout.of(params)
     _save_model(_model_6c2f(seed=0), tmp_path / layout.vanilla_model, params["model"])
     for name in ("bcp", "duet-r1-l1-paper"):

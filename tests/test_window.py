@@ -22,10 +22,11 @@ def _add_profile(project: Path, name: str, override: dict) -> None:
     (folder / "params.yaml").write_text(yaml.safe_dump(override, sort_keys=False))
 
 
-# A window on the CPU: BCP and the paper's Duet on the committed sample, a few steps each.
+# A window on the CPU: BCP and the paper's Duet on 200 images of the committed sample, two
+# steps an epoch.
 TINY = {
     "run": {"name": "tinywin", "device": "cpu"},
-    "data": {"source": "sample", "path": None, "val_size": 100},
+    "data": {"source": "sample", "path": None, "per_class": {"train": 20, "test": 10}, "val_size": 40},
     "seeds": [0],
     "committed_runs": None,
     "methods": ["bcp", "duet"],
