@@ -186,6 +186,7 @@ def load_params(profile: str = PAPER_PROFILE, root: Path = PROJECT_ROOT,
         raise ParamsError(f"{source}: key 'committed_runs': {', '.join(unknown)} not runs of this profile "
                           f"({', '.join(method_runs(params))})")
     check_schedules(params, source)
+    check_variants(params, source)
     check_run_name(profile, params, root, source)
     params["profile"] = profile
     return params
@@ -214,6 +215,30 @@ def check_run_name(profile: str, params: dict, root: Path, source: str) -> None:
         raise ParamsError(f"{source}: key 'run.name': '{name}' is also profile '{others[0]}'s run.name "
                           f"(both would write results/{name}/): give this profile its own, e.g. "
                           f"run.name: {profile}")
+
+
+def check_variants(params: dict, source: str) -> None:
+    """A variant overrides keys its block has (the schema checked the values), makes no
+    runs of its own, has a schedule that reaches eps_train, and a name that reads as no
+    other run's (`bcp-vinit` is an init variant, `bcp-s1` a seed)."""
+    import difflib
+
+    forbidden = ("variants", *DUET_GRID)   # keys that make runs themselves
+    for method in params["methods"]:
+        cfg = params[method]
+        for name, overrides in (cfg.get("variants") or {}).items():
+            where = f"{source}: key '{method}.variants.{name}"
+            if name in INIT_SUFFIX.values() or re.fullmatch(r"s[0-9]+", name):
+                raise ParamsError(f"{where}': '{method}-{name}' would read as an init variant or a seed; "
+                                  f"choose another name")
+            for key in overrides:
+                if key in forbidden:
+                    raise ParamsError(f"{where}.{key}': a variant cannot set {key} (it makes runs itself)")
+                if key not in cfg:
+                    close = difflib.get_close_matches(key, [k for k in cfg if k not in forbidden], n=1)
+                    hint = f" (did you mean '{method}.variants.{name}.{close[0]}'?)" if close else ""
+                    raise ParamsError(f"{where}.{key}': not a key of the {method} block{hint}")
+            check_schedules({f"{method}.variants.{name}": {**cfg, **overrides}}, source)
 
 
 def check_schedules(params: dict, source: str) -> None:
@@ -309,7 +334,9 @@ def method_runs(params: dict) -> dict[str, CertifiedRun]:
     similarity term (Duet, Duet-local) also runs once per point of its ablation
     grid (`duet.ranks` x `duet.lambdas` x `duet.sim_forms`, a missing list
     meaning the base value) other than the base point, named e.g.
-    `duet-r4-l0p1-direction` (`duet_local-r1-l1-paper`). With `init_variants` set,
+    `duet-r4-l0p1-direction` (`duet_local-r1-l1-paper`); every method once per named
+    variant of its block (`duet.variants: {lam0p01: {lambda: 0.01}}`: `duet-lam0p01`,
+    the block with those keys overridden). With `init_variants` set,
     each of these also runs from every listed initialisation other than its own
     (`init_from`), named e.g. `bcp-vinit`. With `seeds` set, each of
     these runs once per seed, named with the seed (`bcp-s1`); without it, once
@@ -329,6 +356,13 @@ def method_runs(params: dict) -> dict[str, CertifiedRun]:
                 continue
             name = "-".join([method] + [_grid_value_name(k, v) for k, v in point.items()])
             groups[name] = (method, {**cfg, **point})
+    # `variants`: named runs of any certified method, each a set of its block's keys
+    # overridden (readings a grid's cross product cannot express, e.g. `direction` with
+    # the probe detached, or BCP at another kappa_final), named `<method>-<name>`.
+    for method in params["methods"]:
+        for name, overrides in (params[method].get("variants") or {}).items():
+            groups[f"{method}-{name}"] = (method, {**params[method], **overrides, "variants": None,
+                                                   "variant": name})
     # `init_variants`: every run also from the other initialisations, named after them
     # (`bcp-vinit`: BCP started from the vanilla model's initial weights).
     base_groups = list(groups.items())

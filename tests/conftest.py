@@ -33,11 +33,26 @@ def project_files(root: Path) -> list[str]:
     return [name for name in out.decode().split("\0") if name and (root / name).is_file()]
 
 
+# A stage that a test starts runs on one thread: the suite runs two pytest-xdist workers
+# on two cores, one core each, and the smoke profile's two threads per stage beside the
+# other worker's test oversubscribed the machine (tests on one thread took twice as long
+# beside them; measured with tests/durations.json). The runner tests compare bits within
+# a copy, so any fixed count serves; tests/test_runners.py checks that a stage sets its
+# own whatever the environment asks.
+TEST_STAGE_THREADS = 1
+
+
 def copy_project(dest: Path) -> Path:
+    """A copy of the project as a clean clone holds it (its own git repository), the
+    smoke profile's stages on TEST_STAGE_THREADS threads."""
     for name in project_files(ROOT):
         target = dest / name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, target)
+    smoke = dest / "config/smoke/params.yaml"
+    text = smoke.read_text()
+    assert "  cpu_threads: 2 " in text, "the smoke profile's thread count moved: update tests/conftest.py"
+    smoke.write_text(text.replace("  cpu_threads: 2 ", f"  cpu_threads: {TEST_STAGE_THREADS} ", 1))
     # DVC wants an SCM; a commit also gives the outputs a code version to record.
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
                 ["git", "-c", "user.name=test", "-c", "user.email=test@example.com",
@@ -60,7 +75,7 @@ def project_copy(tmp_path: Path) -> Path:
 
 
 # ---------------------------------------------------------------- the shared smoke build
-SMOKE_BUILD = ["snakemake", "--cores", "1", "all", "--config", "profile=smoke"]   # each job: 2 threads
+SMOKE_BUILD = ["snakemake", "--cores", "1", "all", "--config", "profile=smoke"]
 
 
 def _shared_temp(tmp_path_factory) -> Path:
@@ -72,8 +87,9 @@ def _shared_temp(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def smoke_build(tmp_path_factory) -> Path:
-    """The whole smoke DAG built once per test session under Snakemake, as the README runs it, in
-    a copy of the project, for every runner test that reads it. Built by the first
+    """The whole smoke DAG built once per test session under Snakemake, as the README runs it
+    (on one thread per stage, TEST_STAGE_THREADS), in a copy of the project, for every runner
+    test that reads it. Built by the first
     worker that asks (a file lock keeps the other waiting); a failed build is failed
     again, with its message, for every later test instead of being retried. Read it,
     never change it: a test that changes files takes `smoke_copy`."""

@@ -552,3 +552,48 @@ def test_attack_stage_runs_with_fp32_numerics(tmp_path, monkeypatch):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
     assert seen and all(s == (False, False, False, torch.float32, torch.float32) for s in seen), seen
     assert metrics["certified_points_broken"] == 0 and metrics["certified_points"] > 0
+
+
+def test_attacks_run_on_the_correct_points_and_a_forged_certificate_still_stops(tmp_path, monkeypatch):
+    """The attacks see exactly the correctly classified test points (every certified point
+    among them); each later attack only the points the earlier ones left robust; a
+    certificate on a misclassified point (a forged one) still stops the stage."""
+    from pipeline_src.certify.stage import evaluated_test_split
+    from pipeline_src.data.cifar import load_cache
+
+    params, layout, model, method = write_tiny_run(tmp_path, "relu", eps=0.02)
+    shape_patch, arch_patch = patched_tiny_arch()
+    with shape_patch, arch_patch:
+        certify_stage.certify_model(params, method, tmp_path)
+    seen = []
+
+    def first(x, y):
+        seen.append(("first", x.clone()))
+        return x.clone()
+
+    def second(x, y):
+        seen.append(("second", x.clone()))
+        return x.clone()
+
+    monkeypatch.setattr(attack_stage, "_attacks", lambda model_, cfg, eps, seed: [("a", first, seed),
+                                                                                  ("b", second, seed)])
+    with shape_patch, arch_patch:
+        metrics = attack_stage.attack_model(params, method, tmp_path)
+    test_x, test_y = evaluated_test_split(load_cache(tmp_path / layout.data_cache), params["certify"])
+    x = test_x.float() / 255.0
+    with torch.no_grad():
+        correct = model.eval()(x).argmax(1) == test_y
+    assert 0 < int(correct.sum()) < len(test_y), "the check needs both kinds of points"
+    attacked = torch.cat([batch for name, batch in seen if name == "first"])
+    assert torch.equal(attacked, x[correct])
+    assert torch.equal(torch.cat([batch for name, batch in seen if name == "second"]), x[correct])
+    assert metrics["pgd_accuracy"] == pytest.approx(100.0 * correct.float().mean().item())
+
+    certificates_path = tmp_path / layout.certify(method, "certified.pt")
+    certificates = torch.load(certificates_path, weights_only=False)
+    wrong = int(torch.nonzero(~correct).flatten()[0])
+    name = next(iter(certificates["certified"]))
+    certificates["certified"][name][wrong] = True
+    torch.save(certificates, certificates_path)
+    with pytest.raises(attack_stage.UnsoundCertificateError, match=f"indices \\[{wrong}"), shape_patch, arch_patch:
+        attack_stage.attack_model(params, method, tmp_path)

@@ -279,3 +279,52 @@ def test_every_bad_key_of_a_file_is_reported_at_once_with_its_line(tmp_path: Pat
             "(did you mean 'data.val_size'?)") in message
     assert "unknown key 'lmt.epohcs'" in message and "(did you mean 'lmt.epochs'?)" in message
     assert "key 'svd.power_iterations' at line" in message
+
+
+# ---------------------------------------------------------------- named variants
+def _with_variants(root: Path, block: str, variants: dict) -> None:
+    path = root / "config" / "smoke" / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    params[block] = {**params[block], "variants": variants}
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def test_named_variants_are_runs_with_their_keys_overridden(tmp_path: Path):
+    """`variants: {name: {key: value}}` adds the run `<method>-<name>`: readings a grid's
+    cross product cannot express; a Duet variant is paired with BCP like Duet."""
+    root = _params_root(tmp_path)
+    _with_variants(root, "duet", {"lambda_0p01": {"lambda": 0.01},
+                                  "direction_detached": {"sim_form": "direction", "detach_probe": True}})
+    _with_variants(root, "bcp", {"kappa_half": {"kappa_final": 0.5}})
+    params = load_params("smoke", root)
+    runs = method_runs(params)
+    assert {"duet-lambda_0p01", "duet-direction_detached", "bcp-kappa_half"} <= set(runs)
+    detached = runs["duet-direction_detached"]
+    assert detached.method == "duet" and detached.config["sim_form"] == "direction"
+    assert detached.config["detach_probe"] is True and detached.config["lambda"] == params["duet"]["lambda"]
+    assert runs["duet-lambda_0p01"].config["lambda"] == 0.01 and runs["duet"].config["lambda"] == 1.0
+    assert runs["bcp-kappa_half"].config["kappa_final"] == 0.5 and runs["bcp"].config["kappa_final"] == 0.0
+    params["seeds"] = [0, 2]
+    assert {"duet-lambda_0p01-s0", "duet-lambda_0p01-s2"} <= set(method_runs(params))
+
+    from pipeline_src.report.collect import group_label
+    assert group_label("duet-lambda_0p01", runs["duet-lambda_0p01"]) == "Duet lambda_0p01"
+
+
+@pytest.mark.parametrize("block,variants,message", [
+    ("duet", {"lam": {"lamda": 0.01}},
+     r"unknown key 'duet\.variants\.lam\.lamda' at line \d+ \(did you mean 'duet\.variants\.lam\.lambda'\?\)"),
+    ("bcp", {"term": {"sim_form": "direction"}}, r"key 'bcp\.variants\.term\.sim_form': not a key of the bcp block"),
+    ("duet", {"lam": {"lambda": -1}}, r"key 'duet\.variants\.lam\.lambda'.*minimum"),
+    ("duet", {"grid": {"ranks": [1, 2]}}, r"duet\.variants\.grid\.ranks': a variant cannot set ranks"),
+    ("duet", {"Bad-Name": {"lambda": 0.1}}, r"duet\.variants"),
+    ("bcp", {"vinit": {"kappa_final": 0.5}}, r"'bcp-vinit' would read as an init variant or a seed"),
+    ("bcp", {"s1": {"kappa_final": 0.5}}, r"'bcp-s1' would read as an init variant or a seed"),
+    ("bcp", {"long_ramp": {"ramp_epochs": 9}}, r"key 'bcp\.variants\.long_ramp\.ramp_epochs'.*exceed"),
+])
+def test_a_bad_variant_is_one_line_naming_its_key(tmp_path: Path, block, variants, message):
+    root = _params_root(tmp_path)
+    _with_variants(root, block, variants)
+    with pytest.raises(ParamsError, match=message) as err:
+        load_params("smoke", root)
+    assert "\n" not in str(err.value) and "config/smoke/params.yaml" in str(err.value)

@@ -135,6 +135,17 @@ def with_singular_values(rows: int, cols: int, values: torch.Tensor, seed: int) 
     return u @ torch.diag(values.double()) @ v.t()
 
 
+def by_hand_vanilla_sigma(vanilla, factors, i: int, reading: str) -> float:
+    """sigma_van from the vanilla layer's weight itself (the operator norm: the export's
+    estimate, which only a power iteration gives)."""
+    matrix = matrix_view(vanilla.weight_layers()[i].module).detach().double()
+    if reading == "weight_matrix":
+        return torch.linalg.svdvals(matrix)[0].item()
+    if reading == "frobenius":
+        return matrix.norm().item()
+    return factors["layers"][i]["operator_norm_estimate"]
+
+
 def by_hand_loss(model, vanilla, factors, cfg, x, sigmas) -> torch.Tensor:
     """loss_sim from its definition, with full-size rotation matrices and explicit
     layer maps (none of the method's shortcuts): eq. 11 / the direction form, with
@@ -155,7 +166,7 @@ def by_hand_loss(model, vanilla, factors, cfg, x, sigmas) -> torch.Tensor:
         else:
             rota_cer = (apply_operator(layer, cer_x) / sigmas[i]).flatten(1)
         if cfg["sim_form"] == "paper":
-            ratio = sigmas[i] / factors["layers"][i]["operator_norm_estimate"]
+            ratio = sigmas[i] / by_hand_vanilla_sigma(vanilla, factors, i, cfg["van_sigma"])
             total = total + (ratio * rota_van - rota_cer / ratio).norm(dim=1).mean()
         else:
             total = total + (rota_van - rota_cer).norm(dim=1).mean() / math.sqrt(rota_van.shape[1])
@@ -168,18 +179,39 @@ def test_the_paper_reading_is_the_default(params):
     assert (base["sim_form"], base["cert_rotation"], base["probe"], base["lambda"]) == \
         ("paper", "normalized_weight", "own", 1.0)
     assert base["detach_probe"] is False
+    # Algorithm 1, line 6: sigma_van from the SVD that gives U and V, of the weight matrix.
+    assert base["van_sigma"] == "weight_matrix"
 
 
-@pytest.mark.parametrize("form,probe,rotation,detach", [
-    ("paper", "own", "normalized_weight", False), ("paper", "cer", "normalized_weight", False),
-    ("paper", "van", "normalized_weight", False), ("paper", "own", "normalized_weight", True),
-    ("direction", "own", "normalized_weight", False), ("paper", "own", "polar", False),
-    ("direction", "cer", "polar", True)])
-def test_loss_matches_its_definition(params, vanilla, factors, batch, form, probe, rotation, detach):
+def test_the_readings_of_sigma_van_differ(params, vanilla, factors):
+    """sigma_1 of the reshaped kernel, the convolution's operator norm and ||sigma||_2 are
+    three numbers (for a convolution the first is the smallest of the three here), so
+    the key changes the term."""
+    from pipeline_src.methods.duet import vanilla_sigma
+
+    first = factors["layers"][0]
+    readings = {r: vanilla_sigma(first, r) for r in ("weight_matrix", "operator", "frobenius")}
+    assert readings["weight_matrix"] < readings["operator"] and readings["weight_matrix"] < readings["frobenius"]
+    assert readings["weight_matrix"] == pytest.approx(by_hand_vanilla_sigma(vanilla, factors, 0, "weight_matrix"),
+                                                      rel=1e-6)
+
+
+@pytest.mark.parametrize("form,probe,rotation,detach,van_sigma", [
+    ("paper", "own", "normalized_weight", False, "weight_matrix"),
+    ("paper", "cer", "normalized_weight", False, "weight_matrix"),
+    ("paper", "van", "normalized_weight", False, "weight_matrix"),
+    ("paper", "own", "normalized_weight", True, "weight_matrix"),
+    ("paper", "own", "normalized_weight", False, "operator"),
+    ("paper", "own", "normalized_weight", False, "frobenius"),
+    ("direction", "own", "normalized_weight", False, "weight_matrix"),
+    ("paper", "own", "polar", False, "weight_matrix"),
+    ("direction", "cer", "polar", True, "weight_matrix")])
+def test_loss_matches_its_definition(params, vanilla, factors, batch, form, probe, rotation, detach, van_sigma):
     """The method's loss (clean-pass reuse, factorised vanilla map) equals the by-hand
-    value for each probe, rotation and form, and so does its gradient."""
+    value for each probe, rotation, form and reading of sigma_van, and so does its gradient."""
     x, y = batch
-    cfg = duet_cfg(params, sim_form=form, probe=probe, cert_rotation=rotation, detach_probe=detach, rank=4)
+    cfg = duet_cfg(params, sim_form=form, probe=probe, cert_rotation=rotation, detach_probe=detach, rank=4,
+                   van_sigma=van_sigma)
     model = _certification_model(params)
     method = make_duet(model, cfg, vanilla, factors)
     power = copy.deepcopy(method.power)

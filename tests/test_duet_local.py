@@ -28,7 +28,7 @@ from test_duet import (SEED, Recorder, batch, factors, guide_root, one_thread, p
                        short_schedule, vanilla)
 
 # The similarity term's keys: the same in the duet and duet_local blocks.
-TERM_KEYS = ("lambda", "sim_form", "cert_rotation", "rank", "layers", "probe", "detach_probe")
+TERM_KEYS = ("lambda", "sim_form", "cert_rotation", "van_sigma", "rank", "layers", "probe", "detach_probe")
 # Keys only a similarity method has (the grid), or only BCP (compile).
 NOT_LOCALBCP = TERM_KEYS + ("ranks", "lambdas", "sim_forms")
 

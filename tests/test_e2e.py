@@ -191,8 +191,8 @@ def test_dvc_repro_smoke(smoke_copy: Path):
     experiments = run(["dvc", "exp", "show", "--csv", "--no-pager"], smoke_copy).stdout
     assert "results/smoke/certify/duet/metrics.json:headline_certified_accuracy" in experiments
 
-    # The same training under Snakemake, DVC and the plain command (one OpenMP thread asked
-    # for in the environment, the profile's run.cpu_threads is 2; the stage sets its own):
+    # The same training under Snakemake, DVC and the plain command (two OpenMP threads asked
+    # for in the environment, the copy's run.cpu_threads is 1; the stage sets its own):
     # LocalBCP, whose clean and PGD accuracy once moved by 8-12 points with the thread
     # count, trained again. Its metrics name the weights (weights_sha256): the same bits
     # give the same certificates and attacks, which the certify and PGD stages of every
@@ -201,7 +201,7 @@ def test_dvc_repro_smoke(smoke_copy: Path):
     under_snakemake = _metrics_without_run_facts(smoke_copy / trained)
     run(["dvc", "repro", "--force", "--single-item", "config/smoke/dvc.yaml:train_localbcp"], smoke_copy)
     assert _metrics_without_run_facts(smoke_copy / trained) == under_snakemake
-    run(["env", "OMP_NUM_THREADS=1", "MKL_NUM_THREADS=1", "python", "-m", "pipeline_src", "train",
+    run(["env", "OMP_NUM_THREADS=2", "MKL_NUM_THREADS=2", "python", "-m", "pipeline_src", "train",
          "--profile", "smoke", "--method", "localbcp"], smoke_copy)
     assert _metrics_without_run_facts(smoke_copy / trained) == under_snakemake
 

@@ -39,8 +39,8 @@ def _set_override(project: Path, old: str, new: str) -> None:
 def test_dvc_then_snakemake_then_dvc_share_results_and_bits(project_copy: Path):
     """DVC builds data, vanilla and SVD; Snakemake then has nothing to do, and the reverse;
     a params change is seen by both and rebuilds only its stage; Snakemake and the plain
-    command (one OpenMP thread asked for in the environment, the profile sets 2) give
-    DVC's weights bit for bit."""
+    command (two OpenMP threads asked for in the environment, the copy's profile sets 1,
+    conftest.TEST_STAGE_THREADS) give DVC's weights bit for bit."""
     stages = ("data", "vanilla", "svd")
     summary = str(SMOKE / "svd/summary.json")
     # 200 images of the sample: what is compared is which runner reruns what, and the bits.
@@ -69,7 +69,7 @@ def test_dvc_then_snakemake_then_dvc_share_results_and_bits(project_copy: Path):
     run(SNAKEMAKE + ["--forcerun", "vanilla", "--", str(SMOKE / "vanilla/metrics.json")], project_copy)
     assert _weights(project_copy) == dvc_weights
     (project_copy / SMOKE / "vanilla/metrics.json").unlink()
-    run(["env", "OMP_NUM_THREADS=1", "MKL_NUM_THREADS=1", "python", "-m", "pipeline_src", "vanilla",
+    run(["env", "OMP_NUM_THREADS=2", "MKL_NUM_THREADS=2", "python", "-m", "pipeline_src", "vanilla",
          "--profile", "smoke"], project_copy)
     assert _weights(project_copy) == dvc_weights
 

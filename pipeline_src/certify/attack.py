@@ -2,7 +2,10 @@
 PGDL2 with random starts, and its l2 APGD), the PGD accuracy, and the
 cross-check of every certificate: each test point that any certifier
 certified is attacked, and a certified point that an attack breaks stops the
-pipeline (it would be a bug in a bound)."""
+pipeline (it would be a bug in a bound). Attacks run only on the points still
+robust (correctly classified, unbroken by the attacks before): the measure is the
+same (robust = classified correctly and surviving every attack), and a model at
+36 % clean accuracy costs about a third of the attacks."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -54,13 +57,19 @@ def attack_model(params: dict, method: str, root: Path) -> dict:
             y = test_y[start:start + cfg["batch_size"]].to(device)
             with torch.no_grad():
                 survived = model(x).argmax(1) == y
+            # Each attack runs on the points that are still robust: a misclassified point,
+            # or one an earlier attack broke, is not robust whatever the next attack does.
+            # Every certified point is correctly classified, so every one is attacked.
             for _, attack, attack_seed in _attacks(model, cfg, eps, seed):
+                alive = torch.nonzero(survived).flatten()
+                if len(alive) == 0:
+                    break
                 torch.manual_seed(attack_seed + start)
-                adversarial = attack(x, y)
-                delta = (adversarial - x).flatten(1).norm(dim=1)
+                adversarial = attack(x[alive], y[alive])
+                delta = (adversarial - x[alive]).flatten(1).norm(dim=1)
                 assert (delta <= eps * (1 + 1e-4)).all(), "attack left the l2 ball"
                 with torch.no_grad():
-                    survived &= model(adversarial).argmax(1) == y
+                    survived[alive] = model(adversarial).argmax(1) == y[alive]
             robust.append(survived.cpu())
     robust = torch.cat(robust)
     broken = torch.nonzero(certified_any & ~robust).flatten().tolist()

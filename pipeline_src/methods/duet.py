@@ -13,6 +13,9 @@ uses). The open choices are params (`duet.*`, docs/duet-method.md):
                  Algorithm 1 line 9, W x taken from the step's clean pass;
                  polar: Rota_cer(x) = U_r V_r^T x of the exact SVD of W, with the
                  SVD's own gradient (`spectral.rotation.top_rank_rotation`)
+  van_sigma      s_van of eq. 11: weight_matrix (default, the paper's: sigma_1 of the SVD of
+                 Algorithm 1 line 6, of the reshaped kernel) | operator (the conv
+                 operator's norm) | frobenius (||sigma||_2 of all singular values)
   sim_form       paper (eq. 11) | direction (no sigma factors, / sqrt(output size))
                  | cosine (1 - Frobenius cosine of the two rotations, no data)
   probe          x_l: own (default: each model's own layer input, Algorithm 1 runs
@@ -42,6 +45,21 @@ from .bcp import BCP
 SIM_FORMS = ("paper", "direction", "cosine")
 CERT_ROTATIONS = ("normalized_weight", "polar")
 PROBES = ("own", "cer", "van")
+VAN_SIGMAS = ("weight_matrix", "operator", "frobenius")
+
+
+def vanilla_sigma(factors: dict, reading: str) -> float:
+    """sigma_van of a layer (eq. 11's ratio) from its exported SVD factors.
+    weight_matrix: sigma_1 of the SVD that gives U and V (Algorithm 1, line 6: the
+    weight reshaped to C_out x C_in k k), the paper's; operator: the layer's operator
+    norm (a convolution's, from the export's power iteration, the norm BCP's sigma_cer
+    measures); frobenius: ||sigma||_2 of every singular value (eq. 11 writes
+    ||sigma_van||)."""
+    if reading == "weight_matrix":
+        return float(factors["S"][0])
+    if reading == "operator":
+        return float(factors["operator_norm_estimate"])
+    return float(factors["S"].double().norm())
 
 
 def resolve_rank(rank: int | str, matrix_shape: tuple[int, int]) -> int:
@@ -56,13 +74,14 @@ class SimilarityTerm:
     and hands the step's sigmas, which the term computed first (Algorithm 1 line 7), to the
     method's own bound through `step_norms` (one SpecNormCal serves both, lines 7-8). With
     lambda = 0 it computes nothing and the method is exactly the one it is mixed into.
-    Its keys (`lambda`, `sim_form`, `cert_rotation`, `probe`, `detach_probe`, `rank`,
-    `layers`) are read from the method's own params block."""
+    Its keys (`lambda`, `sim_form`, `cert_rotation`, `van_sigma`, `probe`, `detach_probe`,
+    `rank`, `layers`) are read from the method's own params block."""
     reads_guide = True
 
     def __init__(self, model, cfg, generator, num_examples, context=None):
         super().__init__(model, cfg, generator, num_examples, context)
-        for key, allowed in (("sim_form", SIM_FORMS), ("cert_rotation", CERT_ROTATIONS), ("probe", PROBES)):
+        for key, allowed in (("sim_form", SIM_FORMS), ("cert_rotation", CERT_ROTATIONS), ("probe", PROBES),
+                             ("van_sigma", VAN_SIGMAS)):
             if cfg[key] not in allowed:
                 raise ValueError(f"{self.name}.{key}: '{cfg[key]}' is not one of {allowed}")
         if context is None or "guide" not in context:
@@ -76,7 +95,7 @@ class SimilarityTerm:
             r = resolve_rank(cfg["rank"], factors["matrix_shape"])
             u_r, v_r = factors["U"][:, :r], factors["V"][:, :r]
             self.rank[i] = r
-            self.van_sigma[i] = float(factors["operator_norm_estimate"])
+            self.van_sigma[i] = vanilla_sigma(factors, cfg["van_sigma"])
             self.van_map[i] = FactorisedRotation(layers[i], u_r, v_r)
             self.van_factors[i] = (self.van_map[i].u_r, self.van_map[i].v_r)
         self.vanilla = guide["model"].to(layers[0].module.weight.device).eval() if cfg["probe"] != "cer" else None

@@ -48,9 +48,12 @@ def is_method_base(group: str, run: CertifiedRun) -> bool:
 
 def group_label(group: str, run: CertifiedRun) -> str:
     """`BCP`; a grid point shows the values it changes: `Duet r=1 λ=0.1 direction`
-    (`Duet-local r=4 ...`); an `init_variants` run its initialisation: `BCP (vanilla init)`."""
+    (`Duet-local r=4 ...`); a named variant its name: `Duet lambda_0p01`; an
+    `init_variants` run its initialisation: `BCP (vanilla init)`."""
     if is_method_base(group, run):
         label = METHOD_LABELS[run.method]
+    elif run.config.get("variant"):
+        label = f"{METHOD_LABELS[run.method]} {run.config['variant']}"
     else:
         cfg = run.config
         label = f"{METHOD_LABELS[run.method]} r={cfg['rank']} λ={cfg['lambda']:g} {cfg['sim_form']}"
