@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .config import PAPER_PROFILE, PROJECT_ROOT, ParamsError, load_params
 from .errors import StageError
+from .stage_header import stage_header
 
 
 def _stage_data(params: dict, root: Path, args) -> None:
@@ -250,6 +251,16 @@ def set_numerics(params: dict) -> None:
             sys.modules["torch._inductor.config"].deterministic = deterministic
 
 
+def _device_text(name: str) -> str:
+    """The device a stage will ask for (`auto`: cuda where there is one); the stage
+    itself refuses `cuda` without one."""
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {**STAGES, **TOOLS}[args.command][0]
@@ -275,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     dag_stage = args.command in STAGES or args.command == "benchmark"
     if dag_stage:
         set_numerics(params)
+    if args.command in STAGES:
+        print(stage_header(params, args.command, getattr(args, "method", None), root,
+                           _device_text(params["run"]["device"])), flush=True)
     try:
         handler(params, root, args)
     except StageError as err:  # ParamsError, DataError, ReportError, an unsound certificate, ...

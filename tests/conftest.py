@@ -154,6 +154,33 @@ def pytest_configure(config):
         torch.set_num_threads(1)
 
 
+NUMERICS_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TORCHINDUCTOR_DETERMINISTIC")
+
+
+@pytest.fixture(autouse=True)
+def process_numerics_restored():
+    """What a test changes of the process's numerics is put back after it: a test that runs
+    a stage in-process (cli.main sets run.cpu_threads torch threads, deterministic
+    algorithms, OMP_NUM_THREADS) once left its pytest-xdist worker on two threads, beside
+    the other worker on two cores, and the tests after it ran 3-6 times slower."""
+    import torch
+
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    env = {name: os.environ.get(name) for name in NUMERICS_ENV}
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    if (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()) != (
+            deterministic, warn_only):
+        torch._C._set_deterministic_algorithms(deterministic, warn_only=warn_only)
+    for name, value in env.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 def pytest_collection_modifyitems(config, items):
     durations = recorded_durations()
     for item in items:

@@ -58,6 +58,10 @@ def _check_smoke_outputs(project: Path) -> None:
         _check_method_outputs(run_dir, method)
     for stage in ("data", "vanilla", "svd", "benchmark", "tables", "figures", "report"):
         assert (run_dir / "logs" / f"{stage}.log").stat().st_size > 0
+    # Each stage's log opens with what it will do (conftest.TEST_STAGE_THREADS: one thread).
+    assert (run_dir / "logs/train_bcp.log").read_text().startswith(
+        "[train] bcp | cpu, 1 CPU thread | 900 train / 100 val / 500 test images | 2 epochs, batch 64")
+    assert "\r" not in (run_dir / "logs/train_bcp.log").read_text()
     _check_report_outputs(run_dir, params)
     # The paper profile's folder is never touched by a smoke run.
     assert not (project / "results/paper").exists()
@@ -145,6 +149,12 @@ def test_snakemake_smoke_end_to_end_and_deterministic(smoke_copy: Path):
     for name in ("table1.csv", "table2.csv", "table3.csv", "fig2_clean.png", "fig3_certified.png",
                  "radius_curve.png", "similarity_per_layer.png", "REPORT.md"):
         assert name in html, name
+    # Every table and figure with its caption (workflow/report/*.rst).
+    for caption in ("Table 1: rotation similarity", "Table 2: clean, PGD and certified accuracy",
+                    "Table 3: computation cost", "Figure 2: clean loss and accuracy", "Figure 3: robust loss",
+                    "Certified accuracy against the l2 radius", "Rotation similarity per layer",
+                    "a banner on top when the run"):
+        assert caption in html, caption
 
     # A code change reruns exactly the stages that run that code.
     module = smoke_copy / "pipeline_src/certify/similarity.py"

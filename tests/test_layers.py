@@ -18,7 +18,8 @@ any layer below it, never above:
   6. training  the vanilla and certified training stages
   7. certify   certification, the attack cross-check, the similarity stage
   8. report    tables, figures, REPORT.md (the benchmark's tables too)
-  9. entry     benchmark, schedule_fit, cli and __main__: what a command runs
+  9. entry     benchmark, schedule_fit, cli and __main__: what a command runs, and
+               stage_header (the first line of a stage's log)
 
 A new top-level module or subpackage has no layer until it is added to
 LAYERS below: the test says so rather than guess.
@@ -39,7 +40,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("training", {"training"}),
     ("certify", {"certify"}),
     ("report", {"report"}),
-    ("entry", {"benchmark", "schedule_fit", "cli", "__main__"}),
+    ("entry", {"benchmark", "schedule_fit", "cli", "__main__", "stage_header"}),
 ]
 
 

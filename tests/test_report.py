@@ -21,7 +21,7 @@ from pipeline_src.report.collect import ReportError, collect
 from pipeline_src.report.figures import DPI, FIGURES, SIZES, write_figures
 from pipeline_src.report.stage import make_figures, make_report, make_tables
 from pipeline_src.report.document import similarity_findings
-from pipeline_src.report.tables import REFERENCE_ESTIMATE, summary, table1, table2, table3
+from pipeline_src.report.tables import REFERENCE_ESTIMATE, summary, table1, table2, table3, to_markdown
 
 N_TEST = 500
 PROVENANCE = {"source": "sample", "path": "cifar10-sample.tar.gz", "sha256": "ab" * 32, "lossy_jpeg": True,
@@ -212,8 +212,10 @@ def test_stage_writes_markdown_csv_latex_with_the_context(tmp_path: Path):
     for fact in ("lossy JPEG copy", "6C2F", "ε = 36/255", "Seeds: 0, 1 (n = 2", "git c0ffee",
                  f"{params['bcp']['epochs']} epochs"):
         assert fact in md, fact
-    header, separator, *rows = [line for line in md.splitlines() if line.startswith("|")]
-    assert all(line.count("|") == header.count("|") for line in [separator, *rows])
+    tables = [block.splitlines() for block in md.split("\n\n") if block.startswith("|")]
+    assert len(tables) == 2   # the main results, then the paired differences
+    for header, separator, *rows in tables:
+        assert rows and all(line.count("|") == header.count("|") for line in [separator, *rows])
     frame = list(csv.DictReader(io.StringIO((tmp_path / layout.table(2, "csv")).read_text())))
     bcp = next(r for r in frame if r["run_group"] == "bcp")
     assert float(bcp["clean_mean"]) == 50.0 and float(bcp["clean_paper"]) == 65.7
@@ -404,6 +406,17 @@ def test_table2_paired_duet_minus_bcp_over_the_shared_seeds(tmp_path: Path):
     assert duet["Duet − BCP, PGD (paired)"] == "+0.00 ± 0.00" and duet["Paired seeds (n)"] == "3"
     assert _row(two, "Duet r=1 λ=1 paper")["Paired seeds (n)"] == "3"
     assert _row(two, "BCP")["Duet − BCP, clean (paired)"] == "—"
+    # In markdown, two tables: the main results, then the paired differences (the CSV keeps
+    # every column in one).
+    markdown = to_markdown(two, [])
+    main, paired = markdown.split("**Main results**")[1].split("**Paired differences (Duet − BCP)")
+    first_header = next(line for line in main.splitlines() if line.startswith("| Method |"))
+    second_header = next(line for line in paired.splitlines() if line.startswith("| Method |"))
+    assert "| Clean (%) |" in first_header and "(paired)" not in first_header
+    assert "Duet − BCP, clean (paired)" in second_header and "Clean (%)" not in second_header
+    for text in (main, paired):
+        assert sum(line.startswith(("| Duet |", "| BCP |")) for line in text.splitlines()) == 2
+    assert f"+2.00 ± {1 / 3 ** 0.5:.2f}" in paired and f"+2.00 ± {1 / 3 ** 0.5:.2f}" not in main
     data = two.data.set_index("run_group")
     assert data.loc["duet", "clean_paired_diff_bcp_mean"] == pytest.approx(2.0)
     assert data.loc["duet", "clean_paired_diff_bcp_se"] == pytest.approx(1 / 3 ** 0.5)

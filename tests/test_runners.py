@@ -192,3 +192,34 @@ def test_a_stage_sets_its_own_numerics(tmp_path: Path):
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
                          check=True).stdout.split()
     assert out[2] == "False" and out[-1] == "False"
+
+
+def test_every_stage_log_opens_with_what_it_will_do(tmp_path: Path):
+    """One header line per stage: device and threads, the data's sizes, the schedule, and
+    the time its training steps should take from the run's benchmark (when measured)."""
+    import json
+
+    from pipeline_src.config import load_params
+    from pipeline_src.paths import RunLayout
+    from pipeline_src.stage_header import stage_header
+
+    params = load_params("smoke")
+    layout = RunLayout.of(params)
+    assert "data not built yet" in stage_header(params, "train", "bcp", tmp_path, "cpu")
+    provenance = tmp_path / layout.data_provenance
+    provenance.parent.mkdir(parents=True)
+    provenance.write_text(json.dumps({"images": {"train": 900, "val": 100, "test": 500}}))
+    header = stage_header(params, "train", "bcp", tmp_path, "cpu")
+    assert header.startswith("[train] bcp | cpu, 2 CPU threads | 900 train / 100 val / 500 test images | "
+                             "2 epochs, batch 64 (1 warm-up, 1 ramp)")
+    assert header.endswith("no estimate (no benchmark of this run measured)") and "\n" not in header
+    benchmark = tmp_path / layout.root / "benchmark" / "benchmark_6C2F.json"
+    benchmark.parent.mkdir(parents=True)
+    benchmark.write_text(json.dumps({"device": "cpu (test)", "rows": [
+        {"method": "floor", "seconds_per_step": 0.1}, {"method": "bcp", "seconds_per_step": 0.5}]}))
+    # 2 epochs x 14 steps (900 // 64) x 0.5 s.
+    assert "about 14 s of training steps (28 steps at 0.5 s each, measured by the benchmark on cpu (test)" \
+        in stage_header(params, "train", "bcp", tmp_path, "cpu")
+    assert "about 4 s of training steps (45 steps" in stage_header(params, "vanilla", None, tmp_path, "cpu")
+    assert "certify 50 test images" in stage_header(params, "certify", "bcp", tmp_path, "cpu")
+    assert "on the correctly classified test images" in stage_header(params, "pgd", "bcp", tmp_path, "cpu")

@@ -142,6 +142,8 @@ def _curves_figure(inputs: ReportInputs, name: str, panels: list[tuple[str, str,
         ax.set_yscale(yscale)
         if column.endswith("accuracy"):  # percentages: never below 0, a sensible window when constant
             ax.set_ylim(*percent_limits(np.concatenate(drawn) if drawn else []))
+        if column == "clean_accuracy":
+            ax.axhline(CHANCE, color="grey", linestyle=":", linewidth=1, label=f"chance ({CHANCE:g} %)")
         ax.grid(alpha=0.3)
         if val_column:
             ax.plot([], [], color="black", label="training batches (training bound)")
@@ -152,6 +154,10 @@ def _curves_figure(inputs: ReportInputs, name: str, panels: list[tuple[str, str,
         ax.tick_params(labelbottom=False)
     fig.suptitle(title)
     return fig
+
+
+# A classifier that guesses: 100 / 10 classes. An accuracy near it says nothing.
+CHANCE = 10.0
 
 
 def fig2_clean(inputs: ReportInputs):
@@ -186,6 +192,7 @@ def radius_curve(inputs: ReportInputs):
             ax.fill_between(radii, curves.mean(0) - spread, curves.mean(0) + spread, color=s["color"],
                             alpha=0.15, linewidth=0)
     ax.axvline(eps * 255.0, color="black", linestyle=":", linewidth=1, label=f"ε = {eps * 255:.0f}/255")
+    ax.axhline(CHANCE, color="grey", linestyle=":", linewidth=1, label=f"chance, clean ({CHANCE:g} %)")
     ax.set_xlabel("l2 radius (× 1/255, pixels in [0, 1])")
     ax.set_ylabel("certified accuracy (%)")
     ax.set_ylim(*percent_limits(np.concatenate(drawn) if drawn else []))

@@ -34,6 +34,10 @@ class Table:
     rows: list[list[str]]  # display strings
     data: pd.DataFrame     # the same numbers, unformatted, for the CSV
     notes: list[str]
+    # Markdown only: the table shown as several, each (title, its columns after the
+    # first `key_columns`, which every part repeats); the CSV and LaTeX keep one table.
+    parts: list[tuple[str, list[str]]] | None = None
+    key_columns: int = 1
 
 
 def summary(values: list[float]) -> tuple[float, float, int]:
@@ -447,7 +451,12 @@ def table2(inputs: ReportInputs) -> Table:
                      "Duet paper's tables): the verified-robust accuracy its repository's README lists as its best "
                      "CIFAR-10 result at radius 0.141 with a 6C2F network (60.0%); no clean or PGD accuracy is "
                      "given there.")
-    return Table(2, "Clean, PGD and certified accuracy", header, rows, pd.DataFrame(records), notes)
+    main = header[2:3 + 3 * len(TABLE2_METRICS)] + ["Certifier", "Paper's source"]
+    parts = [("Main results", main),
+             (f"Paired differences ({pair}) and the reference estimate",
+              [h for h in header[2:] if h not in main])]
+    return Table(2, "Clean, PGD and certified accuracy", header, rows, pd.DataFrame(records), notes,
+                 parts=parts, key_columns=2)
 
 
 def subset_text(inputs: ReportInputs) -> str:
@@ -512,10 +521,16 @@ def build_tables(inputs: ReportInputs) -> list[Table]:
 def to_markdown(table: Table, context: list[str]) -> str:
     escape = lambda text: str(text).replace("|", "\\|")  # noqa: E731
     lines = [f"### Table {table.number}: {table.title}", ""]
-    lines += ["| " + " | ".join(map(escape, table.header)) + " |",
-              "| " + " | ".join("---" if h in TEXT_COLUMNS else "---:" for h in table.header) + " |"]
-    lines += ["| " + " | ".join(map(escape, row)) + " |" for row in table.rows]
-    lines += [""] + [f"- {line}" for line in context + table.notes]
+    parts = table.parts or [(None, table.header[table.key_columns:])]
+    for title, columns in parts:
+        keep = list(range(table.key_columns)) + [table.header.index(c) for c in columns]
+        header = [table.header[i] for i in keep]
+        lines += [f"**{title}**", ""] if title else []
+        lines += ["| " + " | ".join(map(escape, header)) + " |",
+                  "| " + " | ".join("---" if h in TEXT_COLUMNS else "---:" for h in header) + " |"]
+        lines += ["| " + " | ".join(escape(row[i]) for i in keep) + " |" for row in table.rows]
+        lines += [""]
+    lines += [f"- {line}" for line in context + table.notes]
     return "\n".join(lines) + "\n"
 
 

@@ -56,7 +56,8 @@ rule tables:
         code=CODE["tables"],
     output:
         md=[LAYOUT.table(n, "md") for n in TABLES],
-        csv=[report(LAYOUT.table(n, "csv"), category="Tables", labels={"table": f"Table {n}"})
+        csv=[report(LAYOUT.table(n, "csv"), caption=f"../report/table{n}.rst", category="Tables",
+                    labels={"table": f"Table {n}"})
              for n in TABLES],
         tex=[LAYOUT.table(n, "tex") for n in TABLES],
     params:
@@ -80,7 +81,8 @@ rule figures:
         unpack(run_metrics),
         code=CODE["figures"],
     output:
-        png=[report(LAYOUT.figure(name, "png"), category="Figures", labels={"figure": name})
+        png=[report(LAYOUT.figure(name, "png"), caption=f"../report/{name}.rst", category="Figures",
+                    labels={"figure": name})
              for name in FIGURES],
         pdf=[LAYOUT.figure(name, "pdf") for name in FIGURES],
     params:
@@ -106,7 +108,7 @@ rule report:
         tables=rules.tables.output.md,
         figures=rules.figures.output.png,
     output:
-        report(LAYOUT.report, category="Report"),
+        report(LAYOUT.report, caption="../report/REPORT.rst", category="Report"),
     params:
         **REPORT_PARAMS,
     log:
