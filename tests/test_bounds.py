@@ -560,15 +560,61 @@ def test_certify_batch_certifies_only_correct_points(certified_setup, monkeypatc
                 assert certified.dtype == torch.bool and certified.shape == y.shape
                 assert not (certified & ~correct).any(), f"{name} certifies a misclassified point"
     # Even a certifier that says yes to everything is masked by correctness.
-    def always(*args, **kwargs):
-        return torch.ones(len(y), dtype=torch.bool)
-    monkeypatch.setattr(certifiers, "lipschitz_certified", always)
-    monkeypatch.setattr(certifiers, "bcp_certified", always)
+    def always_lipschitz(logits, labels, *args, **kwargs):
+        return torch.ones(len(labels), dtype=torch.bool)
+
+    def always_bcp(model, points, labels, *args, **kwargs):
+        return torch.ones(len(labels), dtype=torch.bool)
+    monkeypatch.setattr(certifiers, "lipschitz_certified", always_lipschitz)
+    monkeypatch.setattr(certifiers, "bcp_certified", always_bcp)
     with sound_numerics(model):
         out = certify_batch(model, x, y, 0.5, norms, ["lipschitz", "bcp"])
     assert torch.equal(out["lipschitz"], correct) and torch.equal(out["bcp"], correct)
     with pytest.raises(ValueError):
         certify_batch(model, x, y, 0.01, norms, ["nope"])
+
+
+def test_certified_curve_equals_every_point_at_every_radius(certified_setup):
+    """The nested curve (each radius on the points certified at the one before) gives
+    exactly the flags of certifying every point at every radius, for every certifier
+    that applies, and never touches a misclassified point."""
+    model, x, y, logits, norms = certified_setup
+    names = certifiers.certifiers_for(model) + (["local"] if model.activation_name == "relu" else [])
+    radii = [0.0, 0.002, 0.005, 0.01, 0.02, 0.04, 0.08]
+    seen = []
+    with sound_numerics(model):
+        model64 = certifiers.float64_model(model)
+        exact = model64(x.double())
+        for name in names:
+            full = [certifiers.certified_at(name, model64, x, y, logits, r, norms, exact) for r in radii]
+            counts = [int(f.sum()) for f in full]
+            assert counts[0] > counts[-1] and any(0 < c < counts[0] for c in counts), (name, counts)
+            nested = certifiers.certified_curve(name, model64, x, y, logits, radii, norms, exact)
+            for r, a, b in zip(radii, full, nested):
+                assert torch.equal(a, b), f"{name} at radius {r}: nested {b.sum()} vs full {a.sum()}"
+            seen.append(name)
+        with pytest.raises(ValueError, match="ascending"):
+            certifiers.certified_curve("bcp", model64, x, y, logits, [0.02, 0.01], norms, exact)
+    assert {"lipschitz", "gloro", "bcp"} <= set(seen)
+    assert ("local" in seen) == (model.activation_name in ("relu", "clipped_relu"))
+
+
+def test_certified_curve_skips_misclassified_points(certified_setup, monkeypatch):
+    model, x, y, logits, norms = certified_setup
+    correct = logits.argmax(1) == y
+    sizes = []
+    real = certifiers.bcp_certified
+
+    def counting(model, points, labels, *args, **kwargs):
+        sizes.append(len(labels))
+        return real(model, points, labels, *args, **kwargs)
+    monkeypatch.setattr(certifiers, "bcp_certified", counting)
+    with sound_numerics(model):
+        model64 = certifiers.float64_model(model)
+        curve = certifiers.certified_curve("bcp", model64, x, y, logits, [0.0, 0.01, 0.04], norms,
+                                           model64(x.double()))
+    assert sizes[0] == int(correct.sum()) < len(y)
+    assert sizes[1] == int(curve[1].sum())
 
 
 def test_certification_at_radius_zero_is_accuracy(certified_setup):

@@ -447,13 +447,13 @@ def test_certify_stage_float64_and_reference_estimate(tmp_path, activation, monk
     params, layout, model, method = write_tiny_run(tmp_path, activation, eps=0.02)
     shape_patch, arch_patch = patched_tiny_arch()
     seen_dtypes = []
-    real_certified_at = certify_stage.certified_at
+    real_certified_at = certifiers.certified_at
 
     def spy(name, model_, *args, **kwargs):
         seen_dtypes.append(next(model_.parameters()).dtype)
         return real_certified_at(name, model_, *args, **kwargs)
 
-    monkeypatch.setattr(certify_stage, "certified_at", spy)
+    monkeypatch.setattr(certifiers, "certified_at", spy)
     with shape_patch, arch_patch:
         metrics = certify_stage.certify_model(params, method, tmp_path)
     assert seen_dtypes and set(seen_dtypes) == {torch.float64}

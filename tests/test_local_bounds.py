@@ -544,8 +544,8 @@ def test_local_certifier_certifies_only_correct_points(local_setup, monkeypatch)
     # The certifier itself at radius 0 (not only certified_at's shortcut).
     with sound_numerics(model):
         assert torch.equal(certifiers.local_certified(model, x, y, 0.0, norms), correct)
-    def always(*args, **kwargs):
-        return torch.ones(len(y), dtype=torch.bool)
+    def always(model, points, labels, *args, **kwargs):
+        return torch.ones(len(labels), dtype=torch.bool)
     monkeypatch.setattr(certifiers, "local_certified", always)
     with sound_numerics(model):
         assert torch.equal(certify_batch(model, x, y, 0.01, norms, ["local"])["local"], correct)

@@ -37,7 +37,7 @@ from ..models.architectures import CertifiableNet
 from ..models.loading import load_trained
 from ..paths import RunLayout
 from ..runtime import device_name, make_generator, resolve_device, stage_seed
-from ..bounds.certifiers import (MARGIN_RTOL, certified_at, certifiers_for, float64_model, layer_norms,
+from ..bounds.certifiers import (MARGIN_RTOL, certified_curve, certifiers_for, float64_model, layer_norms,
                          margin_certified, sound_numerics)
 
 NUMERICS = (f"certificates in float64 (a float64 copy of the model, float64 inputs, bounds and "
@@ -60,10 +60,17 @@ def reference_estimate_certified(model64: CertifiableNet, x: torch.Tensor, y: to
                                  logits: torch.Tensor, eps: float, norms, generator: torch.Generator,
                                  iterations: int = REFERENCE_POWER_ITERATIONS) -> torch.Tensor:
     """Per example: correct and 'certified' at eps with every masked norm a power-iteration
-    estimate (the LocalBCP reference's evaluation). Not a certificate."""
-    state, exact_logits = local_estimated_state(model64, x.double(), eps, norms.upper, generator,
-                                                iterations=iterations)
-    return margin_certified(exact_logits, certified_translation(model64, state, y), y) & (logits.argmax(1) == y)
+    estimate (the LocalBCP reference's evaluation). Not a certificate. Only the correctly
+    classified points are iterated (the others count as not certified, as in the reference)."""
+    correct = logits.argmax(1) == y
+    estimated = torch.zeros_like(correct)
+    index = correct.nonzero().squeeze(1)
+    if len(index):
+        state, exact_logits = local_estimated_state(model64, x[index].double(), eps, norms.upper, generator,
+                                                    iterations=iterations)
+        estimated[index] = margin_certified(exact_logits, certified_translation(model64, state, y[index]),
+                                            y[index])
+    return estimated
 
 
 def evaluated_test_split(data, certify_cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,11 +106,10 @@ def certify_model(params: dict, method: str, root: Path) -> dict:
             exact_logits = model64(x.double())
             correct.append((logits.argmax(1) == y).cpu())
             for name in certifiers:
-                for k, radius in enumerate(evaluated):
-                    certified = certified_at(name, model64, x, y, logits, radius, norms, exact_logits)
+                curve = certified_curve(name, model64, x, y, logits, evaluated, norms, exact_logits)
+                for k, certified in enumerate(curve):
                     counts[name][k] += certified.sum().item()
-                    if radius == eps:
-                        flags[name].append(certified.cpu())
+                flags[name].append(curve[evaluated.index(eps)].cpu())
             if reference:
                 estimated.append(reference_estimate_certified(model64, x, y, logits, eps, norms,
                                                               generator, iterations).cpu())
