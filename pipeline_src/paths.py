@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 # What the report stages write (rules and stages both read these).
 REPORT_TABLES = (1, 2, 3)
-REPORT_FIGURES = ("fig2_clean", "fig3_certified", "radius_curve", "similarity_per_layer")
+REPORT_FIGURES = ("fig2_clean", "fig3_certified", "radius_curve", "similarity_per_layer", "tradeoff")
 
 # Table 1's control rows: what an unrelated network scores against the vanilla model.
 #   vanilla_control: a second vanilla model, trained like the first from another seed;
@@ -126,7 +126,7 @@ class RunLayout:
         return self._at("tables", f"table{number}.{extension}")
 
     def figure(self, name: str, extension: str) -> str:
-        """fig2_clean, fig3_certified, radius_curve, similarity_per_layer as png and pdf"""
+        """fig2_clean, fig3_certified, radius_curve, similarity_per_layer, tradeoff as png and pdf"""
         return self._at("figures", f"{name}.{extension}")
 
     @property

@@ -82,3 +82,32 @@ def test_accuracy_axes_cover_the_curves(tmp_path: Path):
     # training-batch certified accuracy 5.0 after warm-up, validation 42.0: both inside, nothing below 0
     assert 0.0 <= low <= 5.0 and 42.0 <= high <= 100.0
     plt.close(fig)
+
+
+def test_tradeoff_places_each_row_at_its_mean_with_the_vanilla_line(tmp_path: Path):
+    from test_report import _params, write_fake_runs
+
+    from pipeline_src.report.figures import tradeoff
+    from pipeline_src.report.tables import vanilla_clean
+
+    params = _params(seeds=[0, 1], methods=("bcp", "duet"))
+    values = {"bcp-s0": {"clean": 36.0, "certified": 26.0}, "bcp-s1": {"clean": 38.0, "certified": 24.0},
+              "duet-s0": {"clean": 30.0, "certified": 18.0}, "duet-s1": {"clean": 32.0, "certified": 20.0}}
+    write_fake_runs(tmp_path, params, values)
+    inputs = collect(params, tmp_path)
+    fig = tradeoff(inputs)
+    (ax,) = fig.axes
+    points = {}
+    for container in ax.containers:            # one errorbar per row of Table 2
+        line = container.lines[0]
+        points[container.get_label()] = (float(line.get_xdata()[0]), float(line.get_ydata()[0]))
+    assert points == {"BCP (n = 2)": (25.0, 37.0), "Duet (n = 2)": (19.0, 31.0)}
+    labels = [line.get_label() for line in ax.get_lines()]
+    vanilla = vanilla_clean(inputs).accuracy
+    assert any(label.startswith("vanilla model, clean") for label in labels)
+    assert any(line.get_ydata()[0] == vanilla for line in ax.get_lines()
+               if line.get_label().startswith("vanilla model"))
+    low, high = ax.get_ylim()
+    assert low <= 10.0 and high >= vanilla and 0.0 <= low
+    assert "certified accuracy" in ax.get_xlabel() and "clean accuracy" in ax.get_ylabel()
+    plt.close(fig)

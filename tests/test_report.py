@@ -3,6 +3,7 @@ numbers in the right cells, mean ± std over seeds, the paper's columns, the
 refusals of missing or mismatched files, figure sizes and REPORT.md."""
 from __future__ import annotations
 
+import math
 import csv
 import hashlib
 import io
@@ -400,10 +401,11 @@ def test_table2_paired_duet_minus_bcp_over_the_shared_seeds(tmp_path: Path):
     write_fake_runs(tmp_path, params, values)
     two = table2(collect(params, tmp_path))
     duet = _row(two, "Duet")
-    # Per seed: clean +1, +2, +3 (mean 2, SE 1/sqrt(3)); certified 0, −1, −2.
-    assert duet["Duet − BCP, clean (paired)"] == f"+2.00 ± {1 / 3 ** 0.5:.2f}"
-    assert duet["Duet − BCP, certified (paired)"] == f"−1.00 ± {1 / 3 ** 0.5:.2f}"
-    assert duet["Duet − BCP, PGD (paired)"] == "+0.00 ± 0.00" and duet["Paired seeds (n)"] == "3"
+    # Per seed: clean +1, +2, +3 (mean 2, SE 1/sqrt(3)); certified 0, −1, −2. The 95 %
+    # t-interval with 2 degrees of freedom: mean ± 4.3027 SE = ± 2.4841.
+    assert duet["Duet − BCP, clean (paired)"] == f"+2.00 ± {1 / 3 ** 0.5:.2f} [−0.48, +4.48]"
+    assert duet["Duet − BCP, certified (paired)"] == f"−1.00 ± {1 / 3 ** 0.5:.2f} [−3.48, +1.48]"
+    assert duet["Duet − BCP, PGD (paired)"] == "+0.00 ± 0.00 [+0.00, +0.00]" and duet["Paired seeds (n)"] == "3"
     assert _row(two, "Duet r=1 λ=1 paper")["Paired seeds (n)"] == "3"
     assert _row(two, "BCP")["Duet − BCP, clean (paired)"] == "—"
     # In markdown, two tables: the main results, then the paired differences (the CSV keeps
@@ -420,6 +422,8 @@ def test_table2_paired_duet_minus_bcp_over_the_shared_seeds(tmp_path: Path):
     data = two.data.set_index("run_group")
     assert data.loc["duet", "clean_paired_diff_bcp_mean"] == pytest.approx(2.0)
     assert data.loc["duet", "clean_paired_diff_bcp_se"] == pytest.approx(1 / 3 ** 0.5)
+    assert data.loc["duet", "clean_paired_diff_ci95_low"] == pytest.approx(2.0 - 4.302653 / 3 ** 0.5, abs=1e-5)
+    assert data.loc["duet", "clean_paired_diff_ci95_high"] == pytest.approx(2.0 + 4.302653 / 3 ** 0.5, abs=1e-5)
     assert data.loc["duet", "paired_n"] == 3 and data.loc["duet", "paired_with"] == "bcp"
 
 
@@ -613,3 +617,12 @@ def test_table3_cpu_runs_say_not_measured_as_the_benchmark_does(tmp_path: Path):
     data = three.data.set_index("run_group")
     assert data.loc["duet", "peak_memory_gb_mean"] == 3.0 and data.loc["bcp", "peak_memory_gb_mean"] != \
         data.loc["bcp", "peak_memory_gb_mean"]   # nan, not 0
+
+
+def test_t_interval_uses_student_t_with_n_minus_one_degrees_of_freedom():
+    from pipeline_src.report.tables import t_interval
+    low, high = t_interval([1.0, 3.0])              # mean 2, SE 1, t_{0.975, 1} = 12.7062
+    assert (low, high) == (pytest.approx(2.0 - 12.7062, abs=1e-4), pytest.approx(2.0 + 12.7062, abs=1e-4))
+    assert all(math.isnan(v) for v in t_interval([5.0]))
+    wide, narrow = t_interval([0.0, 1.0, 2.0], 0.95), t_interval([0.0, 1.0, 2.0], 0.5)
+    assert wide[0] < narrow[0] < 1.0 < narrow[1] < wide[1]

@@ -8,7 +8,11 @@ histories and metrics, as PNG and PDF.
   both with the ε and κ schedules in a panel under the curves;
 - radius_curve: certified accuracy against the l2 radius, 0 to 2ε;
 - similarity_per_layer: each layer's rotation similarity to the vanilla model (plain and
-  channel-matched cosine, with the control rows).
+  channel-matched cosine, with the control rows);
+- tradeoff: clean against certified accuracy at ε, one point per row of Table 2 (the mean
+  over seeds, error bars ± one standard deviation), the vanilla model's clean accuracy as
+  a line: a method that keeps clean accuracy at the same certified accuracy sits above
+  its base.
 
 Duet and BCP are drawn strong, the other methods lighter; a method has the
 same colour in every figure. With several seeds a line is the mean and the
@@ -30,6 +34,7 @@ from ..config import METHOD_FACTS  # noqa: E402
 from ..io import atomic_path  # noqa: E402
 from ..paths import REPORT_FIGURES, RunLayout  # noqa: E402
 from .collect import ReportInputs, RunResult  # noqa: E402
+from .tables import vanilla_clean  # noqa: E402
 
 DPI = 100
 SIZES = {  # inches; pixels are these times DPI
@@ -37,6 +42,7 @@ SIZES = {  # inches; pixels are these times DPI
     "fig3_certified": (11.0, 6.5),
     "radius_curve": (6.5, 4.5),
     "similarity_per_layer": (8.0, 4.5),
+    "tradeoff": (6.5, 5.0),
 }
 FIGURES = REPORT_FIGURES  # the names the rules declare; each has a size and a builder
 FORMATS = ("png", "pdf")
@@ -247,8 +253,40 @@ def similarity_per_layer(inputs: ReportInputs):
     return fig
 
 
+def tradeoff(inputs: ReportInputs):
+    """Clean against certified accuracy at ε (each run's own certifier), the mean over
+    seeds with ± one standard deviation in both directions; the vanilla model's clean
+    accuracy on the same test images as a horizontal line."""
+    style = _Style(inputs)
+    fig, ax = plt.subplots(figsize=SIZES["tradeoff"], dpi=DPI, layout="constrained")
+    xs, ys = [], []
+    for group in inputs.groups:
+        runs = inputs.of_group(group)
+        certified = np.array([r.certify["headline_certified_accuracy"] for r in runs])
+        clean = np.array([r.certify["clean_accuracy"] for r in runs])
+        spread = (certified.std(ddof=1), clean.std(ddof=1)) if len(runs) > 1 else (None, None)
+        s = style(group)
+        ax.errorbar(certified.mean(), clean.mean(), xerr=spread[0], yerr=spread[1], marker="o", markersize=6,
+                    capsize=3, linestyle="none", color=s["color"], alpha=s["alpha"], zorder=s["zorder"],
+                    label=f"{runs[0].label} (n = {len(runs)})")
+        xs += [certified.mean()] + ([certified.mean() - spread[0], certified.mean() + spread[0]] if spread[0] else [])
+        ys += [clean.mean()] + ([clean.mean() - spread[1], clean.mean() + spread[1]] if spread[1] else [])
+    vanilla = vanilla_clean(inputs)
+    ax.axhline(vanilla.accuracy, color="black", linestyle="--", linewidth=1,
+               label=f"vanilla model, clean ({vanilla.accuracy:.1f} %)")
+    ax.axhline(CHANCE, color="grey", linestyle=":", linewidth=1, label=f"chance, clean ({CHANCE:g} %)")
+    ax.set_xlim(*percent_limits(xs))
+    ax.set_ylim(*percent_limits(ys + [vanilla.accuracy, CHANCE]))
+    ax.set_xlabel(f"certified accuracy at ε = {inputs.params['certify']['eps'] * 255:.0f}/255 (%)")
+    ax.set_ylabel("clean accuracy (%)")
+    ax.set_title(f"Clean against certified accuracy ({inputs.test_images:,} test images)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="x-small")
+    return fig
+
+
 BUILDERS = {"fig2_clean": fig2_clean, "fig3_certified": fig3_certified, "radius_curve": radius_curve,
-            "similarity_per_layer": similarity_per_layer}
+            "similarity_per_layer": similarity_per_layer, "tradeoff": tradeoff}
 
 
 def write_figures(inputs: ReportInputs, layout: RunLayout, root: Path) -> list[Path]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+from scipy.stats import t as student_t
 
 from ..config import METHOD_FACTS
 from ..io import save_text
@@ -76,12 +77,25 @@ def standard_error(values: list[float]) -> tuple[float, float, int]:
     return mean, std / math.sqrt(n) if n > 1 else math.nan, n
 
 
+def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:
+    """The `level` t-interval of the mean of the finite values (Student's t, n − 1 degrees
+    of freedom): mean ± t_{(1+level)/2, n−1} SE; (nan, nan) for n < 2."""
+    mean, se, n = standard_error(values)
+    if n < 2:
+        return math.nan, math.nan
+    half = float(student_t.ppf((1 + level) / 2, n - 1)) * se
+    return mean - half, mean + half
+
+
 def fmt_paired(values: list[float], digits: int = 2) -> str:
-    """A mean difference ± its standard error ("n/a" with one pair)."""
+    """A mean difference ± its standard error and its 95 % t-interval ("n/a" with one pair)."""
     mean, se, n = standard_error(values)
     if n == 0:
         return DASH
-    return f"{fmt_signed(mean, digits)} ± " + (f"{se:.{digits}f}" if n > 1 else "n/a")
+    if n == 1:
+        return f"{fmt_signed(mean, digits)} ± n/a"
+    low, high = t_interval(values)
+    return f"{fmt_signed(mean, digits)} ± {se:.{digits}f} [{fmt_signed(low, digits)}, {fmt_signed(high, digits)}]"
 
 
 def fmt_sig(value: float | None, digits: int = 3) -> str:
@@ -416,7 +430,9 @@ def table2(inputs: ReportInputs) -> Table:
             row += [fmt_paired(differences[name]) for name in TABLE2_METRICS] + [str(len(seeds))]
             for name in TABLE2_METRICS:
                 mean, se, _ = standard_error(differences[name])
-                record.update({f"{name}_paired_diff_mean": mean, f"{name}_paired_diff_se": se})
+                low, high = t_interval(differences[name])
+                record.update({f"{name}_paired_diff_mean": mean, f"{name}_paired_diff_se": se,
+                               f"{name}_paired_diff_ci95_low": low, f"{name}_paired_diff_ci95_high": high})
                 if base == "bcp":
                     record.update({f"{name}_paired_diff_bcp_mean": mean, f"{name}_paired_diff_bcp_se": se})
             record.update(paired_n=len(seeds), paired_seeds=" ".join(map(str, seeds)), paired_with=bcp_group)
@@ -440,7 +456,8 @@ def table2(inputs: ReportInputs) -> Table:
         "the same initialisation, difference of the means); Duet-local's, its difference to LocalBCP.",
         f"{pair} (paired): for each seed both have (for a seed, BCP and every Duet run start from the same "
         "weights and see the same batches; so do LocalBCP and Duet-local), the method's accuracy minus its "
-        "base's; mean ± standard error over the n pairs (n/a with one pair).",
+        "base's; mean ± standard error over the n pairs [its 95 % t-interval, n − 1 degrees of freedom] "
+        "(n/a with one pair). Where the interval contains zero the two are not distinguishable at that n.",
         f"{REFERENCE_ESTIMATE}: for clipped-ReLU (LocalBCP) models, the certified accuracy the LocalBCP "
         "reference's evaluation would report (masked norms by power iteration): an estimate, not a certificate; "
         "blank where the certify stage did not compute it.",
