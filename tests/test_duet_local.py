@@ -181,9 +181,9 @@ def test_table2_pairs_duet_local_with_localbcp(tmp_path):
     two = table2(inputs)
     pair = "Duet − BCP / Duet-local − LocalBCP"
     row = _row(two, "Duet-local")
-    # Per seed: clean +2, +4 (mean 3, SE 1); certified -1, -1.
-    assert row[f"{pair}, clean (paired)"] == "+3.00 ± 1.00" and row["Paired seeds (n)"] == "2"
-    assert row[f"{pair}, certified (paired)"] == "−1.00 ± 0.00"
+    # Per seed: clean +2, +4 (mean 3, SE 1, 95 % t-interval ± 12.71 with one degree of freedom); certified -1, -1.
+    assert row[f"{pair}, clean (paired)"] == "+3.00 ± 1.00 [−9.71, +15.71]" and row["Paired seeds (n)"] == "2"
+    assert row[f"{pair}, certified (paired)"] == "−1.00 ± 0.00 [−1.00, −1.00]"
     assert row["Clean (%)"] == "68.50 ± 2.12 (+3.00)"            # its difference to LocalBCP, as Duet's to BCP
     assert row["Clean, paper (%)"] == "—" and row["Certifier"] == "bcp"   # (the fake files' certifier)
     assert _row(two, "Duet")[f"{pair}, clean (paired)"] == "+2.00 ± 0.00"
