@@ -186,7 +186,7 @@ def test_table2_pairs_duet_local_with_localbcp(tmp_path):
     assert row[f"{pair}, certified (paired)"] == "−1.00 ± 0.00 [−1.00, −1.00]"
     assert row["Clean (%)"] == "68.50 ± 2.12 (+3.00)"            # its difference to LocalBCP, as Duet's to BCP
     assert row["Clean, paper (%)"] == "—" and row["Certifier"] == "bcp"   # (the fake files' certifier)
-    assert _row(two, "Duet")[f"{pair}, clean (paired)"] == "+2.00 ± 0.00"
+    assert _row(two, "Duet")[f"{pair}, clean (paired)"] == "+2.00 ± 0.00 [+2.00, +2.00]"
     data = two.data.set_index("run_group")
     assert data.loc["duet_local", "paired_with"] == "localbcp"
     assert data.loc["duet_local", "clean_paired_diff_mean"] == pytest.approx(3.0)
