@@ -253,12 +253,6 @@ def check_schedules(params: dict, source: str) -> None:
                 f"reach eps_train")
 
 
-def run_dir(params: dict, root: Path | None = None) -> Path:
-    """Every output of a profile lives under results/<run.name>/."""
-    rel = Path("results") / params["run"]["name"]
-    return rel if root is None else root / rel
-
-
 def read_base_params(root: Path = PROJECT_ROOT) -> dict:
     """params.yaml as written, before any profile and unvalidated."""
     return _read_yaml(root / BASE_PARAMS)

@@ -30,11 +30,20 @@ HEADER = ("# Generated from the Snakemake workflow by `python -m pipeline_src ex
           "# do not edit: change workflow/rules/*.smk and regenerate.\n")
 # Both runners share one results folder (docs/runners.md): DVC neither caches an output
 # (no copy, no relink, no new mtime) nor deletes one before its stage runs (a stage that
-# refuses its params leaves every output in place). Metrics files and per-epoch histories
-# are declared as such for `dvc metrics` and `dvc plots`.
+# refuses its params leaves every output in place). DVC's views get what a person
+# can read: `dvc metrics` the report's per-row summary files (six numbers a row; the
+# stages' detailed metrics.json files, 20 to 60 keys each, are plain outputs), `dvc
+# plots` the per-epoch histories.
 OUT_OPTIONS = {"cache": False, "persist": True}
-METRICS = ("metrics.json",)
 PLOTS = ("history.csv",)
+
+
+def out_kind(path: str) -> str:
+    """`metrics` for a summary file of the report (RunLayout.summary), `plots` for a
+    per-epoch history, `outs` for everything else."""
+    if Path(path).parent.name == "summary" and path.endswith(".json"):
+        return "metrics"
+    return "plots" if path.endswith(PLOTS) else "outs"
 
 
 @dataclass
@@ -141,9 +150,9 @@ def dvc_document(profile: str = PAPER_PROFILE, root: Path = PROJECT_ROOT) -> str
         entry["params"] = stage_params
         uncached = lambda path: {path: dict(OUT_OPTIONS)}  # noqa: E731
         entry["outs"] = [uncached(out) for out in stage.outs
-                         if not out.endswith(METRICS + PLOTS)] + [uncached(log) for log in stage.log]
-        for kind, suffixes in (("metrics", METRICS), ("plots", PLOTS)):
-            declared = [uncached(out) for out in stage.outs if out.endswith(suffixes)]
+                         if out_kind(out) == "outs"] + [uncached(log) for log in stage.log]
+        for kind in ("metrics", "plots"):
+            declared = [uncached(out) for out in stage.outs if out_kind(out) == kind]
             if declared:
                 entry[kind] = declared
         stages[stage.name] = entry

@@ -122,8 +122,14 @@ class RunLayout:
 
     # the report stages: the paper's tables and figures, and REPORT.md
     def table(self, number: int, extension: str) -> str:
-        """table{1,2,3}.{md,csv,tex}"""
+        """table{1,2,3}.{md,html,csv,tex}"""
         return self._at("tables", f"table{number}.{extension}")
+
+    def summary(self, group: str) -> str:
+        """One row of Table 2 in six numbers, for `dvc metrics show results/<run>/summary`:
+        a small file per row keeps DVC's table narrow (one file with every row would be
+        one line of 20-odd columns)."""
+        return self._at("summary", f"{group}.json")
 
     def figure(self, name: str, extension: str) -> str:
         """fig2_clean, fig3_certified, radius_curve, similarity_per_layer, tradeoff as png and pdf"""
@@ -132,6 +138,11 @@ class RunLayout:
     @property
     def report(self) -> str:
         return self._at("REPORT.md")
+
+    @property
+    def report_html(self) -> str:
+        """REPORT.md rendered, for `snakemake --report` (which shows HTML, not Markdown)."""
+        return self._at("REPORT.html")
 
     # runner bookkeeping
     def log(self, stage: str) -> str:

@@ -10,14 +10,15 @@ import yaml
 
 from conftest import ROOT
 from pipeline_src.cli import main
-from pipeline_src.config import PROJECT_ROOT, ParamsError, deep_merge, load_params, method_runs, run_dir
+from pipeline_src.config import PROJECT_ROOT, ParamsError, deep_merge, load_params, method_runs
+from pipeline_src.paths import RunLayout
 
 
 def test_paper_profile_is_the_papers_configuration():
     params = load_params("paper")
     assert params["model"]["arch"] == "6C2F"
     assert params["data"]["source"] == "torchvision" and params["data"]["val_size"] == 5000
-    assert run_dir(params).as_posix() == "results/paper"
+    assert RunLayout.of(params).root == "results/paper"
 
 
 def test_smoke_overrides_only_its_keys():
@@ -25,7 +26,7 @@ def test_smoke_overrides_only_its_keys():
     assert smoke["data"]["source"] == "sample" and smoke["run"]["device"] == "cpu"
     assert smoke["vanilla"]["optimizer"] == paper["vanilla"]["optimizer"]   # inherited
     assert smoke["vanilla"]["epochs"] < paper["vanilla"]["epochs"]
-    assert run_dir(smoke) != run_dir(paper)
+    assert RunLayout.of(smoke).root != RunLayout.of(paper).root
 
 
 def test_deep_merge_replaces_lists_and_leaves_inputs_alone():
@@ -256,7 +257,7 @@ def test_a_copied_profile_that_keeps_another_profiles_run_name_is_refused(tmp_pa
     # Its own name: both load, each into its own folder.
     path = root / "config" / "mine" / "params.yaml"
     path.write_text(path.read_text().replace("name: smoke", "name: mine"))
-    assert run_dir(load_params("mine", root)) != run_dir(load_params("smoke", root))
+    assert RunLayout.of(load_params("mine", root)).root != RunLayout.of(load_params("smoke", root)).root
     # A profile named after the paper's results folder is refused too.
     path.write_text(path.read_text().replace("name: mine", "name: paper"))
     with pytest.raises(ParamsError, match="also profile 'paper'"):

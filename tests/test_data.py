@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline_src.config import PROJECT_ROOT
 from pipeline_src.data import cifar
 from pipeline_src.data.cifar import (CLASSES, SAMPLE_SHA256, DataError, build_cache, load_cache,
                                      read_image_tree, split_validation, tree_sha256)
@@ -279,10 +280,20 @@ def test_tree_sha256_of_directory_tracks_content_and_names(tree, tmp_path):
     assert tree_sha256(copy) != tree_sha256(root)
 
 
-def test_relative_path_resolves_against_root(tree, tmp_path):
+def test_relative_path_resolves_against_root_and_is_recorded_as_written(tree, tmp_path):
+    """The images are read from root / path, and the provenance (committed with results)
+    keeps the params' relative path, not this machine's folders."""
     root, _ = tree
-    cache = build_into(tmp_path, images_params(root.relative_to(tmp_path)))
-    assert cache.provenance["path"] == str(root)
+    relative = root.relative_to(tmp_path)
+    cache = build_into(tmp_path, images_params(relative))
+    assert cache.provenance["path"] == str(relative) and not Path(cache.provenance["path"]).is_absolute()
+    assert cache.provenance["images"]["test"] == 20
+
+
+def test_the_sample_is_recorded_from_the_project_root(tmp_path):
+    cache = build_into(tmp_path, {"source": "sample", "path": None, "sha256": None, "val_size": 100, "split_seed": 0})
+    assert cache.provenance["path"] == cifar.SAMPLE_SHOWN
+    assert (PROJECT_ROOT / cifar.SAMPLE_SHOWN).resolve() == cifar.SAMPLE_ARCHIVE
 
 
 def test_matching_checksum_is_accepted(tree, tmp_path):

@@ -111,3 +111,72 @@ def test_tradeoff_places_each_row_at_its_mean_with_the_vanilla_line(tmp_path: Pa
     assert low <= 10.0 and high >= vanilla and 0.0 <= low
     assert "certified accuracy" in ax.get_xlabel() and "clean accuracy" in ax.get_ylabel()
     plt.close(fig)
+
+
+def _texts(fig) -> list[str]:
+    return [text.get_text() for ax in fig.axes for text in ax.texts]
+
+
+def test_an_all_zero_certified_panel_carries_a_note_and_a_live_one_none(tmp_path: Path):
+    from test_report import _params, write_fake_runs
+
+    from pipeline_src.config import method_runs
+
+    params = _params(methods=("bcp", "duet"))
+    write_fake_runs(tmp_path, params, {name: {"clean": 0.0, "certified": 0.0} for name in method_runs(params)})
+    _write_constant_histories(tmp_path, params, 0.0)
+    inputs = collect(params, tmp_path)
+    for builder in (fig3_certified, radius_curve):
+        fig = builder(inputs)
+        assert any("nothing is certified" in text for text in _texts(fig)), builder.__name__
+        plt.close(fig)
+    live = tmp_path / "live"
+    write_fake_runs(live, params, {})
+    for builder in (fig3_certified, radius_curve):
+        fig = builder(collect(params, live))
+        assert not any("nothing is certified" in text for text in _texts(fig)), builder.__name__
+        plt.close(fig)
+
+
+@pytest.mark.parametrize("values,column,note", [
+    ([math.nan, math.nan], "robust_loss", "warm-up"),
+    ([0.0, 0.0, math.nan], "certified_accuracy", "nothing is certified"),
+    ([0.0, 0.5], "certified_accuracy", ""),
+    ([0.0, 0.0], "robust_loss", ""),          # a loss of 0 is a value, not an empty panel
+])
+def test_empty_panel_note(values, column, note):
+    from pipeline_src.report.figures import empty_panel_note
+
+    text = empty_panel_note(values, column)
+    assert (note in text) if note else text == ""
+
+
+def test_schedule_panels_name_the_eps_and_kappa_lines(tmp_path: Path):
+    from test_report import _params, write_fake_runs
+
+    params = _params(methods=("bcp",))
+    write_fake_runs(tmp_path, params, {})
+    fig = fig2_clean(collect(params, tmp_path))
+    for ax in [a for a in fig.axes if a.get_ylabel().startswith("ε")]:
+        labels = [text.get_text() for text in ax.get_legend().get_texts()]
+        assert labels[0].startswith("ε") and labels[1].startswith("κ")
+    plt.close(fig)
+
+
+def test_similarity_figure_has_one_panel_per_rank_with_the_controls_at_theirs(tmp_path: Path):
+    from test_report import _params, write_fake_runs
+
+    from pipeline_src.report.figures import similarity_per_layer
+
+    params = _params(methods=("bcp", "duet"), grid=[1])   # Duet's grid point at r = 1 beside the rows at duet.rank
+    write_fake_runs(tmp_path, params, {})
+    inputs = collect(params, tmp_path)
+    ranks = sorted({str(r.similarity["rank"]) for r in inputs.runs})
+    assert len(ranks) == 2
+    fig = similarity_per_layer(inputs)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == [f"r = {rank}" for rank in ranks]
+    for ax in fig.axes:
+        controls = [text.get_text() for text in ax.get_legend().get_texts() if text.get_text().startswith("control")]
+        assert bool(controls) == (ax.get_title() == f"r = {params['duet']['rank']}"), (ax.get_title(), controls)
+    plt.close(fig)

@@ -208,7 +208,8 @@ def test_stage_writes_markdown_csv_latex_with_the_context(tmp_path: Path):
     write_fake_runs(tmp_path, params, {})
     written = make_tables(params, tmp_path)
     layout = RunLayout.of(params)
-    assert len(written) == 9
+    # md, html, csv, tex for each of the three tables, and one summary per row (bcp, duet)
+    assert len(written) == 3 * 4 + 2
     md = (tmp_path / layout.table(2, "md")).read_text()
     for fact in ("lossy JPEG copy", "6C2F", "ε = 36/255", "Seeds: 0, 1 (n = 2", "git c0ffee",
                  f"{params['bcp']['epochs']} epochs"):
@@ -626,3 +627,94 @@ def test_t_interval_uses_student_t_with_n_minus_one_degrees_of_freedom():
     assert all(math.isnan(v) for v in t_interval([5.0]))
     wide, narrow = t_interval([0.0, 1.0, 2.0], 0.95), t_interval([0.0, 1.0, 2.0], 0.5)
     assert wide[0] < narrow[0] < 1.0 < narrow[1] < wide[1]
+
+
+def test_seeds_whose_code_cannot_be_compared_are_refused(tmp_path: Path):
+    """Seed 1's training at another commit than seed 0's: tmp_path is no git checkout,
+    so the files that stage ran cannot be read back, and the row is not averaged."""
+    params = _params(seeds=[0, 1], methods=("bcp",))
+    write_fake_runs(tmp_path, params, {})
+    path = tmp_path / RunLayout.of(params).train("bcp-s1", "metrics.json")
+    path.write_text(json.dumps({**json.loads(path.read_text()), "git_commit": "beef"}))
+    with pytest.raises(ReportError) as err:
+        collect(params, tmp_path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: bcp-s1 ran the train stage at beef, bcp-s0 at c0ffee")
+    assert "cannot be compared" in message and "does not average seeds" in message
+
+
+def test_report_reads_the_paired_differences_by_their_t_interval(tmp_path: Path):
+    from pipeline_src.report.document import paired_findings
+
+    params = _params(seeds=[0, 1], methods=("bcp", "duet"))
+    values = {"bcp-s0": {"clean": 40.0, "pgd": 35.0, "certified": 25.0},
+              "bcp-s1": {"clean": 40.5, "pgd": 35.0, "certified": 25.0},
+              "duet-s0": {"clean": 50.0, "pgd": 30.0, "certified": 26.0},     # clean +10.0, PGD −5.0, cert +1
+              "duet-s1": {"clean": 51.0, "pgd": 29.8, "certified": 24.0}}     # clean +10.5, PGD −5.2, cert −1
+    write_fake_runs(tmp_path, params, values)
+    text = "\n".join(paired_findings(collect(params, tmp_path)))
+    row = next(line for line in text.splitlines() if line.startswith("| Duet | BCP |"))
+    clean, pgd, certified = (cell.strip() for cell in row.split("|")[4:7])
+    assert clean.startswith("**higher**, +10.25 [") and pgd.startswith("**lower**, −5.10 [")
+    assert certified.startswith("not distinguishable at n = 2, +0.00 [")
+
+
+def test_report_reads_nothing_from_one_seed_or_from_rows_at_chance(tmp_path: Path):
+    from pipeline_src.report.document import paired_findings
+
+    params = _params(methods=("bcp", "duet"))
+    write_fake_runs(tmp_path, params, {"duet": {"clean": 60.0}})
+    one_seed = "\n".join(paired_findings(collect(params, tmp_path)))
+    rows = [line for line in one_seed.splitlines() if line.startswith("| Duet |")]
+    assert rows and "one seed: no reading" in rows[0] and "higher" not in rows[0] and "lower" not in rows[0]
+    params = _params(seeds=[0, 1], methods=("bcp", "duet"))
+    write_fake_runs(tmp_path, params, {"duet-s0": {"clean": 10.0}, "duet-s1": {"clean": 10.0}})
+    at_chance = "\n".join(paired_findings(collect(params, tmp_path)))
+    assert "| no reading | no reading | no reading |" in at_chance and "within chance" in at_chance
+
+
+def test_tables_stage_writes_one_small_summary_per_row_for_dvc(tmp_path: Path):
+    params = _params(seeds=[0, 1], methods=("bcp", "duet"))
+    write_fake_runs(tmp_path, params, {"bcp-s0": {"clean": 36.0, "certified": 25.0},
+                                       "bcp-s1": {"clean": 38.0, "certified": 27.0, "similarity": 2.0}})
+    make_tables(params, tmp_path)
+    layout = RunLayout.of(params)
+    bcp = json.loads((tmp_path / layout.summary("bcp")).read_text())
+    assert bcp == {"clean": 37.0, "pgd": 40.0, "certified": 26.0, "similarity": 6.0, "lipschitz": 100.0, "n": 2}
+    assert sorted(p.name for p in (tmp_path / layout.summary("bcp")).parent.iterdir()) == ["bcp.json", "duet.json"]
+
+
+def test_dvc_declares_only_the_summaries_as_metrics():
+    from pipeline_src.dag import out_kind
+
+    layout = RunLayout.of(load_params("smoke"))
+    assert out_kind(layout.summary("duet")) == "metrics"
+    assert out_kind(layout.certify("duet", "metrics.json")) == "outs"
+    assert out_kind(layout.train("duet", "history.csv")) == "plots"
+
+
+def test_report_is_also_written_as_html_with_its_tables_rendered(tmp_path: Path):
+    params = _params(methods=("bcp", "duet"))
+    write_fake_runs(tmp_path, params, {})
+    make_tables(params, tmp_path)
+    make_figures(params, tmp_path)
+    make_report(params, tmp_path)
+    page = (tmp_path / RunLayout.of(params).report_html).read_text()
+    assert page.startswith("<!DOCTYPE html>") and "<table>" in page and "<h2>Provenance</h2>" in page
+    assert "| --- |" not in page                       # Markdown tables became HTML tables
+
+
+def test_a_base_run_recorded_with_other_sibling_variants_is_still_its_run(tmp_path: Path):
+    """`variants` in a method block names the sibling runs it adds; a seed trained while the
+    profile listed another variant ran the same training, and is not refused for it."""
+    params = _params(methods=("bcp", "duet"))
+    write_fake_runs(tmp_path, params, {})
+    path = tmp_path / RunLayout.of(params).train("duet", "metrics.json")
+    metrics = json.loads(path.read_text())
+    metrics["config"]["variants"] = {"dropped_later": {"lambda": 0.5}}
+    path.write_text(json.dumps(metrics))
+    assert collect(params, tmp_path).of_group("duet")
+    metrics["config"]["lambda"] = 0.5                   # a setting the run trains with is still checked
+    path.write_text(json.dumps(metrics))
+    with pytest.raises(ReportError, match="another configuration"):
+        collect(params, tmp_path)

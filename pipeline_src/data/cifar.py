@@ -29,6 +29,7 @@ import torch
 
 from ..errors import StageError
 from ..io import save_json, save_torch, sha256_file
+from ..paths import RunLayout
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
            "dog", "frog", "horse", "ship", "truck")
@@ -149,7 +150,8 @@ def tree_sha256(path: Path) -> str:
 
 
 # ---------------------------------------------------------------- sources
-def _load_images(path: Path, expected_sha256: str | None, source: str) -> tuple[dict, dict]:
+def _load_images(path: Path, expected_sha256: str | None, source: str, shown: str) -> tuple[dict, dict]:
+    """The images of an archive or folder; `shown` is its path as the provenance records it."""
     if not path.exists():
         raise DataError(f"{path}: not found (data.path of source '{source}')")
     digest = tree_sha256(path)
@@ -159,7 +161,7 @@ def _load_images(path: Path, expected_sha256: str | None, source: str) -> tuple[
     lossy = bool(suffixes & {".jpg", ".jpeg"})
     provenance = {
         "source": source,
-        "path": str(path),
+        "path": shown,
         "sha256": digest,
         "lossy_jpeg": lossy,
         "note": ("JPEG images: a lossy copy of CIFAR-10, accuracies run below those on the "
@@ -169,7 +171,7 @@ def _load_images(path: Path, expected_sha256: str | None, source: str) -> tuple[
     return splits, provenance
 
 
-def _load_torchvision(root: Path) -> tuple[dict, dict]:
+def _load_torchvision(root: Path, shown: str) -> tuple[dict, dict]:
     import torchvision
 
     splits = {}
@@ -185,7 +187,7 @@ def _load_torchvision(root: Path) -> tuple[dict, dict]:
     batches = root / "cifar-10-batches-py"
     provenance = {
         "source": "torchvision",
-        "path": str(root),
+        "path": shown,
         "sha256": sha256_file(archive) if archive.is_file() else tree_sha256(batches),
         "lossy_jpeg": False,
         "note": "original CIFAR-10 python batches (lossless)",
@@ -193,17 +195,34 @@ def _load_torchvision(root: Path) -> tuple[dict, dict]:
     return splits, provenance
 
 
+# The committed sample as the provenance names it: from the project root.
+SAMPLE_SHOWN = "pipeline_src/data/sample/cifar10-sample.tar.gz"
+
+
+def source_path(data_params: dict, root: Path) -> Path | None:
+    """Where the data source is on this machine: the committed sample, or `data.path`
+    (`~` expanded, relative to the project root)."""
+    if data_params["source"] == "sample":
+        return SAMPLE_ARCHIVE
+    if data_params["path"] is None:
+        return None
+    path = Path(os.path.expanduser(data_params["path"]))
+    return path if path.is_absolute() else root / path
+
+
 def load_source(data_params: dict, root: Path) -> tuple[dict, dict]:
+    """The splits and the provenance of the source. The provenance records the path as the
+    params write it (the sample's from the project root), never this machine's resolved
+    path: a committed provenance file must not carry a machine's folders."""
     source = data_params["source"]
     if source == "sample":
-        return _load_images(SAMPLE_ARCHIVE, SAMPLE_SHA256, "sample")
-    if data_params["path"] is None:
+        return _load_images(SAMPLE_ARCHIVE, SAMPLE_SHA256, "sample", SAMPLE_SHOWN)
+    path = source_path(data_params, root)
+    if path is None:
         raise DataError(f"data.path: required for source '{source}'")
-    path = Path(os.path.expanduser(data_params["path"]))
-    path = path if path.is_absolute() else root / path
     if source == "images":
-        return _load_images(path, data_params["sha256"], "images")
-    return _load_torchvision(path)
+        return _load_images(path, data_params["sha256"], "images", data_params["path"])
+    return _load_torchvision(path, data_params["path"])
 
 
 # ---------------------------------------------------------------- cache
@@ -286,12 +305,13 @@ def _build_cache(data_params: dict, cache_path: Path, provenance_path: Path, roo
     train_x, train_y = (torch.from_numpy(a) for a in splits["train"])
     test_x, test_y = (torch.from_numpy(a) for a in splits["test"])
     per_class = data_params.get("per_class")
+    where = source_path(data_params, root)   # named in errors as this machine has it
     if per_class:
         keep = first_per_class(train_y, per_class["train"], "data.per_class.train",
-                               f"the training split of {provenance['path']}")
+                               f"the training split of {where}")
         train_x, train_y = train_x[keep], train_y[keep]
         keep = first_per_class(test_y, per_class["test"], "data.per_class.test",
-                               f"the test split of {provenance['path']}")
+                               f"the test split of {where}")
         test_x, test_y = test_x[keep], test_y[keep]
     train_idx, val_idx = split_validation(len(train_y), data_params["val_size"], data_params["split_seed"])
     provenance.update({
@@ -305,8 +325,8 @@ def _build_cache(data_params: dict, cache_path: Path, provenance_path: Path, roo
         "data_params": dict(data_params),
         "params_fingerprint": data_fingerprint(data_params),
     })
-    source = Path(provenance["path"])
-    if source.is_file():
+    source = source_path(data_params, root)
+    if source is not None and source.is_file():
         provenance["source_bytes"] = source.stat().st_size
     cache = CifarSplits(train_x[train_idx], train_y[train_idx], train_x[val_idx], train_y[val_idx],
                         test_x, test_y, CLASSES, provenance)
@@ -329,11 +349,24 @@ def load_cache(path: str | Path, params: dict | None = None) -> CifarSplits:
         raise DataError(f"{path}: not a readable data cache ({err}); rebuild it with "
                         f"`{rebuild_command(profile)}`") from None
     if params is not None:
-        check_cache_matches(cache.provenance, params["data"], path, profile)
+        check_cache_matches(cache.provenance, params["data"], path, profile, _project_root(path, params))
     return cache
 
 
-def check_cache_matches(provenance: dict, data_params: dict, path: Path, profile: str | None) -> None:
+def _project_root(cache_path: Path, params: dict) -> Path:
+    """The project a data cache belongs to: every stage reads it at root / layout.data_cache
+    (the working directory for a caller with only the `data` params)."""
+    if "run" not in params:
+        return Path.cwd()
+    layout = Path(RunLayout.of(params).data_cache).parts
+    parts = cache_path.parts
+    if len(parts) > len(layout) and parts[-len(layout):] == layout:
+        return Path(*parts[:-len(layout)])
+    return Path.cwd()
+
+
+def check_cache_matches(provenance: dict, data_params: dict, path: Path, profile: str | None,
+                        root: Path | None = None) -> None:
     rebuild = f"rebuild it with `{rebuild_command(profile)}`"
     recorded = provenance.get("params_fingerprint")
     if recorded is None:
@@ -345,7 +378,8 @@ def check_cache_matches(provenance: dict, data_params: dict, path: Path, profile
         detail = f" ({'; '.join(differ)})" if differ else ""
         raise DataError(f"{path}: built from other data params than profile "
                         f"'{profile or '?'}' sets{detail}; {rebuild}")
-    source = Path(provenance.get("path", ""))
-    if "source_bytes" in provenance and source.is_file() and source.stat().st_size != provenance["source_bytes"]:
+    source = source_path(data_params, root or Path.cwd())
+    if ("source_bytes" in provenance and source is not None and source.is_file()
+            and source.stat().st_size != provenance["source_bytes"]):
         raise DataError(f"{path}: its source {source} has changed since the cache was built "
                         f"({source.stat().st_size} bytes, {provenance['source_bytes']} then); {rebuild}")

@@ -5,7 +5,10 @@ A run's four metrics files (train, certify, pgd, similarity) are tied together
 by the sha256 of the trained weights, and each is checked against the params
 it depends on, so a table never mixes a stale file into a fresh run. The
 similarity files (the runs' and Table 1's control rows') are also tied to the
-vanilla model they were compared with."""
+vanilla model they were compared with, so every seed of a row shares one guide.
+The seeds of a row must also have run the same code in every stage
+(`code_identity`): seeds from different commits are averaged only where the
+files each stage ran are the same at both."""
 from __future__ import annotations
 
 import json
@@ -16,6 +19,7 @@ import pandas as pd
 
 from ..errors import StageError
 from ..config import INIT_SUFFIX, METHOD_FACTS, CertifiedRun, method_runs
+from .code_identity import CodeUnknown, code_difference
 from ..paths import SIMILARITY_CONTROLS, RunLayout, control_outputs, control_seed, similarity_rank, similarity_settings
 
 METHOD_LABELS = {**{name: facts.label for name, facts in METHOD_FACTS.items()}, "vanilla": "Vanilla"}
@@ -148,6 +152,14 @@ def _expect(path: Path, metrics: dict, key: str, expected) -> None:
                           "it comes from another configuration: rerun its stage")
 
 
+def run_settings(config: dict) -> dict:
+    """A run's config as far as its training reads it: a method block's `variants` names
+    the sibling runs the block adds (each variant run records `variants: None`), which a
+    run does not train with; a variant added to or dropped from a profile between seeds
+    leaves the base run's seeds comparable."""
+    return {key: value for key, value in config.items() if key != "variants"}
+
+
 def _read_history(path: Path, run: str) -> pd.DataFrame:
     if not path.is_file():
         raise ReportError(f"{path}: missing; run the train stage of {run} first")
@@ -180,11 +192,11 @@ def collect(params: dict, root: Path) -> ReportInputs:
         model = {**params["model"], **run.config.get("model", {})}
         train_path = root / layout.train(name, "metrics.json")
         train = _read_json(train_path, "train", name)
-        for key, expected in (("run", name), ("method", run.method), ("config", run.config),
+        for key, expected in (("run", name), ("method", run.method), ("config", run_settings(run.config)),
                               ("seed", run.seed), ("arch", model["arch"]),
                               ("activation", model["activation"]), ("eps_test", eps),
                               ("data.sha256", provenance["sha256"])):
-            _expect(train_path, train, key, expected)
+            _expect(train_path, {**train, "config": run_settings(train.get("config", {}))}, key, expected)
         weights = train["weights_sha256"]
         evaluated = {}
         for stage, path, checks in (
@@ -208,10 +220,41 @@ def collect(params: dict, root: Path) -> ReportInputs:
             similarity=evaluated["similarity"],
             history=_read_history(root / layout.train(name, "history.csv"), name),
             base=is_method_base(run.group, run)))
+    check_same_code(runs, layout, root)
     svd_path = root / layout.svd_summary
     svd = json.loads(svd_path.read_text()) if svd_path.is_file() else {}
     return ReportInputs(params=params, provenance=provenance, vanilla=vanilla, runs=runs, svd=svd,
                         controls=collect_controls(params, root, vanilla), test_images=test_images)
+
+
+# The stages whose code a seed's numbers come from, and the RunResult field of each.
+STAGE_FIELDS = {"train": "train", "certify": "certify", "pgd": "attack", "similarity": "similarity"}
+
+
+def check_same_code(runs: list[RunResult], layout: RunLayout, root: Path) -> None:
+    """Refuse to average the seeds of a row that ran different code in a stage: each
+    seed is compared with the row's first, stage by stage, and the error names the
+    runs, the commits and the files that differ."""
+    by_group: dict[str, list[RunResult]] = {}
+    for run in runs:
+        by_group.setdefault(run.group, []).append(run)
+    files = {"train": layout.train, "certify": layout.certify, "pgd": layout.attack,
+             "similarity": layout.similarity}
+    for first, *others in by_group.values():
+        for other in others:
+            for stage, field_name in STAGE_FIELDS.items():
+                a, b = (getattr(r, field_name)["git_commit"] for r in (first, other))
+                try:
+                    differ = code_difference(a, b, stage, root)
+                    why = f"{', '.join(differ)} differ" if differ else ""
+                except CodeUnknown as err:
+                    why = f"the code cannot be compared: {err}"
+                if why:
+                    raise ReportError(
+                        f"{root / files[stage](other.name, 'metrics.json')}: {other.name} ran the {stage} stage "
+                        f"at {b}, {first.name} at {a} ({why}); the report does not average seeds made with "
+                        f"different code: rerun {other.name} (or the other seeds) at one commit, or leave it "
+                        "out of committed_runs")
 
 
 def collect_controls(params: dict, root: Path, vanilla: dict) -> dict[str, dict]:

@@ -14,7 +14,8 @@ from ..paths import RunLayout
 from . import paper
 from .collect import INIT_LABELS, METHOD_LABELS, ReportInputs
 from .figures import FIGURES
-from .tables import TABLES, data_text, eps_text, fmt, summary
+from .tables import (TABLE2_METRICS, TABLES, data_text, eps_text, fmt, fmt_signed, paired_base, paired_differences,
+                     same_init_group, standard_error, summary, t_interval)
 
 FIGURE_CAPTIONS = {
     "fig2_clean": "Figure 2 (the paper's): clean loss and clean accuracy per epoch, with the ε and κ schedules.",
@@ -200,6 +201,58 @@ def banner(inputs: ReportInputs) -> list[str]:
             "compare: no reading below draws a conclusion from them.", ""]
 
 
+def _verdict(values: list[float]) -> str:
+    """What a paired difference says: higher or lower where its 95 % t-interval excludes
+    zero, "not distinguishable" where it contains zero, nothing with one pair."""
+    mean, _, n = standard_error(values)
+    if n < 2:
+        return f"{fmt_signed(mean)} (one seed: no reading)"
+    low, high = t_interval(values)
+    interval = f"{fmt_signed(mean)} [{fmt_signed(low)}, {fmt_signed(high)}]"
+    if low > 0:
+        return f"**higher**, {interval}"
+    if high < 0:
+        return f"**lower**, {interval}"
+    return f"not distinguishable at n = {n}, {interval}"
+
+
+def paired_findings(inputs: ReportInputs) -> list[str]:
+    """REPORT.md's reading of Table 2's paired differences, computed from the runs: for each
+    row paired with a base (Duet with BCP, Duet-local with LocalBCP), whether its clean, PGD
+    and certified accuracy is higher or lower than the base's by the 95 % t-interval of the
+    per-seed differences. A row or base within chance gets no reading."""
+    band = chance_band(inputs.test_images)
+    lines = ["## Table 2: what the paired differences say", "",
+             "For each seed both have, the row's accuracy minus its base's (the same initial weights and "
+             "batches); mean [95 % t-interval, n − 1 degrees of freedom], in percentage points. A difference is "
+             "called higher or lower only where its interval excludes zero.", "",
+             "| row | base | n | clean | PGD | certified |", "| --- | --- | ---: | --- | --- | --- |"]
+    silent, paired = [], 0
+    for group in inputs.groups:
+        runs = inputs.of_group(group)
+        base = paired_base(runs[0].method)
+        base_group = same_init_group(inputs, base, runs[0].init_from) if base else None
+        if not base_group:
+            continue
+        base_runs = inputs.of_group(base_group)
+        seeds, differences = paired_differences(runs, base_runs)
+        at_chance = [rows[0].label for rows in (runs, base_runs)
+                     if summary([r.certify["clean_accuracy"] for r in rows])[0] <= band]
+        if at_chance:
+            silent.append(f"{runs[0].label} (clean accuracy of {', '.join(at_chance)} within chance, at most "
+                          f"{fmt(band, 1)} %)")
+            cells = ["no reading"] * len(TABLE2_METRICS)
+        else:
+            cells = [_verdict(differences[name]) for name in TABLE2_METRICS]
+        lines.append(f"| {runs[0].label} | {base_runs[0].label} | {len(seeds)} | " + " | ".join(cells) + " |")
+        paired += 1
+    if not paired:
+        return []
+    if silent:
+        lines += ["", "No reading for " + "; ".join(silent) + ": a network that guesses cannot be compared."]
+    return lines + [""]
+
+
 def _provenance(inputs: ReportInputs, root: Path) -> list[str]:
     params, data, vanilla = inputs.params, inputs.provenance, inputs.vanilla
     rows = [
@@ -313,7 +366,7 @@ def build_report(inputs: ReportInputs, layout: RunLayout, root: Path) -> str:
     for number in TABLES:
         text = (root / layout.table(number, "md")).read_text()
         lines += [text, ""]
-    lines += [*similarity_findings(inputs), ""]
+    lines += [*paired_findings(inputs), *similarity_findings(inputs), ""]
     lines += ["## Figures", ""]
     for name in FIGURES:
         lines += [f"![{name}]({rel(layout.figure(name, 'png'))})", "",
@@ -322,3 +375,4 @@ def build_report(inputs: ReportInputs, layout: RunLayout, root: Path) -> str:
         lines += _benchmark(inputs, root)
     lines += ["## Soundness", "", *_soundness(inputs), ""]
     return "\n".join(lines)
+

@@ -5,17 +5,18 @@ histories and metrics, as PNG and PDF.
 - fig3_certified: robust loss and certified accuracy per epoch (on the
   training batches with the training bound, and on validation with the sound
   certifier);
-  both with the ε and κ schedules in a panel under the curves;
+  both with the ε and κ schedules in a panel under the curves (labelled);
 - radius_curve: certified accuracy against the l2 radius, 0 to 2ε;
 - similarity_per_layer: each layer's rotation similarity to the vanilla model (plain and
-  channel-matched cosine, with the control rows);
+  channel-matched cosine, with the control rows), one panel per rank r;
 - tradeoff: clean against certified accuracy at ε, one point per row of Table 2 (the mean
   over seeds, error bars ± one standard deviation), the vanilla model's clean accuracy as
   a line: a method that keeps clean accuracy at the same certified accuracy sits above
   its base.
 
-Duet and BCP are drawn strong, the other methods lighter; a method has the
-same colour in every figure. With several seeds a line is the mean and the
+A panel with nothing to show (every accuracy 0 %, or warm-up epochs only) says so
+in a note across it instead of an empty frame. Duet and BCP are drawn strong, the
+other methods lighter; a method has the same colour in every figure. With several seeds a line is the mean and the
 band ± one standard deviation. Sizes are fixed (inches × DPI) so that the
 images have known pixel sizes."""
 from __future__ import annotations
@@ -125,6 +126,10 @@ def _schedule_panel(ax, inputs: ReportInputs, style: _Style) -> None:
     ax.set_ylim(bottom=0.0)  # ε ≥ 0: an all-warm-up run (ε = 0 throughout) has no negative axis
     ax.set_ylabel("ε (l2, end of epoch)")
     kappa_ax.set_ylabel("κ (dotted)")
+    # The colours are the rows' of the panel above; which line is which schedule:
+    ax.plot([], [], color="black", linewidth=1.2, label="ε (left axis)")
+    ax.plot([], [], color="black", linewidth=1.0, linestyle=":", label="κ, the clean loss's weight (right axis)")
+    ax.legend(fontsize="x-small", loc="center right")
     kappa_ax.set_ylim(-0.05, 1.05)
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -146,8 +151,10 @@ def _curves_figure(inputs: ReportInputs, name: str, panels: list[tuple[str, str,
                 drawn.append(_plot_band(ax, runs, val_column, style(group), linestyle="--"))
         ax.set_ylabel(ylabel)
         ax.set_yscale(yscale)
+        values = np.concatenate(drawn) if drawn else np.array([])
         if column.endswith("accuracy"):  # percentages: never below 0, a sensible window when constant
-            ax.set_ylim(*percent_limits(np.concatenate(drawn) if drawn else []))
+            ax.set_ylim(*percent_limits(values))
+        note_if_empty(ax, values, column)
         if column == "clean_accuracy":
             ax.axhline(CHANCE, color="grey", linestyle=":", linewidth=1, label=f"chance ({CHANCE:g} %)")
         ax.grid(alpha=0.3)
@@ -164,6 +171,26 @@ def _curves_figure(inputs: ReportInputs, name: str, panels: list[tuple[str, str,
 
 # A classifier that guesses: 100 / 10 classes. An accuracy near it says nothing.
 CHANCE = 10.0
+
+
+def empty_panel_note(values, column: str) -> str:
+    """What to write across a panel whose curves show nothing ('' when they show something):
+    no finite value (every epoch a warm-up epoch, which has no robust loss), or an accuracy
+    that is 0 % for every run and epoch."""
+    finite = np.asarray(values, dtype=float)
+    finite = finite[np.isfinite(finite)]
+    if finite.size == 0:
+        return "no values: every epoch of every run was a warm-up epoch (no robust bound)"
+    if column.endswith("accuracy") and not finite.any():
+        return "0 % for every run at every point: nothing is certified at this scale"
+    return ""
+
+
+def note_if_empty(ax, values, column: str) -> None:
+    note = empty_panel_note(values, column)
+    if note:
+        ax.text(0.5, 0.5, note, transform=ax.transAxes, ha="center", va="center", fontsize="small", wrap=True,
+                bbox={"facecolor": "white", "edgecolor": "0.6", "boxstyle": "round"})
 
 
 def fig2_clean(inputs: ReportInputs):
@@ -202,6 +229,8 @@ def radius_curve(inputs: ReportInputs):
     ax.set_xlabel("l2 radius (× 1/255, pixels in [0, 1])")
     ax.set_ylabel("certified accuracy (%)")
     ax.set_ylim(*percent_limits(np.concatenate(drawn) if drawn else []))
+    # Radius 0 is the clean accuracy: the panel is empty when nothing is certified beyond it.
+    note_if_empty(ax, np.concatenate([d[1:] for d in drawn]) if drawn else [], "certified_accuracy")
     ax.set_title(f"Certified accuracy against radius ({inputs.test_images:,} test images)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
@@ -210,47 +239,60 @@ def radius_curve(inputs: ReportInputs):
 
 def similarity_per_layer(inputs: ReportInputs):
     """Bars: each row's plain cosine per layer; markers: its channel-matched cosine;
-    grey: the control rows' channel-matched cosine (an unrelated network)."""
+    grey: the control rows' channel-matched cosine (an unrelated network). One panel per
+    rank r: a grid point at another r than the profile's is not comparable with the others
+    (nor with the controls, measured at `duet.rank`)."""
     style = _Style(inputs)
-    groups = inputs.groups
     n_layers = len(inputs.runs[0].similarity["similarity_per_layer"])
     names = [layer["name"] for layer in inputs.svd.get("layers", [])]
     if len(names) != n_layers:
         names = [f"layer {k + 1}" for k in range(n_layers)]
-    fig, ax = plt.subplots(figsize=SIZES["similarity_per_layer"], dpi=DPI, layout="constrained")
-    width = 0.8 / max(len(groups), 1)
+    # Numbers in order (1, 4, 16), then any named rank (full rank) after them.
+    ranks = sorted({r.similarity["rank"] for r in inputs.runs},
+                   key=lambda rank: (not isinstance(rank, (int, float)), rank if isinstance(rank, (int, float))
+                                     else 0, str(rank)))
+    fig, axes = plt.subplots(len(ranks), 1, figsize=SIZES["similarity_per_layer"], dpi=DPI, layout="constrained",
+                             squeeze=False, sharex=True)
     x = np.arange(n_layers)
-    for k, group in enumerate(groups):
-        runs = inputs.of_group(group)
-        values = np.stack([r.similarity["similarity_per_layer"] for r in runs])
-        s = style(group)
-        offset = x + (k - (len(groups) - 1) / 2) * width
-        ax.bar(offset, values.mean(0), width,
-               yerr=values.std(0, ddof=1) if len(runs) > 1 else None, color=s["color"], alpha=s["alpha"],
-               label=runs[0].label)
-        matched = [r.similarity.get("matched_similarity_per_layer") for r in runs]
-        if all(m is not None for m in matched):
-            ax.plot(offset, np.stack(matched).mean(0), linestyle="none", marker="D", markersize=4,
-                    markerfacecolor="white", markeredgecolor=s["color"], zorder=4)
+    for ax, rank in zip(axes[:, 0], ranks):
+        groups = [g for g in inputs.groups if inputs.of_group(g)[0].similarity["rank"] == rank]
+        width = 0.8 / max(len(groups), 1)
+        for k, group in enumerate(groups):
+            runs = inputs.of_group(group)
+            values = np.stack([r.similarity["similarity_per_layer"] for r in runs])
+            s = style(group)
+            offset = x + (k - (len(groups) - 1) / 2) * width
+            ax.bar(offset, values.mean(0), width,
+                   yerr=values.std(0, ddof=1) if len(runs) > 1 else None, color=s["color"], alpha=s["alpha"],
+                   label=runs[0].label)
+            matched = [r.similarity.get("matched_similarity_per_layer") for r in runs]
+            if all(m is not None for m in matched):
+                ax.plot(offset, np.stack(matched).mean(0), linestyle="none", marker="D", markersize=4,
+                        markerfacecolor="white", markeredgecolor=s["color"], zorder=4)
+        _control_steps(ax, inputs, rank, x)
+        ax.plot([], [], linestyle="none", marker="D", markersize=4, markerfacecolor="white",
+                markeredgecolor="black", label="channel-matched cosine")
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        ax.set_ylabel(r"cosine of $U_r V_r^\top$" "\n" "to the vanilla model's (%)")
+        ax.set_title(f"r = {rank}", fontsize="medium")
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize="x-small", ncol=2)
+    axes[-1, 0].set_xticks(x, names)
+    axes[-1, 0].set_xlabel("weight layer")
+    fig.suptitle("Rotation similarity per layer (bars: cosine, markers: channel-matched)")
+    return fig
+
+
+def _control_steps(ax, inputs: ReportInputs, rank, x: np.ndarray) -> None:
+    """The control rows measured at this rank, as grey steps across the layers."""
     control_styles = {"vanilla_control": ("--", "vanilla, other seed"), "random": (":", "random network")}
     for control, metrics in inputs.controls.items():
         values = metrics.get("matched_similarity_per_layer")
-        if values is None or len(values) != n_layers:
+        if values is None or len(values) != len(x) or metrics.get("rank") != rank:
             continue
         linestyle, name = control_styles.get(control, ("-.", control))
         ax.step(np.r_[x - 0.5, x[-1] + 0.5], np.r_[values, values[-1]], where="post", color="0.35",
                 linestyle=linestyle, linewidth=1.2, label=f"control: {name} (matched)")
-    ax.plot([], [], linestyle="none", marker="D", markersize=4, markerfacecolor="white", markeredgecolor="black",
-            label="channel-matched cosine")
-    ax.axhline(0.0, color="black", linewidth=0.8)
-    ax.set_xticks(x, names)
-    ax.set_xlabel("weight layer")
-    ax.set_ylabel(r"cosine of $U_r V_r^\top$ to the vanilla model's (%)")
-    ranks = sorted({str(r.similarity["rank"]) for r in inputs.runs})
-    ax.set_title(f"Rotation similarity per layer (r = {', '.join(ranks)}; bars: cosine, markers: channel-matched)")
-    ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize="x-small", ncol=2)
-    return fig
 
 
 def tradeoff(inputs: ReportInputs):

@@ -1,5 +1,6 @@
 """Formatting shared by Table 3 and the benchmark's tables, so that both say the
-same thing for the same measurement.
+same thing for the same measurement; and Markdown rendered as an HTML page (the
+tables and REPORT.md in `snakemake --report`, which shows HTML, not Markdown).
 
 Peak memory is GPU memory (torch's peak allocation): a CPU run has none to
 report, and the training and benchmark code store 0 MB for it
@@ -44,3 +45,22 @@ def format_peak_memory(mb: float | Sequence[float] | None, device: str | Iterabl
         std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
         text += f" ± {std:.{digits}f}"
     return f"{text} {unit}" if with_unit else text
+
+
+def render_html(markdown: str, title: str) -> str:
+    """A Markdown page (a table, REPORT.md) as one HTML page, tables and links kept.
+    markdown-it-py comes with DVC (through rich); where it is
+    not installed (a bare GPU machine) the page holds the Markdown source, saying so."""
+    import html
+
+    try:
+        from markdown_it import MarkdownIt
+    except ImportError:
+        body = ("<p>(markdown-it-py is not installed here: the Markdown source follows)</p>"
+                f"<pre>{html.escape(markdown)}</pre>")
+    else:
+        body = MarkdownIt("commonmark").enable("table").render(markdown)
+    style = ("body{font-family:sans-serif;max-width:70em;margin:auto} table{border-collapse:collapse} "
+             "td,th{border:1px solid #ccc;padding:2px 6px} blockquote{background:#fff4e0;margin:0;padding:4px 12px}")
+    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>\n{body}</body></html>\n")

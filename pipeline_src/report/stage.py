@@ -27,9 +27,12 @@ def make_figures(params: dict, root: Path) -> list[Path]:
 
 def make_report(params: dict, root: Path) -> Path:
     from .document import build_report
+    from .format import render_html
 
     layout = RunLayout.of(params)
     path = root / layout.report
-    save_text(build_report(collect(params, root), layout, root), path)
-    print(f"[report] wrote {layout.report}")
+    text = build_report(collect(params, root), layout, root)
+    save_text(text, path)
+    save_text(render_html(text, f"Duet reproduction: profile {params['profile']}"), root / layout.report_html)
+    print(f"[report] wrote {layout.report} and {layout.report_html}")
     return path

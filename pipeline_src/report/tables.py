@@ -16,11 +16,11 @@ import pandas as pd
 from scipy.stats import t as student_t
 
 from ..config import METHOD_FACTS
-from ..io import save_text
+from ..io import save_json, save_text
 from ..paths import REPORT_TABLES, RunLayout
 from . import paper
 from .collect import INIT_LABELS, METHOD_LABELS, ReportInputs, RunResult
-from .format import NOT_MEASURED, format_peak_memory, peak_memory_measured
+from .format import NOT_MEASURED, format_peak_memory, peak_memory_measured, render_html
 
 DASH = "—"
 MINUS = "−"  # typographic minus in displayed numbers; the CSV keeps plain numbers
@@ -586,12 +586,36 @@ def to_csv(table: Table, inputs: ReportInputs) -> str:
 TABLES = REPORT_TABLES
 
 
+# The summary metrics of a row (`RunLayout.summary`): means over its seeds, 2 decimals.
+SUMMARY_KEYS = ("clean", "pgd", "certified", "similarity", "lipschitz", "n")
+
+
+def summary_metrics(inputs: ReportInputs) -> dict[str, dict]:
+    """{run group: {clean, pgd, certified (%), similarity (plain cosine at r, %), lipschitz
+    (the guaranteed upper bound of the Lipschitz constant), n (seeds)}}: what DVC shows."""
+    out = {}
+    for group in inputs.groups:
+        runs = inputs.of_group(group)
+        measured = _table2_values(runs)
+        means = {name: summary(measured[name])[0] for name in TABLE2_METRICS}
+        means["similarity"] = summary([_measure(r.similarity, "similarity") for r in runs])[0]
+        means["lipschitz"] = summary([r.similarity["lipschitz_upper"] for r in runs])[0]
+        out[group] = {**{key: round(value, 2) if math.isfinite(value) else None for key, value in means.items()},
+                      "n": len(runs)}
+    return out
+
+
 def write_tables(inputs: ReportInputs, layout: RunLayout, root: Path) -> list[Path]:
     context = context_lines(inputs)
     written = []
+    for group, metrics in summary_metrics(inputs).items():
+        path = root / layout.summary(group)
+        save_json(metrics, path)
+        written.append(path)
     for table in build_tables(inputs):
-        for extension, text in (("md", to_markdown(table, context)), ("csv", to_csv(table, inputs)),
-                                ("tex", to_latex(table, context))):
+        markdown = to_markdown(table, context)
+        for extension, text in (("md", markdown), ("html", render_html(markdown, f"Table {table.number}")),
+                                ("csv", to_csv(table, inputs)), ("tex", to_latex(table, context))):
             path = root / layout.table(table.number, extension)
             save_text(text, path)
             written.append(path)

@@ -56,10 +56,15 @@ rule tables:
         code=CODE["tables"],
     output:
         md=[LAYOUT.table(n, "md") for n in TABLES],
-        csv=[report(LAYOUT.table(n, "csv"), caption=f"../report/table{n}.rst", category="Tables",
-                    labels={"table": f"Table {n}"})
-             for n in TABLES],
+        # The report shows each table as REPORT.md does (trimmed, with its notes); the CSV
+        # keeps every column.
+        html=[report(LAYOUT.table(n, "html"), caption=f"../report/table{n}.rst", category="Tables",
+                     labels={"table": f"Table {n}"})
+              for n in TABLES],
+        csv=[LAYOUT.table(n, "csv") for n in TABLES],
         tex=[LAYOUT.table(n, "tex") for n in TABLES],
+        # One small metrics file per row for DVC (`dvc metrics show results/<run>/summary`).
+        summary=[LAYOUT.summary(group) for group in dict.fromkeys(run.group for run in RUNS.values())],
     params:
         **REPORT_PARAMS,
     log:
@@ -108,7 +113,8 @@ rule report:
         tables=rules.tables.output.md,
         figures=rules.figures.output.png,
     output:
-        report(LAYOUT.report, caption="../report/REPORT.rst", category="Report"),
+        md=LAYOUT.report,
+        html=report(LAYOUT.report_html, caption="../report/REPORT.rst", category="Report"),
     params:
         **REPORT_PARAMS,
     log:
