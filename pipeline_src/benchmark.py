@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from .data.cifar import load_cache
 from .data.loader import DeviceBatches
-from .config import method_runs
+from .runs import method_runs
 from .io import git_commit, save_json, save_torch
 from .methods import METHODS, build_method, method_context
 from .models import build_model

@@ -16,7 +16,8 @@ import torch
 import yaml
 
 from pipeline_src.bounds.local import local_worst_logits
-from pipeline_src.config import METHOD_FACTS, load_params, method_runs
+from pipeline_src.config import load_params
+from pipeline_src.runs import METHOD_FACTS, method_runs
 from pipeline_src.methods import METHODS, build_method
 from pipeline_src.methods.duet import Duet, SimilarityTerm
 from pipeline_src.methods.duet_local import DuetLocal

@@ -22,7 +22,8 @@ from pipeline_src.bounds.lipschitz import guaranteed_layer_norms
 from pipeline_src.bounds import certifiers
 from pipeline_src.bounds.certifiers import (LayerNorms, certified_at, certify_batch, float64_model,
                                              sound_numerics)
-from pipeline_src.config import METHOD_FACTS, load_params
+from pipeline_src.config import load_params
+from pipeline_src.runs import METHOD_FACTS
 from pipeline_src.methods import METHODS, build_method, certified_loss
 from pipeline_src.methods.base import CertifiedMethod, register
 from pipeline_src.methods.gloro import GloRo

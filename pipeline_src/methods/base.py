@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import METHOD_FACTS
+from ..runs import METHOD_FACTS
 from ..models.architectures import CertifiableNet, CleanPass
 
 METHODS: dict[str, type["CertifiedMethod"]] = {}
