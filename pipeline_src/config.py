@@ -15,11 +15,10 @@ from typing import Any
 import yaml
 
 from .errors import StageError
-from .runs import DUET_GRID, INIT_SUFFIX, method_runs
+from .runs import DUET_GRID, INIT_SUFFIX, SCHEMA, method_runs, read_method_facts
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 BASE_PARAMS = "params.yaml"
-SCHEMA = "workflow/schemas/params.schema.yaml"
 PAPER_PROFILE = "paper"
 
 
@@ -81,7 +80,13 @@ def _read_yaml(path: Path) -> dict:
 
 
 def load_schema(root: Path = PROJECT_ROOT) -> dict:
-    return yaml.safe_load((root / SCHEMA).read_text())
+    """The params schema, with what its method blocks imply written out: every block that
+    states `x-method` is required, and its name is one `methods` may list."""
+    schema = yaml.safe_load((root / SCHEMA).read_text())
+    methods = list(read_method_facts(schema))
+    schema["required"] = [*schema["required"], *methods]
+    schema["properties"]["methods"]["items"] = {"enum": methods}
+    return schema
 
 
 def _holds(mapping: dict, path: list) -> bool:

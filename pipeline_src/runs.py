@@ -10,7 +10,10 @@ run-level keys against this module)."""
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 from typing import NamedTuple
+
+import yaml
 
 
 def benchmark_archs(params: dict) -> list[str]:
@@ -24,10 +27,15 @@ def benchmark_methods(params: dict) -> list[str]:
     return params["benchmark"].get("methods") or params["methods"]
 
 
+# The params schema: each certified method's block states its facts under `x-method`.
+SCHEMA = "workflow/schemas/params.schema.yaml"
+METHOD_FACTS_KEY = "x-method"
+
+
 class MethodFacts(NamedTuple):
-    """What the DAG and the report need to know of a certified method, kept free of torch
-    (the Snakefile reads this module). The method classes (pipeline_src/methods/) carry
-    the same facts as attributes; registering a class checks that they agree."""
+    """What the DAG, the training stage and the report need to know of a certified method,
+    written once, in its schema block (`x-method`; the comment above the blocks explains
+    each field). Kept free of torch: the Snakefile reads this module."""
     label: str                # the method's name in the tables and figures
     paired_with: str | None   # the method this one is plus a term: for a seed both start from
                               # the same weights and see the same batches (Table 2 pairs them)
@@ -36,16 +44,17 @@ class MethodFacts(NamedTuple):
     colour: str               # its base run's colour in every figure
 
 
-# One row per certified method. Adding a method: a module in pipeline_src/methods/, a
-# params block (params.yaml and the schema) and a row here (label, pairing, guide, colour).
-METHOD_FACTS = {
-    "lmt": MethodFacts("LMT", None, False, "#7f7f7f"),
-    "bcp": MethodFacts("BCP", None, False, "#1f77b4"),
-    "localbcp": MethodFacts("LocalBCP", None, False, "#2ca02c"),
-    "duet": MethodFacts("Duet", "bcp", True, "#d62728"),
-    "gloro": MethodFacts("GloRo", None, False, "#17becf"),
-    "duet_local": MethodFacts("Duet-local", "localbcp", True, "#8c564b"),
-}
+def read_method_facts(schema: dict) -> dict[str, MethodFacts]:
+    """{method: its facts} for every top-level block of the params schema that states
+    `x-method`, in the schema's order (the order of the tables' methods and the figures')."""
+    return {name: MethodFacts(**block[METHOD_FACTS_KEY]) for name, block in schema["properties"].items()
+            if isinstance(block, dict) and METHOD_FACTS_KEY in block}
+
+
+# The certified methods. Adding one: a module in pipeline_src/methods/ (registered with
+# `methods.base.register`), its params block in params.yaml and its block in the schema with
+# its `x-method` facts; nothing else names it (docs/methods.md, "Adding a method").
+METHOD_FACTS = read_method_facts(yaml.safe_load((Path(__file__).resolve().parent.parent / SCHEMA).read_text()))
 
 
 # The ablation grid of a method with the similarity term (Duet, Duet-local): each list
