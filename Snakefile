@@ -10,7 +10,8 @@ sys.path.insert(0, workflow.basedir)
 
 from snakemake.exceptions import WorkflowError
 
-from pipeline_src.config import ParamsError, load_params, method_runs, read_base_params, runs_to_train
+from pipeline_src.config import ParamsError, load_params, read_base_params
+from pipeline_src.runs import method_runs, runs_to_train
 from pipeline_src.paths import RunLayout, benchmark_outputs, control_outputs
 
 

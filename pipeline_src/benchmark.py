@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from .data.cifar import load_cache
 from .data.loader import DeviceBatches
-from .config import method_runs
+from .runs import METHOD_FACTS, method_runs
 from .io import git_commit, save_json, save_torch
 from .methods import METHODS, build_method, method_context
 from .models import build_model
@@ -153,7 +153,7 @@ def benchmark(params: dict, root: Path, methods: list[str], arch: str | None, wa
     timed = compile_variants(timed, compiled)
     floor_batch = params["bcp"]["batch_size"]
     run("floor", floor_batch, params["model"], plain_step)
-    guide_root = _guide_root(params, root, arch) if any(METHODS[m].reads_guide for _, m, _ in timed) else root
+    guide_root = _guide_root(params, root, arch) if any(METHOD_FACTS[m].similarity_term for _, m, _ in timed) else root
     for name, method_name, cfg in timed:
 
         def make_step(model, optimizer, generator, method_name=method_name, cfg=cfg):

@@ -55,7 +55,7 @@ def _stage_pgd(params: dict, root: Path, args) -> None:
 
 def _benchmark(params: dict, root: Path, args) -> None:
     from .benchmark import benchmark, benchmark_depth
-    from .config import benchmark_archs, benchmark_methods
+    from .runs import benchmark_archs, benchmark_methods
 
     cfg = params["benchmark"]
     methods = args.methods or benchmark_methods(params)
@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     except ParamsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from .config import method_runs
+    from .runs import method_runs
 
     if getattr(args, "method", None) and args.method not in method_runs(params):
         print(f"error: --method {args.method}: not a run of this profile "

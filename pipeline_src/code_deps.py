@@ -1,11 +1,21 @@
 """Which package files a stage runs, read from the imports of the code itself.
 
-Every rule of the workflow lists the code of its stage as inputs, so that
-editing a file reruns exactly the stages that run it. The lists are derived
-here, not kept by hand: a stage runs its `cli` handler, and the handler runs
-every module it imports, and every module those import, at module level or
-inside a function alike (a lazy import still runs when the stage does). The
-same import graph checks the package's layering (tests/test_layers.py).
+Every rule of the workflow (and every stage of the generated dvc.yaml) lists
+the code of its stage as inputs, so that editing a file reruns exactly the
+stages that run it. The lists are derived here, not kept by hand.
+
+The convention a developer must know: a rule's code inputs are the import
+closure of its stage's handler in `cli` (`_stage_<name>`), with `cli`'s own
+module-level imports and `main`. Every `pipeline_src` import counts, at module
+level or inside a function alike (a lazy import still runs when the stage
+does), so where an import is written decides what reruns: moving an import
+into or out of a handler, or adding one anywhere in a module a stage imports,
+changes that stage's inputs. An import inside another stage's handler is not
+followed for this one. Code a stage reaches without an import statement is
+invisible unless it is declared here: a package that imports its modules by
+discovery (IMPORTS_EVERY_MODULE) and non-Python files a module reads as code
+(DATA_FILES). docs/dag.md, "Code inputs", says the same for the workflow's user.
+The same import graph checks the package's layering (tests/test_layers.py).
 
 Only `pipeline_src` modules are followed; a package's `__init__.py` counts
 as imported with any of its modules, since Python runs it first.
@@ -20,8 +30,13 @@ from typing import Iterable
 PACKAGE = "pipeline_src"
 PACKAGE_DIR = Path(__file__).resolve().parent
 PROJECT_ROOT = PACKAGE_DIR.parent
-# Files that are not Python but that a module reads as code: changing them changes what it does.
-DATA_FILES = {f"{PACKAGE}.config": ("workflow/schemas/params.schema.yaml",)}
+# Files that are not Python but that a module reads as code: changing them changes what it does
+# (the schema: what config validates, and each method's facts that runs reads from it).
+DATA_FILES = {f"{PACKAGE}.config": ("workflow/schemas/params.schema.yaml",),
+              f"{PACKAGE}.runs": ("workflow/schemas/params.schema.yaml",)}
+# Packages whose __init__ imports every module of its folder by discovery (pkgutil), not by
+# name: importing one counts as importing all its modules (methods: each module registers one).
+IMPORTS_EVERY_MODULE = {f"{PACKAGE}.methods"}
 
 
 def module_file(module: str, package_dir: Path = PACKAGE_DIR) -> Path | None:
@@ -78,7 +93,10 @@ def imported_modules(module: str, package_dir: Path = PACKAGE_DIR) -> set[str]:
     path = module_file(module, package_dir)
     if path is None:
         raise ValueError(f"{module}: not a module of {PACKAGE} under {package_dir}")
-    return _imports_of_nodes(module, [_parse(path)], package_dir) - {module}
+    found = _imports_of_nodes(module, [_parse(path)], package_dir)
+    if module in IMPORTS_EVERY_MODULE:
+        found |= {f"{module}.{file.stem}" for file in path.parent.glob("*.py") if file.stem != "__init__"}
+    return found - {module}
 
 
 def function_imports(module: str, function: str, package_dir: Path = PACKAGE_DIR) -> set[str]:

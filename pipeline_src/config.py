@@ -1,22 +1,24 @@
 """Run profiles: `params.yaml` is the paper's configuration; a profile is an
 override file `config/<name>/params.yaml` merged on top of it.
 
-Kept free of torch so that the Snakefile can import it cheaply.
+Which runs a profile's params make is `runs.py`'s; this module checks the params'
+run-level keys (committed runs, variant names) against it. Kept free of torch so
+that the Snakefile can import it cheaply.
 """
 from __future__ import annotations
 
 import copy
 import re
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import yaml
 
 from .errors import StageError
+from .runs import DUET_GRID, INIT_SUFFIX, SCHEMA, method_runs, read_method_facts
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 BASE_PARAMS = "params.yaml"
-SCHEMA = "workflow/schemas/params.schema.yaml"
 PAPER_PROFILE = "paper"
 
 
@@ -78,7 +80,13 @@ def _read_yaml(path: Path) -> dict:
 
 
 def load_schema(root: Path = PROJECT_ROOT) -> dict:
-    return yaml.safe_load((root / SCHEMA).read_text())
+    """The params schema, with what its method blocks imply written out: every block that
+    states `x-method` is required, and its name is one `methods` may list."""
+    schema = yaml.safe_load((root / SCHEMA).read_text())
+    methods = list(read_method_facts(schema))
+    schema["required"] = [*schema["required"], *methods]
+    schema["properties"]["methods"]["items"] = {"enum": methods}
+    return schema
 
 
 def _holds(mapping: dict, path: list) -> bool:
@@ -256,128 +264,3 @@ def check_schedules(params: dict, source: str) -> None:
 def read_base_params(root: Path = PROJECT_ROOT) -> dict:
     """params.yaml as written, before any profile and unvalidated."""
     return _read_yaml(root / BASE_PARAMS)
-
-
-def benchmark_archs(params: dict) -> list[str]:
-    """The architectures the benchmark times: `benchmark.archs`, or model.arch."""
-    return params["benchmark"]["archs"] or [params["model"]["arch"]]
-
-
-def benchmark_methods(params: dict) -> list[str]:
-    """What the benchmark times: `benchmark.methods` (any method with a params
-    block, or a run of the profile), or the profile's `methods`."""
-    return params["benchmark"].get("methods") or params["methods"]
-
-
-class MethodFacts(NamedTuple):
-    """What the DAG and the report need to know of a certified method, kept free of torch
-    (the Snakefile reads this module). The method classes (pipeline_src/methods/) carry
-    the same facts as attributes; registering a class checks that they agree."""
-    label: str                # the method's name in the tables and figures
-    paired_with: str | None   # the method this one is plus a term: for a seed both start from
-                              # the same weights and see the same batches (Table 2 pairs them)
-    similarity_term: bool     # adds Duet's similarity term: reads the vanilla model and its SVD
-                              # export, and its block's ranks/lambdas/sim_forms span a grid
-    colour: str               # its base run's colour in every figure
-
-
-# One row per certified method. Adding a method: a module in pipeline_src/methods/, a
-# params block (params.yaml and the schema) and a row here (label, pairing, guide, colour).
-METHOD_FACTS = {
-    "lmt": MethodFacts("LMT", None, False, "#7f7f7f"),
-    "bcp": MethodFacts("BCP", None, False, "#1f77b4"),
-    "localbcp": MethodFacts("LocalBCP", None, False, "#2ca02c"),
-    "duet": MethodFacts("Duet", "bcp", True, "#d62728"),
-    "gloro": MethodFacts("GloRo", None, False, "#17becf"),
-    "duet_local": MethodFacts("Duet-local", "localbcp", True, "#8c564b"),
-}
-
-
-# The ablation grid of a method with the similarity term (Duet, Duet-local): each list
-# given in its block adds runs that differ from the base run (named after the method) in
-# that key.
-DUET_GRID = {"ranks": "rank", "lambdas": "lambda", "sim_forms": "sim_form"}
-
-
-def _grid_value_name(key: str, value) -> str:
-    text = f"{value:g}" if isinstance(value, float) else str(value)
-    prefix = {"rank": "r", "lambda": "l", "sim_form": ""}[key]
-    return prefix + text.replace(".", "p").replace("-", "m").replace("+", "")
-
-
-# How a run that starts from another initialisation than its block's is named.
-INIT_SUFFIX = {"scratch": "scratch", "vanilla_init": "vinit"}
-
-
-class CertifiedRun(NamedTuple):
-    """One certified training run of the DAG."""
-    method: str   # a key of METHOD_FACTS (lmt, bcp, ...): the module that trains it
-    config: dict  # the method's params block, with the grid point's values
-    seed: int     # run.seed, or one of `seeds`
-    group: str    # the run name without its seed: the row of the tables
-
-
-def seed_run_name(group: str, seed: int) -> str:
-    return f"{group}-s{seed}"
-
-
-def method_runs(params: dict) -> dict[str, CertifiedRun]:
-    """{run name: CertifiedRun} for every certified training run.
-
-    Every method in `methods` runs once under its own name; a method with the
-    similarity term (Duet, Duet-local) also runs once per point of its ablation
-    grid (`duet.ranks` x `duet.lambdas` x `duet.sim_forms`, a missing list
-    meaning the base value) other than the base point, named e.g.
-    `duet-r4-l0p1-direction` (`duet_local-r1-l1-paper`); every method once per named
-    variant of its block (`duet.variants: {lam0p01: {lambda: 0.01}}`: `duet-lam0p01`,
-    the block with those keys overridden). With `init_variants` set,
-    each of these also runs from every listed initialisation other than its own
-    (`init_from`), named e.g. `bcp-vinit`. With `seeds` set, each of
-    these runs once per seed, named with the seed (`bcp-s1`); without it, once
-    with run.seed under the plain name."""
-    import itertools
-
-    groups = {}
-    for method in params["methods"]:
-        cfg = params[method]
-        groups[method] = (method, cfg)
-        if not METHOD_FACTS[method].similarity_term:
-            continue
-        axes = {key: cfg.get(grid) or [cfg[key]] for grid, key in DUET_GRID.items()}
-        for values in itertools.product(*axes.values()):
-            point = dict(zip(axes, values))
-            if all(point[k] == cfg[k] for k in point):
-                continue
-            name = "-".join([method] + [_grid_value_name(k, v) for k, v in point.items()])
-            groups[name] = (method, {**cfg, **point})
-    # `variants`: named runs of any certified method, each a set of its block's keys
-    # overridden (readings a grid's cross product cannot express, e.g. `direction` with
-    # the probe detached, or BCP at another kappa_final), named `<method>-<name>`.
-    for method in params["methods"]:
-        for name, overrides in (params[method].get("variants") or {}).items():
-            groups[f"{method}-{name}"] = (method, {**params[method], **overrides, "variants": None,
-                                                   "variant": name})
-    # `init_variants`: every run also from the other initialisations, named after them
-    # (`bcp-vinit`: BCP started from the vanilla model's initial weights).
-    base_groups = list(groups.items())
-    for init in params.get("init_variants") or []:
-        for group, (method, cfg) in base_groups:
-            if cfg["init_from"] != init:
-                groups[f"{group}-{INIT_SUFFIX[init]}"] = (method, {**cfg, "init_from": init})
-    seeds = params.get("seeds")
-    if seeds is None:
-        return {group: CertifiedRun(method, cfg, params["run"]["seed"], group)
-                for group, (method, cfg) in groups.items()}
-    return {seed_run_name(group, seed): CertifiedRun(method, cfg, seed, group)
-            for group, (method, cfg) in groups.items() for seed in seeds}
-
-
-def runs_to_train(params: dict) -> dict[str, CertifiedRun]:
-    """The runs of `method_runs` that the DAG trains, certifies, attacks and compares:
-    all but those listed in `committed_runs`. A committed run's metrics files and history
-    are in git (results/<run>/, no weights); the report stages read them like any other
-    run's, but no train, certify, pgd or similarity job exists for it, so neither
-    Snakemake nor DVC can try to rebuild it (nor needs its weights). This is how the
-    seeds of successive GPU windows add up (docs/gpu-window.md)."""
-    committed = set(params.get("committed_runs") or [])
-    return {name: run for name, run in method_runs(params).items() if name not in committed}

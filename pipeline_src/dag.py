@@ -23,8 +23,8 @@ from pathlib import Path
 import yaml
 
 from .snakemake_adapter import RuleView, apply_wildcards, load_rules
-from .config import (BASE_PARAMS, PAPER_PROFILE, PROJECT_ROOT, load_params, method_runs,
-                     profile_override_path, runs_to_train)
+from .config import BASE_PARAMS, PAPER_PROFILE, PROJECT_ROOT, load_params, profile_override_path
+from .runs import method_runs, runs_to_train
 
 HEADER = ("# Generated from the Snakemake workflow by `python -m pipeline_src export-dvc`;\n"
           "# do not edit: change workflow/rules/*.smk and regenerate.\n")

@@ -6,36 +6,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .runs import SIMILARITY_CONTROLS, benchmark_archs, similarity_settings
+
 
 # What the report stages write (rules and stages both read these).
 REPORT_TABLES = (1, 2, 3)
 REPORT_FIGURES = ("fig2_clean", "fig3_certified", "radius_curve", "similarity_per_layer", "tradeoff")
-
-# Table 1's control rows: what an unrelated network scores against the vanilla model.
-#   vanilla_control: a second vanilla model, trained like the first from another seed;
-#   random: the certified architecture at initialisation, from its own seed.
-SIMILARITY_CONTROLS = ("vanilla_control", "random")
-SIMILARITY_DEFAULTS = {"controls": True, "control_seed_offset": 1}
-
-
-def similarity_settings(params: dict) -> dict:
-    """The `similarity` params block with its defaults (the block is optional)."""
-    return {**SIMILARITY_DEFAULTS, **(params.get("similarity") or {})}
-
-
-def similarity_rank(params: dict, run_name: str):
-    """The rank a run's similarity is measured at: the own `rank` of a run with Duet's
-    similarity term (a grid point's, e.g. duet-r4-l1-paper at 4; Duet-local's), `duet.rank`
-    for every other method."""
-    from .config import METHOD_FACTS, method_runs
-
-    run = method_runs(params)[run_name]
-    return run.config["rank"] if METHOD_FACTS[run.method].similarity_term else params["duet"]["rank"]
-
-
-def control_seed(params: dict) -> int:
-    """The seed of the controls: run.seed + similarity.control_seed_offset."""
-    return params["run"]["seed"] + similarity_settings(params)["control_seed_offset"]
 
 
 @dataclass(frozen=True)
@@ -154,8 +130,6 @@ class RunLayout:
 
 def benchmark_outputs(params: dict) -> list[str]:
     """The files the benchmark writes: one per architecture, and the depth table for several."""
-    from .config import benchmark_archs
-
     layout, archs = RunLayout.of(params), benchmark_archs(params)
     return [layout.benchmark_result(arch) for arch in archs] + ([layout.benchmark_depth] if len(archs) > 1 else [])
 

@@ -165,8 +165,7 @@ def window_plan(params: dict, seconds_per_epoch: dict[str, float], budget_s: flo
     each of k jobs sharing the card takes (concurrency_slowdown). LMT, BCP and every Duet
     run share one schedule, sized for the Duet runs, which start last (after the vanilla
     model and the SVD); LocalBCP gets its own, from the end of the data stage."""
-    from .config import runs_to_train
-    from .paths import similarity_settings
+    from .runs import runs_to_train, similarity_settings
 
     costs = {**WINDOW_COSTS, **(costs or {})}
     runs = runs_to_train(params)

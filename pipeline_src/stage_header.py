@@ -7,7 +7,7 @@ import json
 import math
 from pathlib import Path
 
-from .config import method_runs
+from .runs import method_runs
 from .paths import RunLayout
 
 

@@ -54,7 +54,7 @@ def test_benchmark_times_duet_at_each_rank(tmp_path: Path):
 def test_benchmark_times_methods_the_profile_does_not_train(tmp_path: Path):
     """`benchmark.methods` may name any method with a params block (the gpu_bcp profile
     trains BCP alone and times all four)."""
-    from pipeline_src.config import benchmark_methods
+    from pipeline_src.runs import benchmark_methods
 
     params = load_params("smoke")
     params = {**params, "methods": ["bcp"], "benchmark": {**params["benchmark"], "methods": ["lmt", "bcp"]}}

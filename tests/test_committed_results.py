@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 
 from conftest import ROOT
-from pipeline_src.config import load_params, method_runs
+from pipeline_src.config import load_params
+from pipeline_src.runs import method_runs
 from pipeline_src.paths import RunLayout
 from pipeline_src.report.collect import collect
 from pipeline_src.report.tables import table2

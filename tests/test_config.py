@@ -10,7 +10,8 @@ import yaml
 
 from conftest import ROOT
 from pipeline_src.cli import main
-from pipeline_src.config import PROJECT_ROOT, ParamsError, deep_merge, load_params, method_runs
+from pipeline_src.config import PROJECT_ROOT, ParamsError, deep_merge, load_params
+from pipeline_src.runs import method_runs
 from pipeline_src.paths import RunLayout
 
 

@@ -16,7 +16,8 @@ import torch
 import yaml
 
 from pipeline_src.bounds.local import local_worst_logits
-from pipeline_src.config import METHOD_FACTS, load_params, method_runs
+from pipeline_src.config import load_params
+from pipeline_src.runs import METHOD_FACTS, method_runs
 from pipeline_src.methods import METHODS, build_method
 from pipeline_src.methods.duet import Duet, SimilarityTerm
 from pipeline_src.methods.duet_local import DuetLocal
@@ -49,8 +50,8 @@ def test_duet_local_is_localbcp_plus_duets_term():
     assert METHODS["duet_local"] is DuetLocal
     assert issubclass(DuetLocal, LocalBCP) and issubclass(DuetLocal, SimilarityTerm)
     assert DuetLocal.certifier == "local" == LocalBCP.certifier
-    assert DuetLocal.paired_with == "localbcp" and DuetLocal.seed_family() == LocalBCP.seed_family() == "localbcp"
-    assert DuetLocal.reads_guide and Duet.reads_guide and not LocalBCP.reads_guide
+    assert DuetLocal.facts.paired_with == "localbcp" and DuetLocal.seed_family() == LocalBCP.seed_family() == "localbcp"
+    assert DuetLocal.facts.similarity_term and Duet.facts.similarity_term and not LocalBCP.facts.similarity_term
     assert METHOD_FACTS["duet_local"].paired_with == "localbcp" and METHOD_FACTS["duet_local"].similarity_term
     # One code for the term: nothing of it is defined twice.
     for attr in ("regulariser", "step_norms", "forward", "after_step", "_probes", "_rota_cer", "_cosine"):

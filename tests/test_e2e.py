@@ -12,7 +12,8 @@ import torch
 import yaml
 
 from conftest import run
-from pipeline_src.config import load_params, method_runs
+from pipeline_src.config import load_params
+from pipeline_src.runs import method_runs
 
 SMOKE = Path("results/smoke")
 

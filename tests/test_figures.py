@@ -30,7 +30,7 @@ def test_percent_limits(values, limits):
 
 def _write_constant_histories(root: Path, params: dict, value: float) -> None:
     """Every run's accuracy columns set to `value`, ε to 0 (a run still in warm-up)."""
-    from pipeline_src.config import method_runs
+    from pipeline_src.runs import method_runs
 
     layout = RunLayout.of(params)
     for name in method_runs(params):
@@ -55,7 +55,7 @@ def test_all_zero_accuracy_axes_start_at_zero(tmp_path: Path, seeds):
     from test_report import _params, write_fake_runs
 
     params = _params(seeds=seeds, methods=("bcp", "duet"))
-    from pipeline_src.config import method_runs
+    from pipeline_src.runs import method_runs
 
     values = {name: {"clean": 0.0, "certified": 0.0} for name in method_runs(params)}
     write_fake_runs(tmp_path, params, values)
@@ -120,7 +120,7 @@ def _texts(fig) -> list[str]:
 def test_an_all_zero_certified_panel_carries_a_note_and_a_live_one_none(tmp_path: Path):
     from test_report import _params, write_fake_runs
 
-    from pipeline_src.config import method_runs
+    from pipeline_src.runs import method_runs
 
     params = _params(methods=("bcp", "duet"))
     write_fake_runs(tmp_path, params, {name: {"clean": 0.0, "certified": 0.0} for name in method_runs(params)})

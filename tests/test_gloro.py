@@ -22,7 +22,8 @@ from pipeline_src.bounds.lipschitz import guaranteed_layer_norms
 from pipeline_src.bounds import certifiers
 from pipeline_src.bounds.certifiers import (LayerNorms, certified_at, certify_batch, float64_model,
                                              sound_numerics)
-from pipeline_src.config import METHOD_FACTS, load_params
+from pipeline_src.config import load_params
+from pipeline_src.runs import METHOD_FACTS
 from pipeline_src.methods import METHODS, build_method, certified_loss
 from pipeline_src.methods.base import CertifiedMethod, register
 from pipeline_src.methods.gloro import GloRo
@@ -246,17 +247,18 @@ def gloro_cfg(**overrides) -> dict:
 
 def test_gloro_method_facts():
     assert METHODS["gloro"] is GloRo and GloRo.certifier == "gloro"
-    assert GloRo.paired_with is None and not GloRo.reads_guide and GloRo.seed_family() == "gloro"
-    assert METHOD_FACTS["gloro"].label == "GloRo"
+    assert GloRo.facts == METHOD_FACTS["gloro"] and GloRo.seed_family() == "gloro"
+    assert METHOD_FACTS["gloro"].label == "GloRo" and METHOD_FACTS["gloro"].paired_with is None
+    assert not METHOD_FACTS["gloro"].similarity_term
     with pytest.raises(ValueError, match=r"gloro\.loss"):
         build_method("gloro", tiny_net("tiny_dense", "maxmin", 0), gloro_cfg(loss="hinge"),
                      torch.Generator().manual_seed(0), 10)
 
 
-def test_registering_a_method_whose_facts_disagree_is_refused():
-    with pytest.raises(TypeError, match="METHOD_FACTS"):
+def test_registering_a_method_that_states_its_facts_itself_is_refused():
+    with pytest.raises(TypeError, match="x-method"):
         register(type("Fake", (CertifiedMethod,), {"name": "gloro", "paired_with": "bcp"}))
-    with pytest.raises(TypeError, match="no row"):
+    with pytest.raises(TypeError, match="no block"):
         register(type("Fake", (CertifiedMethod,), {"name": "no_such_method"}))
     assert METHODS["gloro"] is GloRo
 

@@ -7,9 +7,10 @@ does), relative imports resolved (`pipeline_src.code_deps.import_graph`).
 The layers, bottom to top; a module may import modules of its own layer or of
 any layer below it, never above:
 
-  0. base      the package root, errors, config, io, paths, runtime (device,
-               seeds, numerics), dag and snakemake_adapter (the workflow's
-               description), code_deps: helpers that know no stage
+  0. base      the package root, errors, config, io, paths, runs (which runs
+               a profile has), runtime (device, seeds, numerics), dag and
+               snakemake_adapter (the workflow's description), code_deps:
+               helpers that know no stage
   1. data      the CIFAR-10 cache, loaders, subsets
   2. models    architectures, activations, loading trained models
   3. spectral  operator norms, rotations, the SVD export
@@ -31,7 +32,7 @@ import pytest
 from pipeline_src.code_deps import PACKAGE, import_graph
 
 LAYERS: list[tuple[str, set[str]]] = [
-    ("base", {"", "errors", "config", "io", "paths", "runtime", "dag", "snakemake_adapter", "code_deps"}),
+    ("base", {"", "errors", "config", "io", "paths", "runs", "runtime", "dag", "snakemake_adapter", "code_deps"}),
     ("data", {"data"}),
     ("models", {"models"}),
     ("spectral", {"spectral"}),

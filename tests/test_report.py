@@ -14,9 +14,10 @@ import pytest
 from PIL import Image
 
 from pipeline_src.cli import main
-from pipeline_src.config import load_params, method_runs
+from pipeline_src.config import load_params
 from pipeline_src.io import save_json
-from pipeline_src.paths import RunLayout, control_outputs, control_seed, similarity_rank
+from pipeline_src.paths import RunLayout, control_outputs
+from pipeline_src.runs import control_seed, method_runs, similarity_rank
 from pipeline_src.report import paper
 from pipeline_src.report.collect import ReportError, collect
 from pipeline_src.report.figures import DPI, FIGURES, SIZES, write_figures

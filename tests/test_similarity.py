@@ -16,10 +16,11 @@ import torch
 from pipeline_src.certify.similarity import (comparison_metrics, control_metrics, layer_svds, match_hidden_units,
                                              permute_hidden_units, random_network, similarity_controls,
                                              similarity_measures, similarity_metrics, subspace_overlap)
-from pipeline_src.config import load_params, method_runs
+from pipeline_src.config import load_params
 from pipeline_src.io import save_json, save_torch, state_dict_sha256
 from pipeline_src.models import build_model
-from pipeline_src.paths import RunLayout, control_outputs, control_seed, similarity_rank
+from pipeline_src.paths import RunLayout, control_outputs
+from pipeline_src.runs import control_seed, method_runs, similarity_rank
 from pipeline_src.spectral.operator_norm import operator_norm_upper_bound
 from pipeline_src.spectral.rotation import layer_matrix
 from tiny_nets import TINY, single_thread, tiny_net  # noqa: F401  (the fixture: one thread)

@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from conftest import ROOT, copy_project, run
-from pipeline_src.config import ParamsError, load_params, method_runs, runs_to_train
+from pipeline_src.config import ParamsError, load_params
+from pipeline_src.runs import method_runs, runs_to_train
 from pipeline_src.schedule_fit import concurrency_slowdown, scaled_schedule, window_plan, write_window_plan
 
 

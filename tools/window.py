@@ -27,8 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline_src.config import (load_params, method_runs, profile_override_path, runs_to_train,  # noqa: E402
-                                 seed_run_name)
+from pipeline_src.config import load_params, profile_override_path  # noqa: E402
+from pipeline_src.runs import method_runs, runs_to_train, seed_run_name  # noqa: E402
 from pipeline_src.paths import RunLayout  # noqa: E402
 
 

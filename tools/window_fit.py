@@ -27,7 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline_src.config import load_params, method_runs  # noqa: E402
+from pipeline_src.config import load_params  # noqa: E402
+from pipeline_src.runs import method_runs  # noqa: E402
 from pipeline_src.paths import RunLayout  # noqa: E402
 from pipeline_src.schedule_fit import (WINDOW_COSTS, benchmark_row, concurrency_slowdown,  # noqa: E402
                                        window_plan, write_window_plan)

@@ -47,7 +47,8 @@ import torch.nn.functional as F
 
 from ..io import git_commit, load_json, save_json, state_dict_sha256
 from ..models import build_model
-from ..paths import SIMILARITY_CONTROLS, RunLayout, control_seed, similarity_rank, similarity_settings
+from ..paths import RunLayout
+from ..runs import SIMILARITY_CONTROLS, control_seed, similarity_rank, similarity_settings
 from ..spectral.rotation import exact_rotation, layer_matrix, rotation_cosine
 from ..runtime import resolve_device, stage_seed
 from ..bounds.certifiers import layer_norms, sound_numerics
@@ -255,7 +256,7 @@ def _summary_line(metrics: dict) -> str:
 
 
 def similarity_metrics(params: dict, method: str, root: Path) -> dict:
-    from ..config import method_runs
+    from ..runs import method_runs
 
     layout = RunLayout.of(params)
     device = resolve_device(params["run"]["device"])

@@ -30,7 +30,7 @@ from ..bounds.local import REFERENCE_POWER_ITERATIONS, REFERENCE_TOLERANCE, loca
 from ..data.cifar import data_record, load_cache
 from ..data.loader import DeviceBatches
 from ..data.subsets import stratified_test_indices
-from ..config import method_runs
+from ..runs import method_runs
 from ..io import git_commit, state_dict_sha256, save_json, save_torch
 from ..methods import METHODS
 from ..models.architectures import CertifiableNet

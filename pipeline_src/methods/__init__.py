@@ -1,19 +1,27 @@
-"""Certified training methods; importing this package registers them all."""
+"""Certified training methods; importing this package registers them all: it imports
+every module of its folder (a method module `@register`s its class), so a new method
+needs no line here. `code_deps` knows this package does so (IMPORTS_EVERY_MODULE), so
+every stage that imports it runs, and depends on, every method module."""
+import importlib
+import pkgutil
 from pathlib import Path
 
 import torch
 
-from . import bcp, duet, duet_local, gloro, lmt, localbcp  # noqa: F401  (registration)
 from .base import METHODS, CertifiedMethod, StepBounds, build_method, certified_loss
+from .duet import load_guide
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["METHODS", "CertifiedMethod", "StepBounds", "build_method", "certified_loss", "method_context"]
 
 
 def method_context(name: str, root: Path, layout, device: torch.device) -> dict:
     """What a method may read of the run: a method with Duet's similarity term
-    (`reads_guide`: Duet, Duet-local) also gets its guide (the vanilla model and
+    (`similarity_term`: Duet, Duet-local) also gets its guide (the vanilla model and
     its SVD factors)."""
     context = {"root": root, "layout": layout, "device": device}
-    if METHODS[name].reads_guide:
-        context["guide"] = duet.load_guide(root, layout, device)
+    if METHODS[name].facts.similarity_term:
+        context["guide"] = load_guide(root, layout, device)
     return context

@@ -3,28 +3,38 @@ a method turns a batch into worst-case logits z_hat at radius eps, may add a
 loss term, and may carry state across steps (persistent power-iteration
 vectors) that is checkpointed with the run. The training loop, schedules and
 model selection live in `training/certified.py`; certification is a separate
-stage (`certify/`). Adding a method is one module here and one params block."""
+stage (`certify/`).
+
+Adding a method is three edits: a module here whose class is `@register`ed under
+the method's name (the package imports every module of its folder), its params
+block in params.yaml, and its block in workflow/schemas/params.schema.yaml with
+the method's facts under `x-method` (label, pairing, similarity term, colour;
+`runs.METHOD_FACTS` reads them, and the class reads them from there as `facts`).
+docs/methods.md, "Adding a method", says more."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 
-from ..config import METHOD_FACTS
+from ..runs import METHOD_FACTS, SCHEMA, MethodFacts
 from ..models.architectures import CertifiableNet, CleanPass
 
 METHODS: dict[str, type["CertifiedMethod"]] = {}
 
 
 def register(cls: type["CertifiedMethod"]) -> type["CertifiedMethod"]:
-    """Add a method to METHODS; its pairing and guide must be those `config.METHOD_FACTS`
-    gives it (the torch-free copy the DAG and the report read)."""
+    """Add a method to METHODS under its name, with its facts (`runs.METHOD_FACTS`, from
+    its schema block's `x-method`) as `cls.facts`. A class that states a fact itself is
+    refused: the schema block is the one place they are written."""
     facts = METHOD_FACTS.get(cls.name)
     if facts is None:
-        raise TypeError(f"method '{cls.name}' has no row in pipeline_src/config.py METHOD_FACTS")
-    if (cls.paired_with, cls.reads_guide) != (facts.paired_with, facts.similarity_term):
-        raise TypeError(f"method '{cls.name}': paired_with={cls.paired_with!r}, reads_guide={cls.reads_guide} "
-                        f"disagree with METHOD_FACTS ({facts})")
+        raise TypeError(f"method '{cls.name}': no block of {SCHEMA} states its facts (x-method)")
+    stated = sorted((set(MethodFacts._fields) | {"reads_guide"}) & set(vars(cls)))
+    if stated:
+        raise TypeError(f"method '{cls.name}' states {', '.join(stated)} in its class: write its facts "
+                        f"once, in its block of {SCHEMA} (x-method)")
+    cls.facts = facts
     METHODS[cls.name] = cls
     return cls
 
@@ -51,17 +61,16 @@ class CertifiedMethod:
     name: str = ""
     # The certifier whose result is this method's headline number.
     certifier: str = ""
-    # A method that is another plus a term (Duet: BCP plus the similarity term) names
-    # it here: for a seed, both start from the same weights and see the same batches,
-    # so their difference per seed is a paired measurement.
-    paired_with: str | None = None
-    # Whether the method reads the vanilla model and its SVD factors (the guide).
-    reads_guide: bool = False
+    # The method's facts (label, pairing, similarity term, colour), set by `register` from
+    # its schema block: a method that is another plus a term (Duet: BCP plus the similarity
+    # term) is paired with it: for a seed, both start from the same weights and see the same
+    # batches, so their difference per seed is a paired measurement.
+    facts: MethodFacts
 
     @classmethod
     def seed_family(cls) -> str:
         """The name the run's seeds are derived from (`training.common.stage_seed`)."""
-        return cls.paired_with or cls.name
+        return cls.facts.paired_with or cls.name
 
     def __init__(self, model: CertifiableNet, cfg: dict, generator: torch.Generator, num_examples: int,
                  context: dict | None = None):

@@ -75,8 +75,8 @@ class SimilarityTerm:
     method's own bound through `step_norms` (one SpecNormCal serves both, lines 7-8). With
     lambda = 0 it computes nothing and the method is exactly the one it is mixed into.
     Its keys (`lambda`, `sim_form`, `cert_rotation`, `van_sigma`, `probe`, `detach_probe`,
-    `rank`, `layers`) are read from the method's own params block."""
-    reads_guide = True
+    `rank`, `layers`) are read from the method's own params block; the method's schema block
+    states `similarity_term: true`, so the stage hands it the guide (`method_context`)."""
 
     def __init__(self, model, cfg, generator, num_examples, context=None):
         super().__init__(model, cfg, generator, num_examples, context)
@@ -185,7 +185,6 @@ class Duet(SimilarityTerm, BCP):
     """BCP's bounds and certificate, plus the similarity regulariser."""
     name = "duet"
     certifier = "bcp"
-    paired_with = "bcp"   # same initial weights and batches as BCP for a seed: a paired comparison
 
 
 def load_guide(root: Path, layout, device: torch.device) -> dict:

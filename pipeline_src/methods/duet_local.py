@@ -11,7 +11,7 @@ the same keys, read from the `duet_local` block). The term's power-iteration
 sigmas are the global norms LocalBCP's boxes use at that step, as Duet hands
 them to BCP, so with lambda = 0 this is LocalBCP bit for bit (a test), and for
 a seed both start from the same weights and see the same batches
-(`paired_with`), so Duet-local - LocalBCP per seed is a paired difference."""
+(`paired_with: localbcp` in its schema block), so Duet-local - LocalBCP per seed is a paired difference."""
 from __future__ import annotations
 
 from .base import register
@@ -24,4 +24,3 @@ class DuetLocal(SimilarityTerm, LocalBCP):
     """LocalBCP's bounds and certificate, plus the similarity regulariser."""
     name = "duet_local"
     certifier = "local"
-    paired_with = "localbcp"

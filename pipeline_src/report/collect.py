@@ -18,9 +18,10 @@ from pathlib import Path
 import pandas as pd
 
 from ..errors import StageError
-from ..config import INIT_SUFFIX, METHOD_FACTS, CertifiedRun, method_runs
+from ..paths import RunLayout, control_outputs
+from ..runs import (INIT_SUFFIX, METHOD_FACTS, SIMILARITY_CONTROLS, CertifiedRun, control_rank, control_seed,
+                    method_runs, similarity_rank, similarity_settings)
 from .code_identity import CodeUnknown, code_difference
-from ..paths import SIMILARITY_CONTROLS, RunLayout, control_outputs, control_seed, similarity_rank, similarity_settings
 
 METHOD_LABELS = {**{name: facts.label for name, facts in METHOD_FACTS.items()}, "vanilla": "Vanilla"}
 
@@ -265,7 +266,7 @@ def collect_controls(params: dict, root: Path, vanilla: dict) -> dict[str, dict]
     for control, rel in control_outputs(params).items():
         path = root / rel
         metrics = _read_json(path, "similarity_control", "")
-        checks = {"control": control, "rank": params["duet"]["rank"], "control_seed_offset": offset,
+        checks = {"control": control, "rank": control_rank(params), "control_seed_offset": offset,
                   "vanilla_weights_sha256": vanilla["weights_sha256"]}
         if control == "vanilla_control":
             checks["seed"] = control_seed(params)

@@ -11,6 +11,7 @@ from ..config import PAPER_PROFILE, PROJECT_ROOT
 from ..dag import dvc_yaml_path
 from ..io import git_commit
 from ..paths import RunLayout
+from ..runs import benchmark_archs, control_rank
 from . import paper
 from .collect import INIT_LABELS, METHOD_LABELS, ReportInputs
 from .figures import FIGURES
@@ -162,7 +163,7 @@ def similarity_findings(inputs: ReportInputs) -> list[str]:
                   + "; ".join(f"{names.get(control, control)}: " + ", ".join(
                       f"{name} {fmt(metrics.get(f'{key}_mean', math.nan), 1)}" for key, name in MEASURE_NAMES.items())
                       for control, metrics in inputs.controls.items())
-                  + f" (r = {inputs.params['duet']['rank']}). A row near these levels shares no more with the "
+                  + f" (r = {control_rank(inputs.params)}). A row near these levels shares no more with the "
                   "vanilla model than an unrelated network does."]
     else:
         lines.append("No control rows (`similarity.controls: false`).")
@@ -309,7 +310,6 @@ def _benchmark(inputs: ReportInputs, root: Path) -> list[str]:
     import json
 
     from .benchmark_tables import depth_markdown_table, markdown_table
-    from ..config import benchmark_archs
 
     layout = RunLayout.of(inputs.params)
     lines = ["## Cost, measured by the benchmark stage", "",

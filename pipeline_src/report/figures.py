@@ -31,7 +31,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from ..config import METHOD_FACTS  # noqa: E402
+from ..runs import METHOD_FACTS  # noqa: E402
 from ..io import atomic_path  # noqa: E402
 from ..paths import REPORT_FIGURES, RunLayout  # noqa: E402
 from .collect import ReportInputs, RunResult  # noqa: E402

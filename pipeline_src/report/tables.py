@@ -15,9 +15,9 @@ from pathlib import Path
 import pandas as pd
 from scipy.stats import t as student_t
 
-from ..config import METHOD_FACTS
 from ..io import save_json, save_text
 from ..paths import REPORT_TABLES, RunLayout
+from ..runs import METHOD_FACTS, control_rank
 from . import paper
 from .collect import INIT_LABELS, METHOD_LABELS, ReportInputs, RunResult
 from .format import NOT_MEASURED, format_peak_memory, peak_memory_measured, render_html
@@ -206,7 +206,7 @@ def table1(inputs: ReportInputs) -> Table:
     header = (["Method", "Init", "r"] + list(TABLE1_MEASURES.values())
               + ["Similarity, paper (%)", "Δ cosine, r (ours − paper)", "Lipschitz bound", "Lipschitz estimate",
                  "Lipschitz, paper"])
-    base_rank = inputs.params["duet"]["rank"]
+    base_rank = control_rank(inputs.params)
     rows, records = [], []
     if inputs.svd:
         rows.append([METHOD_LABELS["vanilla"], DASH, DASH] + [DASH] * len(TABLE1_MEASURES) + [DASH, DASH,

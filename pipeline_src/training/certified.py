@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..bounds.certifiers import certify_batch, float64_model, layer_norms, sound_numerics
-from ..config import method_runs
+from ..runs import method_runs
 from ..data.cifar import load_cache
 from ..data.loader import DeviceBatches
 from ..io import save_json, save_torch, state_dict_sha256

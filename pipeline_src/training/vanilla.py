@@ -16,7 +16,8 @@ from ..data.cifar import load_cache
 from ..data.loader import DeviceBatches
 from ..io import save_json, save_torch, state_dict_sha256
 from ..models import build_model
-from ..paths import RunLayout, control_seed
+from ..paths import RunLayout
+from ..runs import control_seed
 from ..runtime import make_generator, resolve_device, seed_everything, stage_seed, use_fp32_numerics
 from .common import (Checkpoint, evaluate, learning_rate, params_fingerprint, run_provenance, set_learning_rate,
                      write_history)

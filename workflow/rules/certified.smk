@@ -1,6 +1,6 @@
 # Certified training, certification, the attack cross-check and the rotation
 # similarity, one job per run of RUNS: every method in `methods`, and every
-# point of Duet's ablation grid (config.method_runs). The rule param `method`
+# point of Duet's ablation grid (runs.method_runs). The rule param `method`
 # carries the run's params block (dvc.yaml maps it to the method's key).
 
 rule train:

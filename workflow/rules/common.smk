@@ -23,7 +23,7 @@ CODE = {name: stage_code(handler.__name__) for name, (handler, _) in {**STAGES, 
 
 
 # Input functions of the rules (`snakemake --lint`: functions live here, rules in their files).
-from pipeline_src.config import METHOD_FACTS
+from pipeline_src.runs import METHOD_FACTS
 
 
 def train_inputs(wildcards):
