@@ -4,9 +4,9 @@ from pathlib import Path
 import torch
 
 from . import bcp, duet, duet_local, gloro, lmt, localbcp  # noqa: F401  (registration)
-from .base import METHODS, CertifiedMethod, StepBounds, build_method, certified_loss
+from .base import METHODS, CertifiedMethod, StepBounds, build_method
 
-__all__ = ["METHODS", "CertifiedMethod", "StepBounds", "build_method", "certified_loss", "method_context"]
+__all__ = ["METHODS", "CertifiedMethod", "StepBounds", "build_method", "method_context"]
 
 
 def method_context(name: str, root: Path, layout, device: torch.device) -> dict:
