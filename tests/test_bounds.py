@@ -778,7 +778,8 @@ def test_bounds_reusing_the_clean_pass_equal_the_recomputed_ones(method_name, ac
     import copy
 
     from pipeline_src.config import load_params
-    from pipeline_src.methods import build_method, certified_loss
+    from pipeline_src.methods import build_method
+    from pipeline_src.training.certified import certified_loss
 
     cfg = copy.deepcopy(load_params("smoke")[method_name])
     model = tiny_net("tiny_conv", activation, 21, scale=0.8, theta_max=1.0).train()
@@ -820,7 +821,8 @@ def test_compiled_bcp_bounds_equal_the_eager_ones():
     import copy
 
     from pipeline_src.config import load_params
-    from pipeline_src.methods import build_method, certified_loss
+    from pipeline_src.methods import build_method
+    from pipeline_src.training.certified import certified_loss
 
     cfg = copy.deepcopy(load_params("smoke")["bcp"])
     model = tiny_net("tiny_conv", "relu", 31, scale=0.8).train()

@@ -24,9 +24,10 @@ from pipeline_src.bounds.certifiers import (LayerNorms, certified_at, certify_ba
                                              sound_numerics)
 from pipeline_src.config import load_params
 from pipeline_src.runs import METHOD_FACTS
-from pipeline_src.methods import METHODS, build_method, certified_loss
+from pipeline_src.methods import METHODS, build_method
 from pipeline_src.methods.base import CertifiedMethod, register
 from pipeline_src.methods.gloro import GloRo
+from pipeline_src.training.certified import certified_loss
 from tiny_nets import (TINY, ball_samples, certification_case, margin_attack, pgd,  # noqa: F401
                        single_thread, tiny_net)
 from conftest import save_cut_cache
@@ -266,9 +267,10 @@ def test_registering_a_method_that_states_its_facts_itself_is_refused():
 @pytest.mark.parametrize("loss", ["trades", "crossentropy"])
 @pytest.mark.parametrize("kappa", [0.0, 0.25, 0.9])
 def test_the_loops_loss_is_gloros_loss(loss, kappa):
-    """kappa CE(z) + (1 - kappa)(CE([z, bot]) + penalty) = CE(z) + (1 - kappa) lam KL, GloRo's TRADES
-    loss with its weight scaled by (1 - kappa) (lam = 1 for crossentropy: CE([z, bot]) at kappa = 0);
-    the worst-case logits are [z, bot] from this step's power-iteration norms; the gradient is finite."""
+    """kappa CE(z) + (1 - kappa) robust = CE(z) + (1 - kappa) lam KL, GloRo's TRADES loss with its
+    weight scaled by (1 - kappa) (robust = CE(z) + trades; with crossentropy, robust = CE([z, bot]),
+    which is CE(z) + KL: lam = 1); the worst-case logits are [z, bot] from this step's
+    power-iteration norms; the gradient is finite."""
     model = tiny_net("tiny_conv", "maxmin", 0).train()
     cfg = gloro_cfg(loss=loss, trades_lambda=1.5, power_iterations=3)
     method = build_method("gloro", model, cfg, torch.Generator().manual_seed(1), 16)
@@ -323,7 +325,7 @@ def test_gloro_trains_through_the_shared_loop(tmp_path):
     for row in rows:
         for column in ("clean_loss", "robust_loss", "lipschitz", "regulariser", "val_certified_accuracy"):
             assert math.isfinite(float(row[column])), (column, row)
-    assert float(rows[-1]["regulariser"]) > 0   # (lam - 1) KL with lam = 1.5
+    assert float(rows[-1]["regulariser"]) > 0   # the TRADES term lam KL
 
 
 # ------------------------------------------------------------------ 5. params and the report

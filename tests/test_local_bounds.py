@@ -679,10 +679,10 @@ def test_sparsity_penalty_by_hand():
 
 
 def test_localbcp_sparsity_weight_adds_the_penalty_to_the_robust_loss():
-    from pipeline_src.methods import certified_loss
+    from pipeline_src.training.certified import certified_loss
 
     model, method, cfg, x, y, index = localbcp_setup()
-    assert cfg["sparsity_weight"] == 0 and method.bounds(x, y, model(x), 0.1, index).penalty is None
+    assert cfg["sparsity_weight"] == 0 and method.bounds(x, y, model(x), 0.1, index).sparsity is None
     # Converged power iterations: the norms do not move between the calls below.
     cfg = {**cfg, "power_iterations": 300}
     weighted = build_method("localbcp", model, {**cfg, "sparsity_weight": 0.5}, torch.Generator().manual_seed(0),
@@ -696,15 +696,15 @@ def test_localbcp_sparsity_weight_adds_the_penalty_to_the_robust_loss():
     boxes: list = []
     ball_box_bounds(model, x, 0.1, weighted.layer_norms(), pre_activation=boxes)
     expected = 0.5 * sparsity_penalty(model, boxes, cfg["sparsity_saturation_weight"])
-    torch.testing.assert_close(with_penalty.penalty, expected, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(with_penalty.sparsity, expected, rtol=1e-4, atol=1e-7)
     # Inside the robust part: kappa * CE + (1 - kappa) * (robust CE + penalty).
     clean = F.cross_entropy(logits, y)
     loss, robust = certified_loss(clean, with_penalty, y, 0.25)
     torch.testing.assert_close(robust, F.cross_entropy(with_penalty.worst_logits, y))
-    torch.testing.assert_close(loss, 0.25 * clean + 0.75 * (robust + with_penalty.penalty))
+    torch.testing.assert_close(loss, 0.25 * clean + 0.75 * (robust + with_penalty.sparsity))
     torch.testing.assert_close(certified_loss(clean, without, y, 0.25)[0], 0.25 * clean + 0.75 * robust)
     model.zero_grad()
-    with_penalty.penalty.backward()
+    with_penalty.sparsity.backward()
     assert all(layer.activation.theta.grad.abs().sum() > 0 for layer in model.weight_layers()[:-1])
 
 

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import torch
 
-from .base import METHODS, CertifiedMethod, StepBounds, build_method, certified_loss
+from .base import METHODS, CertifiedMethod, StepBounds, build_method
 from .duet import load_guide
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["METHODS", "CertifiedMethod", "StepBounds", "build_method", "certified_loss", "method_context"]
+__all__ = ["METHODS", "CertifiedMethod", "StepBounds", "build_method", "method_context"]
 
 
 def method_context(name: str, root: Path, layout, device: torch.device) -> dict:

@@ -1,6 +1,7 @@
 """One interface for every certified training method (as CTBench wraps them):
-a method turns a batch into worst-case logits z_hat at radius eps, may add a
-loss term, and may carry state across steps (persistent power-iteration
+a method turns a batch into worst-case logits z_hat at radius eps (and the
+terms of its robust loss: `StepBounds`), may add a regulariser at every step,
+and may carry state across steps (persistent power-iteration
 vectors) that is checkpointed with the run. The training loop, schedules and
 model selection live in `training/certified.py`; certification is a separate
 stage (`certify/`).
@@ -41,20 +42,15 @@ def register(cls: type["CertifiedMethod"]) -> type["CertifiedMethod"]:
 
 @dataclass
 class StepBounds:
-    """What a method computed for one batch."""
+    """What a method computed for one batch: its worst-case logits and the terms of its
+    robust loss (`training.certified.certified_loss` composes them)."""
     worst_logits: torch.Tensor          # z_hat (B, C), or (B, C + 1) with GloRo's bottom logit
     lipschitz: torch.Tensor             # product of the layer norms used (a scalar)
-    # A term that belongs to the robust loss (weighted with it by 1 - kappa), or None.
-    penalty: torch.Tensor | None = None
-
-
-def certified_loss(clean_loss: torch.Tensor, bounds: StepBounds, y: torch.Tensor,
-                   kappa: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """kappa * CE(z, y) + (1 - kappa) * (CE(z_hat, y) + the method's robust-loss
-    penalty, if any); returns it and the robust cross-entropy alone."""
-    robust = torch.nn.functional.cross_entropy(bounds.worst_logits, y)
-    robust_part = robust if bounds.penalty is None else robust + bounds.penalty
-    return kappa * clean_loss + (1.0 - kappa) * robust_part, robust
+    # LocalBCP's sparsity term, its weight applied: added to the robust loss, or None.
+    sparsity: torch.Tensor | None = None
+    # GloRo's TRADES term lambda * KL, its weight applied: with it, the robust loss is
+    # CE(z, y) + trades in place of CE(z_hat, y); None for the others.
+    trades: torch.Tensor | None = None
 
 
 class CertifiedMethod:

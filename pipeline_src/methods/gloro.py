@@ -13,14 +13,15 @@ the bottom class:
   loss: trades        GloRo's TRADES loss, CE(z, y) + lambda * KL(softmax(z) with 0
                       for bot || softmax([z, z_bot])).
 
-Both run through the shared loop's loss kappa CE(z, y) + (1 - kappa) (CE([z, z_bot], y)
-+ penalty). The KL term above equals CE([z, z_bot], y) - CE(z, y) exactly (the two
-softmaxes share every class but bot, so log p_i / q_i is the same for every i), so:
-with `crossentropy` (no penalty) the loss is GloRo's once kappa reaches 0; with
-`trades` the penalty (lambda - 1) KL makes it CE(z, y) + (1 - kappa) lambda KL, that is
-GloRo's TRADES loss with its parameter ramped from 0 to `trades_lambda` along with eps
-(GloRo's `TradesScheduler('linear')` idea), then held. sigma_l come from power
-iteration with persistent vectors (`power_iterations` per step; GloRo's default 5).
+The shared loop's loss is kappa CE(z, y) + (1 - kappa) robust (`training.certified`):
+with `crossentropy`, robust = CE([z, z_bot], y), GloRo's loss once kappa reaches 0;
+with `trades`, robust = CE(z, y) + lambda KL (`StepBounds.trades`), so the loss is
+CE(z, y) + (1 - kappa) lambda KL, GloRo's TRADES loss with its parameter ramped from
+0 to `trades_lambda` along with eps (GloRo's `TradesScheduler('linear')` idea), then
+held. The KL term equals CE([z, z_bot], y) - CE(z, y) exactly (the two softmaxes
+share every class but bot, so log p_i / q_i is the same for every i). sigma_l come
+from power iteration with persistent vectors (`power_iterations` per step; GloRo's
+default 5).
 The certificate is GloRo's margin bound with guaranteed spectral norms in float64
 (`bounds.certifiers`, "gloro")."""
 from __future__ import annotations
@@ -48,8 +49,8 @@ class GloRo(GlobalNormMethod):
         sub_lipschitz = torch.stack(sigmas[:-1]).prod()
         last = self.model.weight_layers()[-1].module
         worst = gloro_logits(logits, last.weight, sub_lipschitz, eps)
-        penalty = None
+        trades = None
         if self.cfg["loss"] == "trades":
-            penalty = (self.cfg["trades_lambda"] - 1.0) * trades_kl(logits, worst).mean()
+            trades = self.cfg["trades_lambda"] * trades_kl(logits, worst).mean()
         # The history's Lipschitz column: the product of every layer's norm, as for LMT and BCP.
-        return StepBounds(worst, (sub_lipschitz * sigmas[-1]).detach(), penalty)
+        return StepBounds(worst, (sub_lipschitz * sigmas[-1]).detach(), trades=trades)

@@ -28,12 +28,12 @@ class LocalBCP(GlobalNormMethod):
             self.model, x, y, eps, self.step_norms(), self.local_power, index,
             self.cfg["local_power_iterations"], self.cfg["translation_iterations"], boxes=boxes,
             clean=self.clean_pass(x))
-        penalty = None
+        sparsity = None
         if self.cfg["sparsity_weight"] > 0:
-            penalty = self.cfg["sparsity_weight"] * sparsity_penalty(
+            sparsity = self.cfg["sparsity_weight"] * sparsity_penalty(
                 self.model, boxes, self.cfg["sparsity_saturation_weight"])
         # The history's Lipschitz column is the batch mean of the per-example local products.
-        return StepBounds(worst, local_lipschitz.mean().detach(), penalty)
+        return StepBounds(worst, local_lipschitz.mean().detach(), sparsity=sparsity)
 
     def state_dict(self):
         return {**super().state_dict(), "local_power": self.local_power.state_dict()}

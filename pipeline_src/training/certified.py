@@ -1,15 +1,21 @@
-"""The shared certified training loop (one entry point for every method).
+"""The certified training loop, one for every method: the step, the epoch and the
+run (`certified_step`, `train_certified`), then the helpers they call.
 
+The loss of a step, z the clean logits and z_hat the method's worst-case logits at eps:
+
+    loss   = kappa * CE(z, y) + (1 - kappa) * robust + similarity
+    robust = CE(z_hat, y) + sparsity,   or GloRo's TRADES: CE(z, y) + trades
+
+  * robust: the bound's term, only while kappa < 1; sparsity (LocalBCP's, optional)
+    and trades (GloRo's lambda KL, with `loss: trades`) come with the bound
+    (`StepBounds`), each with its own weight applied;
+  * similarity: Duet's term (`regulariser`, lambda applied), at every step, warm-up
+    included; the history's `regulariser` column is the sum of sparsity, trades and
+    similarity, without (1 - kappa).
 Schedule (per method, from its params block), with t = epoch + batch/steps:
-  * warm-up, t < warmup_epochs: plain cross-entropy (eps = 0, kappa = 1);
+  * warm-up, t < warmup_epochs: eps = 0, kappa = 1 (no bound is computed);
   * ramp over ramp_epochs: eps = p * eps_train and kappa = 1 - p * (1 - kappa_final),
-    p = (t - warmup) / ramp, interpolated per batch;
-  * loss = kappa * CE(z, y) + (1 - kappa) * (CE(z_hat, y) + the method's robust-loss
-    penalty, e.g. LocalBCP's sparsity term) (+ the method's regulariser, applied at
-    every step, warm-up included, e.g. Duet's similarity term); the history's
-    `regulariser` column is the sum of both, each with its own weight (lambda,
-    sparsity_weight) but not (1 - kappa),
-    z_hat the method's worst-case logits; Adam;
+    p = (t - warmup) / ramp, interpolated per batch; Adam;
   * learning rate: constant through warm-up and ramp, then the reference's
     decay: `step` (x gamma every step_epochs) or `exponential` (to final_lr at
     the last epoch).
@@ -32,16 +38,119 @@ from ..runs import method_runs
 from ..data.cifar import load_cache
 from ..data.loader import DeviceBatches
 from ..io import save_json, save_torch, state_dict_sha256
-from ..methods import METHODS, StepBounds, build_method, certified_loss, method_context
+from ..methods import METHODS, StepBounds, build_method, method_context
 from ..models import build_model
 from ..models.loading import copy_weight_layers
 from ..paths import RunLayout
 from ..runtime import make_generator, resolve_device, seed_everything, stage_seed, use_fp32_numerics
 from .common import (Checkpoint, params_fingerprint, run_provenance, set_learning_rate, vanilla_initial_model,
                      write_history)
-from .loop import Tally, last_step_progress, train_epochs
+from .loop import Epochs, Tally, last_step_progress
 
 
+# ---------------------------------------------------------------- the step, the epoch, the run
+def certified_loss(clean_loss: torch.Tensor, bounds: StepBounds, y: torch.Tensor,
+                   kappa: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """kappa * CE(z, y) + (1 - kappa) * robust (the module's docstring); returns it and
+    CE(z_hat, y), the history's robust loss (for GloRo's TRADES not a term of the loss)."""
+    robust_ce = F.cross_entropy(bounds.worst_logits, y)
+    robust = robust_ce if bounds.trades is None else clean_loss + bounds.trades
+    if bounds.sparsity is not None:
+        robust = robust + bounds.sparsity
+    return kappa * clean_loss + (1.0 - kappa) * robust, robust_ce
+
+
+@dataclass
+class StepOutcome:
+    """What one certified step computed (the epoch's history sums it)."""
+    logits: torch.Tensor
+    clean_loss: torch.Tensor
+    similarity: torch.Tensor | None
+    bounds: StepBounds | None       # None while kappa = 1 (no bound is trained for)
+    robust_loss: torch.Tensor | None
+
+
+def certified_step(method, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                   index: torch.Tensor, eps: float, kappa: float) -> StepOutcome:
+    """One training step of a certified method, for training and the benchmark alike: the
+    clean pass, Duet's term, the bound at eps while kappa < 1, the loss, backward, the
+    optimizer's step, then the method's `after_step`."""
+    logits = method.forward(x)
+    clean_loss = F.cross_entropy(logits, y)
+    # Duet's term comes first: its power-iteration step gives the bound its sigmas.
+    similarity = method.regulariser(x, y, logits)
+    loss, bounds, robust_loss = clean_loss, None, None
+    if kappa < 1.0:
+        bounds = method.bounds(x, y, logits, eps, index)
+        loss, robust_loss = certified_loss(clean_loss, bounds, y, kappa)
+    if similarity is not None:
+        loss = loss + similarity
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    method.after_step()
+    return StepOutcome(logits, clean_loss, similarity, bounds, robust_loss)
+
+
+def train_certified(params: dict, run_name: str, root: Path) -> dict:
+    """Train one run of `method_runs(params)` (a method, or a point of Duet's grid): the
+    epochs its checkpoint lacks, each certified on the validation split, then the outputs
+    of the selected epoch."""
+    run = CertifiedRun.start(params, run_name, root)
+    cfg, model, method, optimizer = run.cfg, run.model, run.method, run.optimizer
+    epochs = Epochs(run_name, cfg["epochs"], run.train, model=model, optimizer=optimizer,
+                    generator=run.generator, checkpoint=run.checkpoint, device=run.device)
+    if epochs.resumed:
+        method.load_state_dict(epochs.extra["method"])
+    best = BestEpoch(cfg["warmup_epochs"], epochs.extra.get("best"))
+    for epoch in epochs:
+        set_learning_rate(optimizer, certified_learning_rate(cfg, epoch))
+        tally = Tally()
+        for progress, (x, y, index) in epochs.steps(epoch):
+            tally_step(tally, certified_step(method, optimizer, x, y, index, *eps_kappa(cfg, progress)), y)
+        validation = sound_certified_accuracy(model, run.val, run.eps_test, method.certifier,
+                                              certify=validation_certified(cfg, epoch))
+        row = epochs.record(epoch, history_columns(cfg, epoch, len(run.train), tally, validation))
+        best.consider(row, model)
+        print_epoch(run_name, cfg["epochs"], row)
+        epochs.checkpoint(epoch, {"method": method.state_dict(), "best": best.state})
+    return run.finish(best.final(epochs.history, model), epochs.history, params["profile"], root)
+
+
+# ---------------------------------------------------------------- what the step and the epoch tally
+def tally_step(tally: Tally, out: StepOutcome, y: torch.Tensor) -> None:
+    """Add a step to the epoch's sums (the bound's only where one was trained for)."""
+    if out.bounds is not None:
+        for term in (out.bounds.sparsity, out.bounds.trades):
+            if term is not None:
+                tally.add("regulariser", term.detach() * len(y))
+        worst = out.bounds.worst_logits.detach()
+        margin_ok = worst.gather(1, y[:, None]).squeeze(1) > worst.scatter(1, y[:, None], float("-inf")).amax(1)
+        tally.add("robust_loss", out.robust_loss.detach() * len(y))
+        tally.add("lipschitz", out.bounds.lipschitz * len(y))
+        tally.add("certified", (margin_ok & (out.logits.argmax(1) == y)).sum())
+        tally.add("bounded", len(y))
+    if out.similarity is not None:
+        tally.add("regulariser", out.similarity.detach() * len(y))
+    tally.add("clean_loss", out.clean_loss.detach() * len(y))
+    tally.add("correct", (out.logits.detach().argmax(1) == y).sum())
+    tally.add("seen", len(y))
+
+
+def history_columns(cfg: dict, epoch: int, steps: int, tally: Tally, validation: tuple[float, float]) -> dict:
+    """An epoch's history columns (eps and kappa: its last step's)."""
+    seen, bounded, nan = tally["seen"], tally["bounded"], float("nan")
+    eps, kappa = eps_kappa(cfg, last_step_progress(epoch, steps))
+    return {"clean_loss": tally["clean_loss"] / seen, "clean_accuracy": 100.0 * tally["correct"] / seen,
+            "robust_loss": tally["robust_loss"] / bounded if bounded else nan,
+            "certified_accuracy": 100.0 * tally["certified"] / bounded if bounded else nan,
+            "lipschitz": tally["lipschitz"] / bounded if bounded else nan,
+            "regulariser": tally["regulariser"] / seen,
+            "eps": eps, "kappa": kappa, "lr": certified_learning_rate(cfg, epoch),
+            "val_clean_accuracy": validation[0], "val_certified_accuracy": validation[1]}
+
+
+# ---------------------------------------------------------------- schedules and validation
 def eps_kappa(cfg: dict, progress: float) -> tuple[float, float]:
     """(eps, kappa) at a fractional epoch."""
     if progress < cfg["warmup_epochs"]:
@@ -93,70 +202,7 @@ def validation_certified(cfg: dict, epoch: int) -> bool:
     return epoch >= cfg["warmup_epochs"] or epoch == cfg["epochs"] - 1
 
 
-@dataclass
-class StepOutcome:
-    """What one certified step computed (detached where the history sums it)."""
-    logits: torch.Tensor
-    clean_loss: torch.Tensor
-    regulariser: torch.Tensor | None
-    bounds: StepBounds | None       # None while kappa = 1 (no bound is trained for)
-    robust_loss: torch.Tensor | None
-
-
-def certified_step(method, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-                   index: torch.Tensor, eps: float, kappa: float) -> StepOutcome:
-    """One training step of a certified method, for training and the benchmark alike:
-    clean logits, the method's regulariser, its bounds at eps (while kappa < 1), the loss
-    kappa * CE + (1 - kappa) * robust (+ the regulariser), backward, the optimizer's
-    step, then the method's `after_step`."""
-    logits = method.forward(x)
-    clean_loss = F.cross_entropy(logits, y)
-    loss = clean_loss
-    regulariser = method.regulariser(x, y, logits)
-    bounds = robust_loss = None
-    if kappa < 1.0:
-        bounds = method.bounds(x, y, logits, eps, index)
-        loss, robust_loss = certified_loss(clean_loss, bounds, y, kappa)
-    if regulariser is not None:
-        loss = loss + regulariser
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    method.after_step()
-    return StepOutcome(logits, clean_loss, regulariser, bounds, robust_loss)
-
-
-def tally_step(tally: Tally, out: StepOutcome, y: torch.Tensor) -> None:
-    """Add a step to the epoch's sums (the bound's only where one was trained for)."""
-    if out.bounds is not None:
-        if out.bounds.penalty is not None:
-            tally.add("regulariser", out.bounds.penalty.detach() * len(y))
-        worst = out.bounds.worst_logits.detach()
-        margin_ok = worst.gather(1, y[:, None]).squeeze(1) > worst.scatter(1, y[:, None], float("-inf")).amax(1)
-        tally.add("robust_loss", out.robust_loss.detach() * len(y))
-        tally.add("lipschitz", out.bounds.lipschitz * len(y))
-        tally.add("certified", (margin_ok & (out.logits.argmax(1) == y)).sum())
-        tally.add("bounded", len(y))
-    if out.regulariser is not None:
-        tally.add("regulariser", out.regulariser.detach() * len(y))
-    tally.add("clean_loss", out.clean_loss.detach() * len(y))
-    tally.add("correct", (out.logits.detach().argmax(1) == y).sum())
-    tally.add("seen", len(y))
-
-
-def history_row(cfg: dict, epoch: int, steps: int, tally: Tally, validation: tuple[float, float]) -> dict:
-    """An epoch's history columns (eps and kappa: its last step's)."""
-    seen, bounded, nan = tally["seen"], tally["bounded"], float("nan")
-    eps, kappa = eps_kappa(cfg, last_step_progress(epoch, steps))
-    return {"clean_loss": tally["clean_loss"] / seen, "clean_accuracy": 100.0 * tally["correct"] / seen,
-            "robust_loss": tally["robust_loss"] / bounded if bounded else nan,
-            "certified_accuracy": 100.0 * tally["certified"] / bounded if bounded else nan,
-            "lipschitz": tally["lipschitz"] / bounded if bounded else nan,
-            "regulariser": tally["regulariser"] / seen,
-            "eps": eps, "kappa": kappa, "lr": certified_learning_rate(cfg, epoch),
-            "val_clean_accuracy": validation[0], "val_certified_accuracy": validation[1]}
-
-
+# ---------------------------------------------------------------- selection and the run's set-up and outputs
 def percent(value: float) -> str:
     """`12.3%`, or `—` for a quantity not measured that epoch (no bounds during warm-up)."""
     return "—" if math.isnan(value) else f"{value:.1f}%"
@@ -193,7 +239,10 @@ class BestEpoch:
 
 @dataclass
 class CertifiedRun:
-    """A run's model, method, optimizer and data, seeded as the run's seed and family say."""
+    """A run's model, method, optimizer, data and checkpoint, seeded as the run's seed and
+    family say; `finish` writes its outputs."""
+    name: str
+    layout: RunLayout
     method_name: str
     cfg: dict
     seed: int
@@ -207,6 +256,8 @@ class CertifiedRun:
     train: DeviceBatches
     val: DeviceBatches
     device: torch.device
+    eps_test: float
+    checkpoint: Checkpoint
 
     @classmethod
     def start(cls, params: dict, run_name: str, root: Path) -> "CertifiedRun":
@@ -232,56 +283,31 @@ class CertifiedRun:
                               crop_padding=cfg["augment"]["crop_padding"], flip=cfg["augment"]["flip"],
                               generator=generator, with_indices=True)
         val = DeviceBatches(data.val_x, data.val_y, params["certify"]["batch_size"], device)
-        return cls(method_name, cfg, seed, group, model_params, model, method, optimizer, generator, data, train,
-                   val, device)
+        eps_test = params["certify"]["eps"]
+        checkpoint = Checkpoint(root / layout.train(run_name, "checkpoint.pt"),
+                                params_fingerprint(run_name, model_params, cfg, seed, eps_test,
+                                                   data.provenance["sha256"], data.provenance["images"]))
+        return cls(run_name, layout, method_name, cfg, seed, group, model_params, model, method, optimizer,
+                   generator, data, train, val, device, eps_test, checkpoint)
+
+    def finish(self, selected: dict, history: list[dict], profile: str, root: Path) -> dict:
+        """The selected epoch's model, the history and the metrics written; the checkpoint removed."""
+        layout, cfg, data = self.layout, self.cfg, self.data
+        save_torch({"state_dict": selected["state_dict"], "model": self.model_params, "method": self.method_name,
+                    "epoch": selected["epoch"], "data_sha256": data.provenance["sha256"]},
+                   root / layout.train(self.name, "model.pt"))
+        write_history(history, root / layout.train(self.name, "history.csv"))
+        metrics = {
+            "stage": "train", "run": self.name, "group": self.group, "method": self.method_name, "config": cfg,
+            "profile": profile,
+            "arch": self.model_params["arch"], "activation": self.model_params["activation"],
+            "epochs": cfg["epochs"], "seed": self.seed, "eps_train": cfg["eps_train"], "eps_test": self.eps_test,
+            "selected_epoch": selected["epoch"], "val_certified_accuracy": selected["val_certified"],
+            "weights_sha256": state_dict_sha256(selected["state_dict"]),
+            **run_provenance(history, data.provenance, self.device, root),
+        }
+        save_json(metrics, root / layout.train(self.name, "metrics.json"))
+        self.checkpoint.remove()
+        return metrics
 
 
-def train_certified(params: dict, run_name: str, root: Path) -> dict:
-    """Train one run of `method_runs(params)` (a method, or a point of Duet's grid)."""
-    layout, eps_test = RunLayout.of(params), params["certify"]["eps"]
-    run = CertifiedRun.start(params, run_name, root)
-    cfg, model, method, data = run.cfg, run.model, run.method, run.data
-    checkpoint = Checkpoint(root / layout.train(run_name, "checkpoint.pt"),
-                            params_fingerprint(run_name, run.model_params, cfg, run.seed, eps_test,
-                                               data.provenance["sha256"], data.provenance["images"]))
-    resumed = checkpoint.load(model, run.optimizer, run.generator)
-    start_epoch, history, extra = resumed if resumed else (0, [], {})
-    if resumed:
-        method.load_state_dict(extra["method"])
-    best = BestEpoch(cfg["warmup_epochs"], extra.get("best"))
-
-    def step(progress: float, batch: tuple, tally: Tally) -> None:
-        x, y, index = batch
-        tally_step(tally, certified_step(method, run.optimizer, x, y, index, *eps_kappa(cfg, progress)), y)
-
-    def end_epoch(row: dict) -> dict:
-        best.consider(row, model)
-        print_epoch(run_name, cfg["epochs"], row)
-        return {"method": method.state_dict(), "best": best.state}
-
-    train_epochs(run_name, cfg["epochs"], start_epoch, run.train, step=step,
-                 start_epoch_hook=lambda epoch: set_learning_rate(run.optimizer, certified_learning_rate(cfg, epoch)),
-                 summarise=lambda epoch, tally: history_row(
-                     cfg, epoch, len(run.train), tally,
-                     sound_certified_accuracy(model, run.val, eps_test, method.certifier,
-                                              certify=validation_certified(cfg, epoch))),
-                 end_epoch=end_epoch, model=model, optimizer=run.optimizer, generator=run.generator,
-                 checkpoint=checkpoint, history=history, device=run.device)
-
-    selected = best.final(history, model)
-    save_torch({"state_dict": selected["state_dict"], "model": run.model_params, "method": run.method_name,
-                "epoch": selected["epoch"], "data_sha256": data.provenance["sha256"]},
-               root / layout.train(run_name, "model.pt"))
-    write_history(history, root / layout.train(run_name, "history.csv"))
-    metrics = {
-        "stage": "train", "run": run_name, "group": run.group, "method": run.method_name, "config": cfg,
-        "profile": params["profile"],
-        "arch": run.model_params["arch"], "activation": run.model_params["activation"],
-        "epochs": cfg["epochs"], "seed": run.seed, "eps_train": cfg["eps_train"], "eps_test": eps_test,
-        "selected_epoch": selected["epoch"], "val_certified_accuracy": selected["val_certified"],
-        "weights_sha256": state_dict_sha256(selected["state_dict"]),
-        **run_provenance(history, data.provenance, run.device, root),
-    }
-    save_json(metrics, root / layout.train(run_name, "metrics.json"))
-    checkpoint.remove()
-    return metrics

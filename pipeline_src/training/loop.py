@@ -1,12 +1,12 @@
-"""The epoch skeleton that vanilla and certified training share: per epoch, the
-batches under a progress bar, one step per batch, the step's sums on the device
-(no host sync per step), the epoch's history row (with its seconds and peak
-memory), and a checkpoint to resume from. What a step does and what a row holds
-is the stage's."""
+"""The epoch skeleton that vanilla and certified training share (`Epochs`): resume
+from the checkpoint, per epoch the batches under a progress bar with their
+fractional epoch, the epoch's seconds and peak memory in its history row, and a
+checkpoint to resume from; the step's sums stay on the device (`Tally`, no host
+sync per step). What a step does and what a row holds is the stage's."""
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterable
+from typing import Iterable, Iterator
 
 import torch
 from tqdm import tqdm
@@ -32,43 +32,55 @@ class Tally:
         return value.item() if torch.is_tensor(value) else value
 
 
-def train_epochs(stage: str, epochs: int, start_epoch: int, batches: Iterable, *,
-                 step: Callable[[float, tuple, Tally], None],
-                 start_epoch_hook: Callable[[int], None] | None = None,
-                 summarise: Callable[[int, Tally], dict],
-                 end_epoch: Callable[[dict], dict | None],
-                 model: torch.nn.Module, optimizer, generator: torch.Generator, checkpoint: Checkpoint,
-                 history: list[dict], device: torch.device) -> list[dict]:
-    """Epochs `start_epoch` .. `epochs - 1`, appending one row each to `history`.
+class Epochs:
+    """A stage's epochs after those its checkpoint holds, read as
 
-    `step(progress, batch, tally)`: one training step at the fractional epoch
-    `progress`, adding what the row needs to `tally`; `start_epoch_hook(epoch)`:
-    before the epoch's first step (e.g. its learning rate); `summarise(epoch, tally)`:
-    the row's columns, after the epoch's seconds are taken (evaluation is not
-    timed); `end_epoch(row)`: prints the epoch's line and returns the checkpoint's
-    `extra` (what else the stage resumes with), or None."""
-    steps = len(batches)
-    for epoch in range(start_epoch, epochs):
-        model.train()
-        if start_epoch_hook is not None:
-            start_epoch_hook(epoch)
-        reset_peak_memory(device)
+        epochs = Epochs(...)                        # resumed: epochs.history, epochs.extra
+        for epoch in epochs:                        # 0-based, the model in training mode
+            for progress, batch in epochs.steps(epoch):
+                ...                                 # one step at the fractional epoch `progress`
+            row = epochs.record(epoch, columns)     # the history row (+ seconds, peak memory)
+            epochs.checkpoint(epoch, extra)         # what else the stage resumes with
+
+    The seconds are the steps' only (evaluation between `steps` and `record` is not
+    timed); the peak memory is the whole epoch's, evaluation included."""
+
+    def __init__(self, stage: str, total: int, batches: Iterable, *, model: torch.nn.Module, optimizer,
+                 generator: torch.Generator, checkpoint: Checkpoint, device: torch.device):
+        self.stage, self.total, self.batches, self.device = stage, total, batches, device
+        self.model, self.optimizer, self.generator, self._checkpoint = model, optimizer, generator, checkpoint
+        resumed = checkpoint.load(model, optimizer, generator)
+        self.resumed = resumed is not None
+        self.start, self.history, self.extra = resumed if resumed else (0, [], {})
+        self.seconds = float("nan")
+
+    def __iter__(self) -> Iterator[int]:
+        for epoch in range(self.start, self.total):
+            self.model.train()
+            yield epoch
+
+    def steps(self, epoch: int) -> Iterator[tuple[float, tuple]]:
+        """(fractional epoch, batch) for each batch of the epoch, timed from the first."""
+        steps = len(self.batches)
+        reset_peak_memory(self.device)
         started = time.perf_counter()
-        tally = Tally()
-        bar = tqdm(batches, total=steps, desc=f"{stage} {epoch + 1}/{epochs}", leave=False,
+        bar = tqdm(self.batches, total=steps, desc=f"{self.stage} {epoch + 1}/{self.total}", leave=False,
                    mininterval=2.0, dynamic_ncols=True)
         for index, batch in enumerate(bar):
-            step(epoch + index / steps, batch, tally)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - started
-        row = {"epoch": epoch + 1, **summarise(epoch, tally), "seconds": seconds,
-               "peak_memory_mb": peak_memory_mb(device)}
-        history.append(row)
-        extra = end_epoch(row)
-        checkpoint.save(epoch=epoch + 1, model=model, optimizer=optimizer, generator=generator,
-                        history=history, extra=extra)
-    return history
+            yield epoch + index / steps, batch
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds = time.perf_counter() - started
+
+    def record(self, epoch: int, columns: dict) -> dict:
+        """The epoch's history row (1-based epoch, the stage's columns, seconds, peak memory), appended."""
+        row = {"epoch": epoch + 1, **columns, "seconds": self.seconds, "peak_memory_mb": peak_memory_mb(self.device)}
+        self.history.append(row)
+        return row
+
+    def checkpoint(self, epoch: int, extra: dict | None = None) -> None:
+        self._checkpoint.save(epoch=epoch + 1, model=self.model, optimizer=self.optimizer, generator=self.generator,
+                              history=self.history, extra=extra)
 
 
 def last_step_progress(epoch: int, steps: int) -> float:

@@ -21,7 +21,7 @@ from ..runs import control_seed
 from ..runtime import make_generator, resolve_device, seed_everything, stage_seed, use_fp32_numerics
 from .common import (Checkpoint, evaluate, learning_rate, params_fingerprint, run_provenance, set_learning_rate,
                      write_history)
-from .loop import Tally, last_step_progress, train_epochs
+from .loop import Epochs, Tally, last_step_progress
 from ..models.guide_checks import check_vanilla_learned
 from .vanilla_checks import certify_subset_accuracy
 
@@ -75,38 +75,32 @@ def train_vanilla(params: dict, root: Path, seed: int | None = None, outputs: di
     checkpoint = Checkpoint(root / paths["checkpoint"],
                             params_fingerprint(params["model"], cfg, seed, data.provenance["sha256"],
                                                data.provenance["images"]))
-    resumed = checkpoint.load(model, optimizer, generator)
-    start_epoch, history = (resumed[0], resumed[1]) if resumed else (0, [])
-
+    epochs = Epochs(stage, cfg["epochs"], train, model=model, optimizer=optimizer, generator=generator,
+                    checkpoint=checkpoint, device=device)
     steps = len(train)
-
-    def step(progress: float, batch: tuple, tally: Tally) -> None:
-        x, y = batch
-        set_learning_rate(optimizer, learning_rate(cfg, progress))
-        logits = model(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=cfg["label_smoothing"])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        model.clamp_parameters_()
-        tally.add("loss", loss.detach() * len(y))
-        tally.add("correct", (logits.detach().argmax(1) == y).sum())
-        tally.add("seen", len(y))
-
-    def summarise(epoch: int, tally: Tally) -> dict:
+    for epoch in epochs:
+        tally = Tally()
+        for progress, (x, y) in epochs.steps(epoch):
+            set_learning_rate(optimizer, learning_rate(cfg, progress))
+            logits = model(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=cfg["label_smoothing"])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            model.clamp_parameters_()
+            tally.add("loss", loss.detach() * len(y))
+            tally.add("correct", (logits.detach().argmax(1) == y).sum())
+            tally.add("seen", len(y))
         val_metrics = evaluate(model, val) if len(data.val_y) else {"loss": float("nan"), "accuracy": float("nan")}
-        return {"train_loss": tally["loss"] / tally["seen"], "train_accuracy": 100.0 * tally["correct"] / tally["seen"],
-                "val_loss": val_metrics["loss"], "val_accuracy": val_metrics["accuracy"],
-                "lr": learning_rate(cfg, last_step_progress(epoch, steps))}
-
-    def end_epoch(row: dict) -> None:
+        row = epochs.record(epoch, {
+            "train_loss": tally["loss"] / tally["seen"], "train_accuracy": 100.0 * tally["correct"] / tally["seen"],
+            "val_loss": val_metrics["loss"], "val_accuracy": val_metrics["accuracy"],
+            "lr": learning_rate(cfg, last_step_progress(epoch, steps))})
         print(f"[{stage}] epoch {row['epoch']}/{cfg['epochs']} train loss {row['train_loss']:.4f} "
               f"acc {row['train_accuracy']:.2f}% | val acc {row['val_accuracy']:.2f}% | lr {row['lr']:.4g} | "
               f"{row['seconds']:.1f}s", flush=True)
-
-    train_epochs(stage, cfg["epochs"], start_epoch, train, step=step, summarise=summarise, end_epoch=end_epoch,
-                 model=model, optimizer=optimizer, generator=generator, checkpoint=checkpoint, history=history,
-                 device=device)
+        epochs.checkpoint(epoch)
+    history = epochs.history
 
     test_metrics = evaluate(model, test)
     save_torch({"state_dict": model.state_dict(), "model": params["model"],
