@@ -14,10 +14,10 @@ from pipeline_src.config import load_params
 from pipeline_src.io import state_dict_sha256
 from pipeline_src.models import CertifiableNet, WeightLayer, build_model
 from pipeline_src.paths import RunLayout
-from pipeline_src.spectral.operator_norm import (apply_adjoint, apply_operator, dense_operator,
-                                                 matrix_view, operator_norm_upper_bound,
-                                                 power_iteration)
+from pipeline_src.spectral.operator_norm import (apply_adjoint, apply_operator, matrix_view,
+                                                 operator_norm_upper_bound, power_iteration)
 from pipeline_src.spectral.svd_export import export_svd, load_factors
+from tiny_nets import dense_operator
 
 # (c_in, c_out, kernel, stride, padding, input side, weight seed)
 CONVS = [

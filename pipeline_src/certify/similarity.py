@@ -23,7 +23,7 @@ from ..models import build_model
 from ..paths import SIMILARITY_CONTROLS, RunLayout, control_seed, similarity_rank, similarity_settings
 from ..spectral.similarity import comparison_metrics, layer_svds
 from ..runtime import resolve_device, stage_seed
-from ..bounds.certifiers import layer_norms, sound_numerics
+from ..bounds.numerics import layer_norms, sound_numerics
 from ..models.loading import load_trained
 
 
