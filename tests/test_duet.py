@@ -35,6 +35,7 @@ from pipeline_src.spectral.similarity import layer_svds, measures_from_svds
 from pipeline_src.spectral.svd_export import export_svd
 from pipeline_src.training import certified as certified_training
 from pipeline_src.training import vanilla as vanilla_training
+from pipeline_src.training.vanilla_checks import check_guide
 from pipeline_src.runtime import seed_everything, stage_seed
 from conftest import save_cut_cache
 
@@ -508,7 +509,7 @@ def guide_root(tmp_path_factory, params, vanilla) -> Path:
     (root / layout.vanilla_model).parent.mkdir(parents=True)
     torch.save({"state_dict": vanilla.state_dict(), "model": params["model"], "data_sha256": "x"},
                root / layout.vanilla_model)
-    export_svd(params, root)
+    export_svd(params, root, check_guide)
     return root
 
 
