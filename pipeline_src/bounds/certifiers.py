@@ -129,6 +129,7 @@ def _gloro_certifier(model, x, y, eps, norms, exact_logits):
     return gloro_certified(model, _exact(model, x, exact_logits), y, eps, norms)
 
 
+# BCP and local take their float64 logits from their own pass through the ball's centre.
 def _bcp_certifier(model, x, y, eps, norms, exact_logits):
     return bcp_certified(model, x, y, eps, norms)
 
