@@ -65,6 +65,7 @@ def _guide_root(params: dict, root: Path, arch: str) -> Path:
 
     from .models import build_model
     from .spectral.svd_export import export_svd
+    from .training.vanilla_checks import check_guide
 
     layout = RunLayout.of(params)
     if arch == params["model"]["arch"] and (root / layout.svd_factors).is_file():
@@ -73,7 +74,8 @@ def _guide_root(params: dict, root: Path, arch: str) -> Path:
     model_params = {**params["model"], "arch": arch}
     save_torch({"state_dict": build_model(model_params).state_dict(), "model": model_params,
                 "data_sha256": "benchmark"}, scratch / layout.vanilla_model)
-    export_svd({**params, "model": model_params, "svd": {**params["svd"], "power_iterations": 20}}, scratch)
+    export_svd({**params, "model": model_params, "svd": {**params["svd"], "power_iterations": 20}}, scratch,
+               check_guide)
     return scratch
 
 

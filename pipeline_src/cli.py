@@ -31,8 +31,9 @@ def _stage_vanilla(params: dict, root: Path, args) -> None:
 
 def _stage_svd(params: dict, root: Path, args) -> None:
     from .spectral.svd_export import export_svd
+    from .training.vanilla_checks import check_guide
 
-    export_svd(params, root)
+    export_svd(params, root, check_guide)
 
 
 def _stage_train(params: dict, root: Path, args) -> None:

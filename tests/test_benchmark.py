@@ -36,6 +36,7 @@ def test_benchmark_times_duet_at_each_rank(tmp_path: Path):
 
     from pipeline_src.models import build_model
     from pipeline_src.spectral.svd_export import export_svd
+    from pipeline_src.training.vanilla_checks import check_guide
 
     params = load_params("smoke")
     layout = RunLayout.of(params)
@@ -43,7 +44,7 @@ def test_benchmark_times_duet_at_each_rank(tmp_path: Path):
     (tmp_path / layout.vanilla_model).parent.mkdir(parents=True)
     torch.save({"state_dict": build_model(params["model"]).state_dict(), "model": params["model"],
                 "data_sha256": "test"}, tmp_path / layout.vanilla_model)
-    export_svd(params, tmp_path)
+    export_svd(params, tmp_path, check_guide)
     result = benchmark(params, tmp_path, ["bcp"], None, warmup_steps=1, steps=1, duet_ranks=[1, "full"])
     assert [row["method"] for row in result["rows"]] == ["floor", "bcp", "duet-r1", "duet-rfull"]
     assert all(row["ratio_to_bcp"] > 0 for row in result["rows"])

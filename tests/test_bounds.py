@@ -28,15 +28,15 @@ import pipeline_src.models.architectures as architectures
 from pipeline_src.bounds.bcp import (BallBox, ball_box_activation, ball_box_bounds, ball_box_linear,
                                      bcp_worst_logits, translation_clip_rescale, translation_upper_bound)
 from pipeline_src.bounds.ibp import flatten_if_needed, interval_activation, interval_linear
-from pipeline_src.bounds.lipschitz import (PersistentPowerIteration, guaranteed_layer_norms,
-                                           lipschitz_worst_logits)
+from pipeline_src.bounds.lipschitz import PersistentPowerIteration, lipschitz_worst_logits
 from pipeline_src.bounds import certifiers
-from pipeline_src.bounds.certifiers import (certified_radius_lipschitz, certify_batch,
-                                             sound_numerics)
+from pipeline_src.bounds.certifiers import certify_batch
+from pipeline_src.bounds.numerics import float64_model, sound_numerics
 from pipeline_src.models import CertifiableNet, WeightLayer
-from pipeline_src.spectral.operator_norm import dense_operator, operator_norm_upper_bound
-from tiny_nets import (TINY, ball_samples, certification_case, margin_attack, pgd,  # noqa: F401
-                       single_thread, tiny_net, trace)
+from pipeline_src.spectral.operator_norm import operator_norm_upper_bound
+from tiny_nets import (TINY, ball_samples, certification_case, certified_radius_lipschitz,  # noqa: F401
+                       dense_operator, guaranteed_layer_norms, margin_attack, pgd, single_thread, tiny_net,
+                       trace)
 
 ACTIVATIONS = ["relu", "maxmin", "clipped_relu"]
 RTOL = 1e-5   # float32 slack, relative to the magnitudes involved
@@ -560,13 +560,10 @@ def test_certify_batch_certifies_only_correct_points(certified_setup, monkeypatc
                 assert certified.dtype == torch.bool and certified.shape == y.shape
                 assert not (certified & ~correct).any(), f"{name} certifies a misclassified point"
     # Even a certifier that says yes to everything is masked by correctness.
-    def always_lipschitz(logits, labels, *args, **kwargs):
+    def always(model, points, labels, *args, **kwargs):
         return torch.ones(len(labels), dtype=torch.bool)
-
-    def always_bcp(model, points, labels, *args, **kwargs):
-        return torch.ones(len(labels), dtype=torch.bool)
-    monkeypatch.setattr(certifiers, "lipschitz_certified", always_lipschitz)
-    monkeypatch.setattr(certifiers, "bcp_certified", always_bcp)
+    monkeypatch.setitem(certifiers.CERTIFIERS, "lipschitz", always)
+    monkeypatch.setitem(certifiers.CERTIFIERS, "bcp", always)
     with sound_numerics(model):
         out = certify_batch(model, x, y, 0.5, norms, ["lipschitz", "bcp"])
     assert torch.equal(out["lipschitz"], correct) and torch.equal(out["bcp"], correct)
@@ -583,7 +580,7 @@ def test_certified_curve_equals_every_point_at_every_radius(certified_setup):
     radii = [0.0, 0.002, 0.005, 0.01, 0.02, 0.04, 0.08]
     seen = []
     with sound_numerics(model):
-        model64 = certifiers.float64_model(model)
+        model64 = float64_model(model)
         exact = model64(x.double())
         for name in names:
             full = [certifiers.certified_at(name, model64, x, y, logits, r, norms, exact) for r in radii]
@@ -603,14 +600,14 @@ def test_certified_curve_skips_misclassified_points(certified_setup, monkeypatch
     model, x, y, logits, norms = certified_setup
     correct = logits.argmax(1) == y
     sizes = []
-    real = certifiers.bcp_certified
+    real = certifiers.CERTIFIERS["bcp"]
 
     def counting(model, points, labels, *args, **kwargs):
         sizes.append(len(labels))
         return real(model, points, labels, *args, **kwargs)
-    monkeypatch.setattr(certifiers, "bcp_certified", counting)
+    monkeypatch.setitem(certifiers.CERTIFIERS, "bcp", counting)
     with sound_numerics(model):
-        model64 = certifiers.float64_model(model)
+        model64 = float64_model(model)
         curve = certifiers.certified_curve("bcp", model64, x, y, logits, [0.0, 0.01, 0.04], norms,
                                            model64(x.double()))
     assert sizes[0] == int(correct.sum()) < len(y)
@@ -641,7 +638,7 @@ def test_certified_points_survive_pgd(certified_setup, eps):
     with sound_numerics(model):
         out = certify_batch(model, x, y, eps, norms, ["lipschitz", "bcp"])
         # The certifiers decide on the float64 model's logits.
-        radius = certified_radius_lipschitz(certifiers.float64_model(model)(x.double()), y,
+        radius = certified_radius_lipschitz(float64_model(model)(x.double()), y,
                                             norms.lipschitz_upper)
     assert out["bcp"].sum() > 0, "vacuous: nothing certified"
     if eps == 0.01:

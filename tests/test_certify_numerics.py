@@ -35,9 +35,10 @@ from pipeline_src.bounds.local import local_certified_state, local_estimated_sta
 from pipeline_src.certify import attack as attack_stage
 from pipeline_src.bounds import certifiers
 from pipeline_src.certify import stage as certify_stage
-from pipeline_src.bounds.certifiers import (MARGIN_RTOL, certified_at, certify_batch, float64_model,
-                                             layer_norms, margin_certified, sound_numerics)
-from tiny_nets import TINY, margin_attack, single_thread, tiny_net  # noqa: F401
+from pipeline_src.bounds.certifiers import MARGIN_RTOL, certified_at, certify_batch, margin_certified
+from pipeline_src.bounds.numerics import float64_model, fp32_numerics, layer_norms, sound_numerics
+from tiny_nets import (TINY, certified_radius_lipschitz, dense_operator, margin_attack,  # noqa: F401
+                       single_thread, tiny_net)
 from conftest import save_cut_cache
 
 
@@ -162,7 +163,7 @@ def test_margin_rule_by_hand():
     assert bool(certifiers.lipschitz_certified(z, y, lip, 1 - 2.5e-6))
     assert not bool(certifiers.lipschitz_certified(z, y, lip, 1 - 1.5e-6))
     # ... and its radius: (1 - 1e-6 (1 + 0)) / (sqrt 2 L (1 + 1e-6)), certified strictly below it.
-    radius = float(certifiers.certified_radius_lipschitz(z, y, lip))
+    radius = float(certified_radius_lipschitz(z, y, lip))
     assert radius == pytest.approx((1 - 1e-6) / (1 + 1e-6), rel=1e-14)
     assert bool(certifiers.lipschitz_certified(z, y, lip, radius * (1 - 1e-12)))
     assert not bool(certifiers.lipschitz_certified(z, y, lip, radius * (1 + 1e-12)))
@@ -394,7 +395,7 @@ def test_fp32_numerics_keeps_gradients_and_restores():
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        with certifiers.fp32_numerics(model):
+        with fp32_numerics(model):
             assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
             assert not model.training and torch.is_grad_enabled()      # an attack needs gradients
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32 and model.training
@@ -499,7 +500,6 @@ def test_reference_estimate_uses_masked_conv_power_iteration():
     norms (convolutions included): below the certificate's radius, near the exact masked
     norms (dense operators of the tiny net), and a lower bound of them."""
     from pipeline_src.bounds.local import varying_unit_masks
-    from pipeline_src.spectral.operator_norm import dense_operator
 
     model, x, y, norms = net_and_points("tiny_conv", "clipped_relu", 4, 6, scale=0.5, theta_max=0.5)
     model64 = float64_model(model)

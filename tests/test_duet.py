@@ -1,7 +1,7 @@
 """Duet (pipeline_src/methods/duet.py): BCP plus lambda * loss_sim pulling each
 layer's rotation towards the vanilla model's rank-r U_r V_r^T; the rotation
 factors (pipeline_src/spectral/rotation.py) and the similarity metric
-(pipeline_src/certify/similarity.py).
+(pipeline_src/spectral/similarity.py).
 
 Everything runs on the CPU with one torch thread; the guide (vanilla model and
 its SVD factors) is built here, except in the training tests, which lay out a
@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline_src.bounds.bcp import bcp_worst_logits
-from pipeline_src.certify.similarity import rotation_similarity
 from pipeline_src.config import load_params
 from pipeline_src.data.cifar import build_cache
 from pipeline_src.methods import METHODS, build_method
@@ -32,9 +31,11 @@ from pipeline_src.paths import RunLayout
 from pipeline_src.spectral.operator_norm import apply_operator, matrix_view, power_iteration
 from pipeline_src.spectral.rotation import (FactorisedRotation, apply_rotation, exact_rotation, layer_matrix,
                                             top_rank_rotation)
+from pipeline_src.spectral.similarity import layer_svds, measures_from_svds
 from pipeline_src.spectral.svd_export import export_svd
 from pipeline_src.training import certified as certified_training
 from pipeline_src.training import vanilla as vanilla_training
+from pipeline_src.training.vanilla_checks import check_guide
 from pipeline_src.runtime import seed_everything, stage_seed
 from conftest import save_cut_cache
 
@@ -435,6 +436,13 @@ def test_loss_is_invariant_to_singular_vector_sign_flips(params, vanilla, factor
 RANKS = [1, 4, "full", None]
 
 
+def rotation_similarity(model, vanilla, ranks: list) -> dict:
+    """{rank: per-layer cosine (%) between the two models' U_r V_r^T} (the `similarity`
+    measure at each rank; None and 'full': every singular vector)."""
+    svds, vanilla_svds = layer_svds(model), layer_svds(vanilla)
+    return {rank: measures_from_svds(svds, vanilla_svds, rank)["similarity"] for rank in ranks}
+
+
 def test_rotation_similarity_of_identical_models_is_100(vanilla):
     similarity = rotation_similarity(vanilla, copy.deepcopy(vanilla), RANKS)
     assert set(similarity) == set(RANKS)
@@ -501,7 +509,7 @@ def guide_root(tmp_path_factory, params, vanilla) -> Path:
     (root / layout.vanilla_model).parent.mkdir(parents=True)
     torch.save({"state_dict": vanilla.state_dict(), "model": params["model"], "data_sha256": "x"},
                root / layout.vanilla_model)
-    export_svd(params, root)
+    export_svd(params, root, check_guide)
     return root
 
 

@@ -18,18 +18,17 @@ import torch.nn.functional as F
 
 from pipeline_src.bounds.gloro import (FLOAT64_MARGIN, bottom_logit, certified_margin_shift, gloro_logits,
                                        margin_shift, pairwise_row_distances, trades_kl)
-from pipeline_src.bounds.lipschitz import guaranteed_layer_norms
 from pipeline_src.bounds import certifiers
-from pipeline_src.bounds.certifiers import (LayerNorms, certified_at, certify_batch, float64_model,
-                                             sound_numerics)
+from pipeline_src.bounds.certifiers import certified_at, certify_batch
+from pipeline_src.bounds.numerics import LayerNorms, float64_model, sound_numerics
 from pipeline_src.config import load_params
 from pipeline_src.runs import METHOD_FACTS
 from pipeline_src.methods import METHODS, build_method
 from pipeline_src.methods.base import CertifiedMethod, register
 from pipeline_src.methods.gloro import GloRo
 from pipeline_src.training.certified import certified_loss
-from tiny_nets import (TINY, ball_samples, certification_case, margin_attack, pgd,  # noqa: F401
-                       single_thread, tiny_net)
+from tiny_nets import (TINY, ball_samples, certification_case, guaranteed_layer_norms,  # noqa: F401
+                       margin_attack, pgd, single_thread, tiny_net)
 from conftest import save_cut_cache
 
 ACTIVATIONS = ["relu", "maxmin", "clipped_relu"]

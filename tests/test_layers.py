@@ -13,7 +13,7 @@ any layer below it, never above:
                helpers that know no stage
   1. data      the CIFAR-10 cache, loaders, subsets
   2. models    architectures, activations, loading trained models
-  3. spectral  operator norms, rotations, the SVD export
+  3. spectral  operator norms, rotations, the similarity measures, the SVD export
   4. bounds    the bounds and the sound certifiers built on them
   5. methods   one module per certified-training method
   6. training  the vanilla and certified training stages

@@ -1,4 +1,5 @@
-"""Table 1's measures (pipeline_src/certify/similarity.py): the channel-matched
+"""Table 1's measures (pipeline_src/spectral/similarity.py) and the stage that
+applies them (pipeline_src/certify/similarity.py): the channel-matched
 cosine sees through a permutation of hidden units (which leaves the function
 unchanged) where the plain cosine does not; the subspace overlap is free of
 signs and of rotations within the subspace; the runs are measured at their
@@ -13,9 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline_src.certify.similarity import (comparison_metrics, control_metrics, layer_svds, match_hidden_units,
-                                             permute_hidden_units, random_network, similarity_controls,
-                                             similarity_measures, similarity_metrics, subspace_overlap)
+from pipeline_src.certify.similarity import (control_metrics, random_network, similarity_controls,
+                                             similarity_metrics)
 from pipeline_src.config import load_params
 from pipeline_src.io import save_json, save_torch, state_dict_sha256
 from pipeline_src.models import build_model
@@ -23,6 +23,8 @@ from pipeline_src.paths import RunLayout, control_outputs
 from pipeline_src.runs import control_seed, method_runs, similarity_rank
 from pipeline_src.spectral.operator_norm import operator_norm_upper_bound
 from pipeline_src.spectral.rotation import layer_matrix
+from pipeline_src.spectral.similarity import (comparison_metrics, layer_svds, match_hidden_units,
+                                              measures_from_svds, permute_hidden_units, subspace_overlap)
 from tiny_nets import TINY, single_thread, tiny_net  # noqa: F401  (the fixture: one thread)
 
 
@@ -81,7 +83,7 @@ def test_matched_measures_from_permuted_factors_are_those_of_the_permuted_networ
     network again: the same numbers as measuring the permuted network itself."""
     model, vanilla = _model_6c2f(seed=0), _model_6c2f(seed=1)
     perms, _ = match_hidden_units(model, vanilla)
-    direct = similarity_measures(permute_hidden_units(model, perms), vanilla, rank=4)
+    direct = measures_from_svds(layer_svds(permute_hidden_units(model, perms)), layer_svds(vanilla), rank=4)
     via_factors = comparison_metrics(model, vanilla, rank=4)
     for name in ("similarity", "similarity_full_rank", "subspace_overlap_u", "subspace_overlap_v"):
         assert via_factors[f"matched_{name}_per_layer"] == pytest.approx(direct[name], abs=1e-8), name
@@ -101,7 +103,7 @@ def test_unrelated_networks_score_low_on_every_measure():
 
 def test_identical_networks_score_100_on_every_measure():
     model = _model_6c2f(seed=0)
-    measures = similarity_measures(model, copy.deepcopy(model), rank=4)
+    measures = measures_from_svds(layer_svds(model), layer_svds(copy.deepcopy(model)), rank=4)
     for name in ("similarity", "similarity_full_rank", "subspace_overlap_u", "subspace_overlap_v",
                  "subspace_overlap"):
         assert measures[name] == pytest.approx([100.0] * 8, abs=1e-9), name

@@ -14,10 +14,11 @@ from pipeline_src.config import load_params
 from pipeline_src.io import state_dict_sha256
 from pipeline_src.models import CertifiableNet, WeightLayer, build_model
 from pipeline_src.paths import RunLayout
-from pipeline_src.spectral.operator_norm import (apply_adjoint, apply_operator, dense_operator,
-                                                 matrix_view, operator_norm_upper_bound,
-                                                 power_iteration)
+from pipeline_src.spectral.operator_norm import (apply_adjoint, apply_operator, matrix_view,
+                                                 operator_norm_upper_bound, power_iteration)
 from pipeline_src.spectral.svd_export import export_svd, load_factors
+from pipeline_src.training.vanilla_checks import check_guide
+from tiny_nets import dense_operator
 
 # (c_in, c_out, kernel, stride, padding, input side, weight seed)
 CONVS = [
@@ -228,7 +229,7 @@ def svd_export(tmp_path_factory):
     root = tmp_path_factory.mktemp("svd")
     params = smoke_params()
     model, model_path = save_vanilla(params, root)
-    summary = export_svd(params, root=root)
+    summary = export_svd(params, root, check_guide)
     layout = RunLayout.of(params)
     factors = load_factors(root / layout.svd_factors)
     return {"root": root, "params": params, "model": model.eval(), "model_path": model_path,
@@ -337,7 +338,7 @@ def test_svd_metadata_names_the_vanilla_weights(svd_export, tmp_path):
 def test_svd_ranks_beyond_a_layer_keep_all(tmp_path, capsys):
     params = smoke_params(ranks=(40, 1), power_iterations=2)
     save_vanilla(params, tmp_path, seed=1)
-    summary = export_svd(params, root=tmp_path)
+    summary = export_svd(params, tmp_path, check_guide)
     assert summary["ranks"] == [1, 40]
     factors = load_factors(tmp_path / RunLayout.of(params).svd_factors)
     last = factors["layers"][-1]  # 512 -> 10: 10 singular values
@@ -351,7 +352,7 @@ def test_svd_rejects_another_arch(tmp_path):
     other = dict(params["model"], arch="4C3F")
     _, path = save_vanilla(params, tmp_path, model_params=other)
     with pytest.raises(ValueError, match="4C3F") as info:
-        export_svd(params, root=tmp_path)
+        export_svd(params, tmp_path, check_guide)
     assert str(path) in str(info.value) and "6C2F" in str(info.value)
     assert not (tmp_path / RunLayout.of(params).svd_summary).exists()
     assert not (tmp_path / RunLayout.of(params).svd_factors).exists()

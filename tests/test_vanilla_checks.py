@@ -1,6 +1,7 @@
-"""A vanilla model near chance stops the pipeline (pipeline_src/models/guide_checks.py):
+"""A vanilla model near chance stops the pipeline (pipeline_src/training/vanilla_checks.py):
 at the end of the vanilla stage and where the SVD export reads the guide; and the
-vanilla stage's accuracy on the certified test subset (Table 2's vanilla row)."""
+vanilla stage's accuracy on the certified test subset (Table 2's vanilla row,
+pipeline_src/training/vanilla.py)."""
 from __future__ import annotations
 
 import json
@@ -15,8 +16,8 @@ from pipeline_src.data.subsets import stratified_test_indices
 from pipeline_src.io import save_json, save_torch, state_dict_sha256
 from pipeline_src.models import build_model
 from pipeline_src.paths import RunLayout
-from pipeline_src.models.guide_checks import VanillaNotLearnedError, check_guide, check_vanilla_learned
-from pipeline_src.training.vanilla_checks import certify_subset_accuracy
+from pipeline_src.training.vanilla import certify_subset_accuracy
+from pipeline_src.training.vanilla_checks import VanillaNotLearnedError, check_guide, check_vanilla_learned
 
 
 def params_with(threshold: float, profile: str = "smoke", **certify) -> dict:
@@ -103,15 +104,15 @@ def test_svd_export_refuses_a_dead_guide_and_writes_nothing(guide, capsys):
     params, layout, root, _, write_metrics = guide
     path = write_metrics(10.0)
     with pytest.raises(VanillaNotLearnedError, match=rf"{path}: the vanilla model reached 10\.00%"):
-        export_svd(params, root)
+        export_svd(params, root, check_guide)
     assert not (root / layout.svd_factors).exists() and not (root / layout.svd_summary).exists()
     write_metrics(40.0, weights="0" * 64)
     with pytest.raises(VanillaNotLearnedError, match="describes other weights"):
-        export_svd(params, root)
+        export_svd(params, root, check_guide)
     # A model with no vanilla stage's metrics beside it (the benchmark's stand-in guide):
     # exported, and the export says the accuracy was not checked.
     path.unlink()
-    export_svd({**params, "svd": {**params["svd"], "power_iterations": 2}}, root)
+    export_svd({**params, "svd": {**params["svd"], "power_iterations": 2}}, root, check_guide)
     assert "the guide's accuracy is not checked" in capsys.readouterr().out
     assert (root / layout.svd_factors).is_file()
 

@@ -1,5 +1,6 @@
 """Tiny real `CertifiableNet`s and an l2 PGD for the bound tests
-(tests/test_bounds.py, tests/test_local_bounds.py).
+(tests/test_bounds.py, tests/test_local_bounds.py), and the reference oracles
+they check the bounds against (`dense_operator`, `certified_radius_lipschitz`).
 
 `INPUT_SHAPE` and `ARCHITECTURES` are patched only while a network is built
 (the model keeps its layout afterwards)."""
@@ -11,10 +12,14 @@ from unittest import mock
 import pytest
 import torch
 
+import torch.nn.functional as F
+
 import pipeline_src.models.architectures as architectures
+from pipeline_src.bounds.certifiers import MARGIN_RTOL
 from pipeline_src.bounds.ibp import flatten_if_needed
 from pipeline_src.models import CertifiableNet, ClippedReLU
-from pipeline_src.models.architectures import Conv, Dense
+from pipeline_src.models.architectures import Conv, Dense, WeightLayer
+from pipeline_src.spectral.operator_norm import apply_operator, operator_norm_upper_bound
 
 # name -> (input shape, layers); even widths everywhere for MaxMin.
 TINY = {
@@ -52,6 +57,34 @@ def tiny_net(arch: str, activation: str, seed: int, scale: float = 0.6,
             if isinstance(layer.activation, ClippedReLU):
                 layer.activation.theta.copy_(theta_max * torch.rand(layer.activation.theta.shape, generator=g))
     return model.eval()
+
+
+def dense_operator(layer: WeightLayer) -> torch.Tensor:
+    """The layer operator as an explicit (out_dim, in_dim) matrix (small layers only)."""
+    in_dim = math.prod(layer.input_shape)
+    basis = torch.eye(in_dim, dtype=layer.module.weight.dtype).reshape(in_dim, *layer.input_shape)
+    with torch.no_grad():
+        return apply_operator(layer, basis).reshape(in_dim, -1).t()
+
+
+def guaranteed_layer_norms(model: CertifiableNet) -> list[float]:
+    """Every layer's guaranteed spectral norm (the certifiers' `layer_norms(model).upper`,
+    without its power-iteration estimates)."""
+    return [operator_norm_upper_bound(layer) for layer in model.weight_layers()]
+
+
+def certified_radius_lipschitz(logits: torch.Tensor, y: torch.Tensor, lipschitz: float) -> torch.Tensor:
+    """The radius below which the Lipschitz margin certifies under the relative-margin
+    rule (0 for a wrong prediction), float64: min over i != y of
+    (z_y - z_i - MARGIN_RTOL (|z_y| + |z_i|)) / (sqrt(2) L (1 + MARGIN_RTOL)).
+    `lipschitz_certified` at eps is radius > eps (both sides of that equivalence are
+    rounded in float64, so they can differ only for eps within rounding of the radius)."""
+    z = logits.double()
+    true = z.gather(1, y[:, None])
+    room = true - z - MARGIN_RTOL * (true.abs() + z.abs())
+    radius = room / (math.sqrt(2.0) * float(lipschitz) * (1 + MARGIN_RTOL))
+    radius = radius.masked_fill(F.one_hot(y, z.shape[1]).bool(), float("inf")).amin(1)
+    return radius.clamp_min(0.0)
 
 
 def trace(model: CertifiableNet, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
@@ -106,7 +139,7 @@ def margin_attack(model: CertifiableNet, x: torch.Tensor, y: torch.Tensor, eps: 
 def certification_case(activation: str, theta_max: float = 1.5):
     """A small-weight tiny conv net, 32 points (four deliberately mislabelled), its
     clean logits and its guaranteed layer norms: (model, x, y, logits, norms)."""
-    from pipeline_src.bounds.certifiers import layer_norms, sound_numerics
+    from pipeline_src.bounds.numerics import layer_norms, sound_numerics
 
     model = tiny_net("tiny_conv", activation, seed=0, scale=0.5, theta_max=theta_max)
     g = torch.Generator().manual_seed(0)

@@ -44,7 +44,7 @@ stage() {  # stage NAME [ARGS...]: one stage, its output in $OUT/logs, its last 
 }
 time_left() { [ $(( BUDGET_S - $(elapsed) )) -gt "$1" ]; }
 
-params_value() { "$PY" -c "from pipeline_src.config import load_params, method_runs
+params_value() { "$PY" -c "from pipeline_src.config import load_params; from pipeline_src.runs import method_runs
 p = load_params('$PROFILE'); print($1)"; }
 
 # -- what the machine lacks ---------------------------------------------------------------

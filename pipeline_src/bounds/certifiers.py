@@ -4,10 +4,10 @@ their (correct) prediction for every l2 perturbation of norm <= eps.
 What is certified is the network with the trained (float32) weights, in exact
 arithmetic. Soundness rules, enforced here:
 
-  * numerics: every certifier runs on a float64 copy of the model
-    (`float64_model`) with float64 inputs, TF32 off, eval mode, no gradients
-    (`sound_numerics`); balls, boxes, radii and the BCP translation are float64
-    end to end, and the spectral norms are float64 python floats;
+  * numerics (`bounds.numerics`): every certifier runs on a float64 copy of
+    the model (`float64_model`) with float64 inputs, TF32 off, eval mode, no
+    gradients (`sound_numerics`); balls, boxes, radii and the BCP translation
+    are float64 end to end, and the spectral norms are float64 python floats;
   * every spectral norm is a guaranteed upper bound of the layer's operator
     norm (`spectral.operator_norm.operator_norm_upper_bound`), never a
     power-iteration estimate; the BCP translation is bounded from above by
@@ -31,14 +31,14 @@ arithmetic. Soundness rules, enforced here:
   * a point must also be classified correctly by the deployed float32 model
     (the `logits` the caller passes).
 
+The certifiers by name are `CERTIFIERS` (lipschitz, gloro, bcp, local), as the
+methods are `methods.METHODS`; `certified_at` certifies with one of them.
 Radius 0 is accuracy, not a certificate: `certified_at(..., 0, ...)` is the
 float32 model's correctness alone."""
 from __future__ import annotations
 
-import copy
 import math
-from contextlib import contextmanager
-from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -46,83 +46,12 @@ import torch.nn.functional as F
 from .bcp import ball_box_bounds, certified_translation
 from .gloro import certified_margin_shift
 from .local import local_certified_state
+from .numerics import LayerNorms, float64_model
 from ..models.architectures import CertifiableNet
-from ..spectral.operator_norm import operator_norm_upper_bound, power_iteration
 
 # The relative-margin rule (module docstring): a margin must exceed this fraction of
 # |z_y| + |z_i| + |t_i| to be certified.
 MARGIN_RTOL = 1e-6
-
-
-@contextmanager
-def fp32_numerics(model: torch.nn.Module):
-    """TF32 off for matmul and cuDNN, eval mode; restores the previous settings.
-    Gradients stay as they were (the attack stage needs them)."""
-    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    was_training = model.training
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    model.eval()
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
-        model.train(was_training)
-
-
-@contextmanager
-def sound_numerics(model: CertifiableNet):
-    """TF32 off, eval mode, no gradients; restores the previous settings. (The
-    certifiers themselves move to float64: `float64_model`.)"""
-    with fp32_numerics(model), torch.no_grad():
-        yield
-
-
-def float64_model(model: CertifiableNet) -> CertifiableNet:
-    """The model itself if it is float64 already, else a float64 copy in eval mode
-    (the float32 weights are exactly representable, so it is the same network)."""
-    if all(p.dtype == torch.float64 for p in model.parameters()):
-        return model
-    twin = copy.deepcopy(model)
-    for p in twin.parameters():
-        p.grad = None
-        p.requires_grad_(False)
-    return twin.double().eval()
-
-
-@dataclass
-class LayerNorms:
-    upper: list[float]      # guaranteed
-    estimate: list[float]   # power iteration, for the report
-
-    @property
-    def lipschitz_upper(self) -> float:
-        return math.prod(self.upper)
-
-    @property
-    def sub_lipschitz_upper(self) -> float:
-        """The product of the guaranteed bounds of every layer but the last (GloRo's K_sub)."""
-        return math.prod(self.upper[:-1])
-
-    def report(self) -> dict:
-        return {"method": "upper: exact float64 SVD (dense), polyphase circular-conv DFT bound (conv); "
-                          "estimate: power iteration",
-                "upper": self.upper, "estimate": self.estimate,
-                "upper_over_estimate": [u / e for u, e in zip(self.upper, self.estimate)],
-                "lipschitz_upper": self.lipschitz_upper, "lipschitz_estimate": math.prod(self.estimate)}
-
-
-def layer_norms(model: CertifiableNet, power_iterations: int = 200, seed: int = 0) -> LayerNorms:
-    generator = torch.Generator().manual_seed(seed)
-    layers = model.weight_layers()
-    upper = [operator_norm_upper_bound(layer) for layer in layers]
-    estimate = []
-    for layer in layers:
-        start = torch.randn((1, *layer.input_shape), generator=generator).to(layer.module.weight.device)
-        estimate.append(power_iteration(layer, power_iterations, 1e-9, v=start)[0])
-    for layer, u, e in zip(layers, upper, estimate):
-        if u < e:
-            raise AssertionError(f"layer {layer.name}: upper bound {u} below the estimate {e}: unsound")
-    return LayerNorms(upper, estimate)
 
 
 def certifiers_for(model: CertifiableNet) -> list[str]:
@@ -155,20 +84,6 @@ def lipschitz_certified(logits: torch.Tensor, y: torch.Tensor, lipschitz: float,
     return margin_certified(logits, math.sqrt(2.0) * float(lipschitz) * float(eps), y)
 
 
-def certified_radius_lipschitz(logits: torch.Tensor, y: torch.Tensor, lipschitz: float) -> torch.Tensor:
-    """The radius below which the Lipschitz margin certifies under the relative-margin
-    rule (0 for a wrong prediction), float64: min over i != y of
-    (z_y - z_i - MARGIN_RTOL (|z_y| + |z_i|)) / (sqrt(2) L (1 + MARGIN_RTOL)).
-    `lipschitz_certified` at eps is radius > eps (both sides of that equivalence are
-    rounded in float64, so they can differ only for eps within rounding of the radius)."""
-    z = logits.double()
-    true = z.gather(1, y[:, None])
-    room = true - z - MARGIN_RTOL * (true.abs() + z.abs())
-    radius = room / (math.sqrt(2.0) * float(lipschitz) * (1 + MARGIN_RTOL))
-    radius = radius.masked_fill(F.one_hot(y, z.shape[1]).bool(), float("inf")).amin(1)
-    return radius.clamp_min(0.0)
-
-
 def gloro_certified(model: CertifiableNet, logits: torch.Tensor, y: torch.Tensor, eps: float,
                     norms: LayerNorms) -> torch.Tensor:
     """GloRo's margin bound (Leino et al. 2021) under the relative-margin rule: for every
@@ -194,31 +109,56 @@ def local_certified(model: CertifiableNet, x: torch.Tensor, y: torch.Tensor, eps
     return margin_certified(logits, certified_translation(model, state, y), y)
 
 
+# ------------------------------------------------------------------ the certifiers by name
+# A certifier: (model, x, y, eps, norms, exact_logits) -> bool per example, certified at
+# eps under the relative-margin rule; `exact_logits`: the float64 model's logits at x, or
+# None (computed here by a certifier that needs them).
+Certifier = Callable[[CertifiableNet, torch.Tensor, torch.Tensor, float, LayerNorms, torch.Tensor | None],
+                     torch.Tensor]
+
+
+def _exact(model: CertifiableNet, x: torch.Tensor, exact_logits: torch.Tensor | None) -> torch.Tensor:
+    return float64_model(model)(x.double()) if exact_logits is None else exact_logits
+
+
+def _lipschitz_certifier(model, x, y, eps, norms, exact_logits):
+    return lipschitz_certified(_exact(model, x, exact_logits), y, norms.lipschitz_upper, eps)
+
+
+def _gloro_certifier(model, x, y, eps, norms, exact_logits):
+    return gloro_certified(model, _exact(model, x, exact_logits), y, eps, norms)
+
+
+# BCP and local take their float64 logits from their own pass through the ball's centre.
+def _bcp_certifier(model, x, y, eps, norms, exact_logits):
+    return bcp_certified(model, x, y, eps, norms)
+
+
+def _local_certifier(model, x, y, eps, norms, exact_logits):
+    return local_certified(model, x, y, eps, norms)
+
+
+CERTIFIERS: dict[str, Certifier] = {
+    "lipschitz": _lipschitz_certifier,
+    "gloro": _gloro_certifier,
+    "bcp": _bcp_certifier,
+    "local": _local_certifier,
+}
+
+
 def certified_at(name: str, model: CertifiableNet, x: torch.Tensor, y: torch.Tensor,
                  logits: torch.Tensor, radius: float, norms: LayerNorms,
                  exact_logits: torch.Tensor | None = None) -> torch.Tensor:
     """Bool per example: correctly classified (by `logits`, the deployed model's) and
-    certified by `name` at `radius`. `model` may be the float32 model or its
+    certified by `CERTIFIERS[name]` at `radius`. `model` may be the float32 model or its
     `float64_model` (pass the latter when calling many times: no copy each call);
     `exact_logits`: the float64 model's logits at x, if the caller has them."""
     correct = logits.argmax(1) == y
     if radius == 0:
         return correct
-    if name == "lipschitz":
-        if exact_logits is None:
-            exact_logits = float64_model(model)(x.double())
-        certified = lipschitz_certified(exact_logits, y, norms.lipschitz_upper, radius)
-    elif name == "gloro":
-        if exact_logits is None:
-            exact_logits = float64_model(model)(x.double())
-        certified = gloro_certified(model, exact_logits, y, radius, norms)
-    elif name == "bcp":
-        certified = bcp_certified(model, x, y, radius, norms)
-    elif name == "local":
-        certified = local_certified(model, x, y, radius, norms)
-    else:
-        raise ValueError(f"unknown certifier '{name}'")
-    return certified & correct
+    if name not in CERTIFIERS:
+        raise ValueError(f"unknown certifier '{name}' (known: {', '.join(CERTIFIERS)})")
+    return CERTIFIERS[name](model, x, y, radius, norms, exact_logits) & correct
 
 
 def certified_curve(name: str, model64: CertifiableNet, x: torch.Tensor, y: torch.Tensor,

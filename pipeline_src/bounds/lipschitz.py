@@ -15,8 +15,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..models.architectures import CertifiableNet, WeightLayer
-from ..spectral.operator_norm import apply_adjoint, apply_operator, operator_norm_upper_bound
+from ..models.architectures import WeightLayer
+from ..spectral.operator_norm import apply_adjoint, apply_operator
 
 
 class PersistentPowerIteration:
@@ -50,10 +50,6 @@ class PersistentPowerIteration:
     def load_state_dict(self, state: dict) -> None:
         device = self.vectors[0].device
         self.vectors = [v.to(device) for v in state["vectors"]]
-
-
-def guaranteed_layer_norms(model: CertifiableNet) -> list[float]:
-    return [operator_norm_upper_bound(layer) for layer in model.weight_layers()]
 
 
 def lipschitz_worst_logits(logits: torch.Tensor, y: torch.Tensor, lipschitz: torch.Tensor | float,

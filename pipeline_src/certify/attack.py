@@ -17,7 +17,7 @@ from ..errors import StageError
 from ..io import git_commit, state_dict_sha256, save_json
 from ..paths import RunLayout
 from ..runtime import device_name, resolve_device
-from ..bounds.certifiers import fp32_numerics
+from ..bounds.numerics import fp32_numerics
 from ..models.loading import load_trained
 from .stage import evaluated_test_split
 

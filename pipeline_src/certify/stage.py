@@ -37,8 +37,8 @@ from ..models.architectures import CertifiableNet
 from ..models.loading import load_trained
 from ..paths import RunLayout
 from ..runtime import device_name, make_generator, resolve_device, stage_seed
-from ..bounds.certifiers import (MARGIN_RTOL, certified_curve, certifiers_for, float64_model, layer_norms,
-                         margin_certified, sound_numerics)
+from ..bounds.certifiers import MARGIN_RTOL, certified_curve, certifiers_for, margin_certified
+from ..bounds.numerics import float64_model, layer_norms, sound_numerics
 
 NUMERICS = (f"certificates in float64 (a float64 copy of the model, float64 inputs, bounds and "
             f"translation), TF32 off, eval mode; a margin is certified only if it exceeds "

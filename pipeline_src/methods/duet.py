@@ -38,7 +38,7 @@ import torch
 from ..models.loading import load_trained
 from ..spectral.operator_norm import apply_operator
 from ..spectral.rotation import (FactorisedRotation, apply_rotation, factorised_inner, layer_matrix,
-                                 top_rank_rotation)
+                                 resolve_rank, top_rank_rotation)
 from .base import register
 from .bcp import BCP
 
@@ -60,11 +60,6 @@ def vanilla_sigma(factors: dict, reading: str) -> float:
     if reading == "operator":
         return float(factors["operator_norm_estimate"])
     return float(factors["S"].double().norm())
-
-
-def resolve_rank(rank: int | str, matrix_shape: tuple[int, int]) -> int:
-    full = min(matrix_shape)
-    return full if rank == "full" else min(int(rank), full)
 
 
 class SimilarityTerm:

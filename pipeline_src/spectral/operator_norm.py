@@ -16,7 +16,6 @@ one small C_out x C_in matrix per frequency (Sedghi et al. 2019).
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -123,11 +122,3 @@ def _polyphase_canvas(layer: WeightLayer) -> int:
     phases_side = -(-padded_side // stride)
     out_side, taps = layer.output_shape[1], -(-kernel // stride)
     return max(phases_side, out_side + taps - 1)
-
-
-def dense_operator(layer: WeightLayer) -> torch.Tensor:
-    """The layer operator as an explicit (out_dim, in_dim) matrix; for tests on small layers."""
-    in_dim = math.prod(layer.input_shape)
-    basis = torch.eye(in_dim, dtype=layer.module.weight.dtype).reshape(in_dim, *layer.input_shape)
-    with torch.no_grad():
-        return apply_operator(layer, basis).reshape(in_dim, -1).t()

@@ -1,7 +1,7 @@
 """Rotation factors of weight layers (Duet, sections 4.3-4.4): for the matrix
 view W = U S V^T of a layer (out x in for a dense layer, C_out x C_in*k*k for
-a convolution), its rank-r "rotation" R_r = U_r V_r^T, the similarity of two
-models' rotations, and the layer map with R_r in place of W ("Rota").
+a convolution), its rank-r "rotation" R_r = U_r V_r^T (r: `resolve_rank`), the
+cosine of two models' rotations, and the layer map with R_r in place of W ("Rota").
 
 Two readings of the certification model's rotation are computed here (see
 docs/duet-method.md):
@@ -79,9 +79,16 @@ class _TopRankRotation(torch.autograd.Function):
         return result.to(grad.dtype), None
 
 
+def resolve_rank(rank: int | str | None, matrix_shape: tuple[int, ...]) -> int:
+    """The number of singular vectors r that `rank` means for a matrix of this shape:
+    all of them (min(out, in)) for 'full' or None, else `rank` capped at that."""
+    full = min(matrix_shape)
+    return full if rank in (None, "full") else min(int(rank), full)
+
+
 def top_rank_rotation(weight_matrix: torch.Tensor, rank: int) -> torch.Tensor:
     """U_r V_r^T of `weight_matrix`, differentiable (see `_TopRankRotation`)."""
-    return _TopRankRotation.apply(weight_matrix, min(int(rank), min(weight_matrix.shape)))
+    return _TopRankRotation.apply(weight_matrix, resolve_rank(rank, weight_matrix.shape))
 
 
 def rotation_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -99,7 +106,7 @@ def factorised_inner(u_r: torch.Tensor, v_r: torch.Tensor, matrix: torch.Tensor)
 def exact_rotation(weight_matrix: torch.Tensor | None, rank: int | None, svd=None) -> torch.Tensor:
     """U_r V_r^T from a float64 SVD (rank None: full); `svd` reuses a computed one."""
     u, _, vh = svd if svd is not None else torch.linalg.svd(weight_matrix.double(), full_matrices=False)
-    r = vh.shape[0] if rank is None else min(rank, vh.shape[0])
+    r = resolve_rank(rank, vh.shape)
     return u[:, :r] @ vh[:r]
 
 

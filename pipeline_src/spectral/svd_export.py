@@ -8,18 +8,21 @@ a conv), its full SVD W = U diag(S) V^T, the top-r factors for each rank in
 (stride and padding included) as a power-iteration estimate and a guaranteed
 upper bound. Their product over the layers is the network's global Lipschitz
 bound (estimate and guaranteed).
+
+The guide is checked first by the check the caller hands in (the svd stage:
+`training.vanilla_checks.check_guide`, a stage check above this layer).
 """
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from ..io import save_json, save_torch, state_dict_sha256
 from ..models import build_model
 from ..paths import RunLayout
-from ..models.guide_checks import check_guide
 from .operator_norm import matrix_view, operator_norm_upper_bound, power_iteration
 
 
@@ -34,7 +37,10 @@ def load_vanilla(path: Path, model_params: dict) -> torch.nn.Module:
     return model.eval()
 
 
-def export_svd(params: dict, root: Path) -> dict:
+def export_svd(params: dict, root: Path, check_guide: Callable[[Path, str, dict], dict]) -> dict:
+    """Write the vanilla model's SVD factors and their summary. `check_guide(metrics_path,
+    weights_sha256, params)` raises unless the guide's metrics describe these weights and
+    show it learned (`training.vanilla_checks.check_guide`)."""
     layout = RunLayout.of(params)
     cfg = params["svd"]
     model_path = root / layout.vanilla_model

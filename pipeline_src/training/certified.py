@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..bounds.certifiers import certify_batch, float64_model, layer_norms, sound_numerics
+from ..bounds.certifiers import certify_batch
+from ..bounds.numerics import float64_model, layer_norms, sound_numerics
 from ..runs import method_runs
 from ..data.cifar import load_cache
 from ..data.loader import DeviceBatches
