@@ -18,9 +18,11 @@ times one; `fit-epochs` and tools/window_fit.py size concurrent schedules from i
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
 import queue
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,7 +40,9 @@ from .report.benchmark_tables import concurrency_markdown_table, depth_markdown_
 from .report.format import format_peak_memory
 from .runtime import (device_name, make_generator, peak_memory_mb, reset_peak_memory, resolve_device,
                       use_fp32_numerics)
+from .spectral.svd_export import export_svd
 from .training.certified import certified_step
+from .training.vanilla_checks import check_guide
 
 
 def _time_steps(step, batches, warmup_steps: int, steps: int, device: torch.device) -> tuple[float, float]:
@@ -61,12 +65,6 @@ def _guide_root(params: dict, root: Path, arch: str) -> Path:
     """Where Duet's (and Duet-local's) guide is read: the run's own vanilla model and SVD export when they
     have this architecture; otherwise (a depth comparison) a random vanilla model of
     `arch` and its export in a scratch folder: the cost does not depend on the weights."""
-    import tempfile
-
-    from .models import build_model
-    from .spectral.svd_export import export_svd
-    from .training.vanilla_checks import check_guide
-
     layout = RunLayout.of(params)
     if arch == params["model"]["arch"] and (root / layout.svd_factors).is_file():
         return root
@@ -93,7 +91,7 @@ def benchmark_depth(params: dict, root: Path, methods: list[str], archs: list[st
     out = root / RunLayout.of(params).benchmark_depth
     save_json(depth, out)
     print(depth_markdown_table(depth))
-    print(f"[benchmark] wrote {out}")
+    print(f"[benchmark] wrote {out.relative_to(root).as_posix()}")
     return depth
 
 
@@ -185,7 +183,7 @@ def benchmark(params: dict, root: Path, methods: list[str], arch: str | None, wa
     print(markdown_table(result))
     if "concurrency" in result:
         print(concurrency_markdown_table(result["concurrency"]))
-    print(f"[benchmark] wrote {out}")
+    print(f"[benchmark] wrote {out.relative_to(root).as_posix()}")
     return result
 
 
@@ -271,8 +269,6 @@ def concurrency_benchmark(params: dict, root: Path, counts: list[int], warmup_st
     (1 is always measured: the reference), one process each, all started (and compiled)
     once: round k runs `steps` timed steps in the first k processes at once while the
     others wait. The wall time of a round is from the first start to the last end."""
-    import multiprocessing
-
     counts = sorted(set(counts) | {1})
     method_name = CONCURRENCY_METHOD
     batch = params[method_name]["batch_size"]

@@ -8,8 +8,15 @@ import sys
 from pathlib import Path
 
 from .config import PAPER_PROFILE, PROJECT_ROOT, ParamsError, load_params
+from .dag import record_dvc_stage_for_snakemake
 from .errors import StageError
+from .runs import method_runs
 from .stage_header import stage_header
+
+# Each handler imports its stage's code inside itself, on purpose: a rule's code inputs are
+# the import closure of its handler (code_deps.py, docs/dag.md "Code inputs"), so an import
+# moved to the top of this module would become a code input of every stage, and make each
+# stage's start-up pay for every other stage's modules.
 
 
 def _stage_data(params: dict, root: Path, args) -> None:
@@ -90,19 +97,19 @@ def _stage_similarity_control(params: dict, root: Path, args) -> None:
 
 
 def _stage_tables(params: dict, root: Path, args) -> None:
-    from .report.stage import make_tables
+    from .report.tables import make_tables
 
     make_tables(params, root)
 
 
 def _stage_figures(params: dict, root: Path, args) -> None:
-    from .report.stage import make_figures
+    from .report.figures import make_figures
 
     make_figures(params, root)
 
 
 def _stage_report(params: dict, root: Path, args) -> None:
-    from .report.stage import make_report
+    from .report.document import make_report
 
     make_report(params, root)
 
@@ -111,7 +118,7 @@ def _export_dvc(params: dict, root: Path, args) -> None:
     from .dag import write_dvc_yaml
 
     for path in write_dvc_yaml(root, profiles=args.profiles):
-        print(f"[export-dvc] wrote {path}")
+        print(f"[export-dvc] wrote {path.relative_to(root).as_posix()}")
 
 
 def _fit_epochs(params: dict, root: Path, args) -> None:
@@ -129,7 +136,8 @@ def _make_sample(params: dict, root: Path, args) -> None:
     from .data.sample import cut_sample
 
     digest = cut_sample(Path(args.source), SAMPLE_ARCHIVE)
-    print(f"[make-sample] wrote {SAMPLE_ARCHIVE} sha256 {digest}; pin it in data/cifar.py SAMPLE_SHA256")
+    print(f"[make-sample] wrote {SAMPLE_ARCHIVE.relative_to(root).as_posix()} sha256 {digest}; "
+          "pin it in data/cifar.py SAMPLE_SHA256")
 
 
 STAGES = {
@@ -150,6 +158,10 @@ STAGES = {
     "report": (_stage_report, "REPORT.md: the tables, figures and provenance of the run"),
 }
 METHOD_STAGES = ("train", "certify", "pgd", "similarity")
+# Stages that read metrics files only (pandas, matplotlib) and run without torch, whose
+# import alone takes 2.8 s on two cores (measured): no torch numerics to set for them.
+# tests/test_imports.py checks that their code imports no torch.
+TORCH_FREE_STAGES = ("tables", "figures", "report")
 TOOLS = {
     "benchmark": (_benchmark, "seconds per epoch and peak memory of each method beside the floor"),
     "fit-epochs": (_fit_epochs, "shrink a method's schedule in the profile to a time budget, from the benchmark"),
@@ -233,6 +245,8 @@ def set_numerics(params: dict) -> None:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     # Inductor's own switch, read when torch._inductor.config is first imported.
     os.environ["TORCHINDUCTOR_DETERMINISTIC"] = "1" if deterministic else "0"
+    # Lazy: the report stages run without torch (TORCH_FREE_STAGES; its import takes 2.8 s on
+    # two cores, measured), and the Snakefile imports this package to plan the DAG.
     import torch
 
     torch.set_num_threads(threads)
@@ -257,7 +271,7 @@ def _device_text(name: str) -> str:
     itself refuses `cuda` without one."""
     if name != "auto":
         return name
-    import torch
+    import torch  # lazy, as in set_numerics
 
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -273,8 +287,6 @@ def main(argv: list[str] | None = None) -> int:
     except ParamsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from .runs import method_runs
-
     if getattr(args, "method", None) and args.method not in method_runs(params):
         print(f"error: --method {args.method}: not a run of this profile "
               f"({', '.join(method_runs(params))})", file=sys.stderr)
@@ -285,18 +297,17 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout, sys.stderr = _Tee(sys.__stdout__, log), _Tee(sys.__stderr__, log)
     # The DAG's stages: STAGES and the benchmark (the `timing` rule).
     dag_stage = args.command in STAGES or args.command == "benchmark"
-    if dag_stage:
+    torch_free = args.command in TORCH_FREE_STAGES
+    if dag_stage and not torch_free:
         set_numerics(params)
     if args.command in STAGES:
-        print(stage_header(params, args.command, getattr(args, "method", None), root,
-                           _device_text(params["run"]["device"])), flush=True)
+        device = "no torch" if torch_free else _device_text(params["run"]["device"])
+        print(stage_header(params, args.command, getattr(args, "method", None), root, device), flush=True)
     try:
         handler(params, root, args)
     except StageError as err:  # ParamsError, DataError, ReportError, an unsound certificate, ...
         print(f"error: {err}", file=sys.stderr)
         return 2
     if dag_stage and os.environ.get("DVC_STAGE"):
-        from .dag import record_dvc_stage_for_snakemake
-
         record_dvc_stage_for_snakemake(os.environ["DVC_STAGE"], args.profile, args.log, root)
     return 0

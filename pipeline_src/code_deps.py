@@ -15,6 +15,8 @@ followed for this one. Code a stage reaches without an import statement is
 invisible unless it is declared here: a package that imports its modules by
 discovery (IMPORTS_EVERY_MODULE) and non-Python files a module reads as code
 (DATA_FILES). docs/dag.md, "Code inputs", says the same for the workflow's user.
+Outside cli's handlers an import belongs at the top of its module, unless a comment
+beside it says why (a measured start-up cost, an optional package): tests/test_imports.py.
 The same import graph checks the package's layering (tests/test_layers.py).
 
 Only `pipeline_src` modules are followed; a package's `__init__.py` counts

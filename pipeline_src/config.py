@@ -8,10 +8,12 @@ that the Snakefile can import it cheaply.
 from __future__ import annotations
 
 import copy
+import difflib
 import re
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import yaml
 
 from .errors import StageError
@@ -31,6 +33,13 @@ def profile_override_path(profile: str, root: Path = PROJECT_ROOT) -> Path | Non
     if profile == PAPER_PROFILE:
         return None
     return root / "config" / profile / "params.yaml"
+
+
+def dvc_yaml_path(profile: str, root: Path = PROJECT_ROOT) -> Path:
+    """The dvc.yaml generated for a profile (`export-dvc`): ./dvc.yaml for the paper's,
+    config/<name>/dvc.yaml beside the override file for any other."""
+    override = profile_override_path(profile, root)
+    return root / "dvc.yaml" if override is None else override.parent / "dvc.yaml"
 
 
 def deep_merge(base: dict, override: dict) -> dict:
@@ -128,8 +137,6 @@ def _params_error_text(err, source: str, root: Path, override: tuple[dict, str] 
     """One schema error as `file: key 'a.b' at line N: message` (an unknown key: `file:
     unknown key 'a.b' at line N (did you mean 'a.c'?)`), naming the file that sets it:
     `override` (its params, its name) when that file sets the key, else `source`."""
-    import difflib
-
     path = list(err.absolute_path)
     unknown = []
     if err.validator == "additionalProperties":
@@ -151,8 +158,6 @@ def validate_params(params: dict, source: str = "params", root: Path = PROJECT_R
                     override: tuple[dict, str] | None = None) -> None:
     """Raise ParamsError naming every offending key (dotted path), each with the file
     that sets it and its line there, on one line (the first error first)."""
-    import jsonschema
-
     validator = jsonschema.Draft202012Validator(load_schema(root))
     errors = sorted(validator.iter_errors(params), key=lambda e: [str(p) for p in e.absolute_path])
     if not errors:
@@ -229,8 +234,6 @@ def check_variants(params: dict, source: str) -> None:
     """A variant overrides keys its block has (the schema checked the values), makes no
     runs of its own, has a schedule that reaches eps_train, and a name that reads as no
     other run's (`bcp-vinit` is an init variant, `bcp-s1` a seed)."""
-    import difflib
-
     forbidden = ("variants", *DUET_GRID)   # keys that make runs themselves
     for method in params["methods"]:
         cfg = params[method]

@@ -14,7 +14,10 @@ profile's override file as a second params file.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from itertools import product
 from types import SimpleNamespace
@@ -23,7 +26,7 @@ from pathlib import Path
 import yaml
 
 from .snakemake_adapter import RuleView, apply_wildcards, load_rules
-from .config import BASE_PARAMS, PAPER_PROFILE, PROJECT_ROOT, load_params, profile_override_path
+from .config import BASE_PARAMS, PAPER_PROFILE, PROJECT_ROOT, dvc_yaml_path, load_params, profile_override_path
 from .runs import method_runs, runs_to_train
 
 HEADER = ("# Generated from the Snakemake workflow by `python -m pipeline_src export-dvc`;\n"
@@ -177,11 +180,6 @@ def training_curves(stages: list[Stage], prefix: str = "") -> list[dict]:
             for title, column in TRAINING_CURVES.items()]
 
 
-def dvc_yaml_path(profile: str, root: Path = PROJECT_ROOT) -> Path:
-    override = profile_override_path(profile, root)
-    return root / "dvc.yaml" if override is None else override.parent / "dvc.yaml"
-
-
 def known_profiles(root: Path = PROJECT_ROOT) -> list[str]:
     return [PAPER_PROFILE] + sorted(p.parent.name for p in (root / "config").glob("*/params.yaml"))
 
@@ -199,8 +197,6 @@ def write_dvc_yaml(root: Path = PROJECT_ROOT, profiles: list[str] | None = None)
 # Each runner records what the other ran (docs/runners.md), so that after either one the
 # other has nothing to do until something it tracks changes.
 def _dvc_importable() -> bool:
-    import importlib.util
-
     return importlib.util.find_spec("dvc") is not None
 
 
@@ -210,9 +206,6 @@ def record_snakemake_jobs_for_dvc(jobs: list[tuple[str, dict]], profile: str, ro
     Outputs are not cached (OUT_OPTIONS), so this only hashes files. Nothing when DVC is
     not installed, when the project is no DVC repository, or when `dvc repro` itself ran
     this Snakemake (it records its own lock)."""
-    import subprocess
-    import sys
-
     dvc_file = dvc_yaml_path(profile, root)
     if os.environ.get("DVC_STAGE") or not _dvc_importable() or not (root / ".dvc").is_dir() \
             or not dvc_file.is_file():
@@ -239,10 +232,6 @@ def record_dvc_stage_for_snakemake(dvc_stage: str, profile: str, log: str | None
     """After a stage that `dvc repro` ran (DVC_STAGE set): record its job in Snakemake's
     metadata (params, code, input set), as a Snakemake run would have, with `snakemake
     --touch --force` on its outputs. Nothing when Snakemake is not installed."""
-    import importlib.util
-    import subprocess
-    import sys
-
     if importlib.util.find_spec("snakemake") is None:
         return
     where, _, name = dvc_stage.rpartition(":")

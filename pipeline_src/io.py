@@ -39,7 +39,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 def save_torch(obj: Any, path: str | Path) -> None:
-    import torch
+    import torch  # lazy: the report stages and the Snakefile import this module without torch
 
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
@@ -85,7 +85,7 @@ def git_commit(root: str | Path) -> str:
 def state_dict_sha256(state_dict: dict) -> str:
     """sha256 of a model's weights (names, dtypes, shapes, values): unlike the
     hash of a torch.save file, it is the same for the same weights."""
-    import torch
+    import torch  # lazy, as in save_torch
 
     digest = hashlib.sha256()
     for name in sorted(state_dict):

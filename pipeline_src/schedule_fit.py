@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .config import BASE_PARAMS, profile_override_path, read_base_params
 from .paths import RunLayout
+from .runs import runs_to_train, similarity_settings
 
 # Per-epoch work besides the timed training steps: the sound validation pass (guaranteed
 # norms on the host, BCP on the validation split) and the checkpoint; measured ~1-2 s.
@@ -129,7 +130,7 @@ def fit_epochs(params: dict, root: Path, method: str, budget_s: float, concurren
     profile_file.write_text(rewrite_block(profile_file.read_text(), method, schedule))
     print(f"[fit-epochs] {method}: {row['seconds_per_epoch']:.2f} s per epoch measured"
           f"{f' (x{slowdown:.2f} beside {concurrent_jobs - 1} other jobs)' if concurrent_jobs > 1 else ''}, "
-          f"{budget_s:.0f} s -> {schedule} written to {profile_file}")
+          f"{budget_s:.0f} s -> {schedule} written to {profile_file.relative_to(root).as_posix()}")
     return schedule
 
 
@@ -165,8 +166,6 @@ def window_plan(params: dict, seconds_per_epoch: dict[str, float], budget_s: flo
     each of k jobs sharing the card takes (concurrency_slowdown). LMT, BCP and every Duet
     run share one schedule, sized for the Duet runs, which start last (after the vanilla
     model and the SVD); LocalBCP gets its own, from the end of the data stage."""
-    from .runs import runs_to_train, similarity_settings
-
     costs = {**WINDOW_COSTS, **(costs or {})}
     runs = runs_to_train(params)
     methods = {run.method for run in runs.values()}

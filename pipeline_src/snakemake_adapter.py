@@ -29,7 +29,7 @@ class SnakemakeVersionError(StageError):
 def check_snakemake_version(version: str | None = None) -> str:
     """The installed Snakemake version, if its major.minor is TESTED_SNAKEMAKE."""
     if version is None:
-        try:
+        try:  # optional: the GPU machine runs the stages without Snakemake
             from snakemake import __version__ as version
         except ImportError as err:
             raise SnakemakeVersionError("Snakemake is not installed: pip install -r requirements.txt") from err
@@ -72,6 +72,8 @@ class RuleView:
 
 
 def apply_wildcards(pattern: str, wildcards: dict[str, str]) -> str:
+    # Lazy, like every Snakemake import here: the stages import this module (through dag.py)
+    # where Snakemake is not installed, and snakemake.api takes 1.7 s to import (measured).
     from snakemake.io import apply_wildcards as snakemake_apply
 
     return snakemake_apply(str(pattern), wildcards)
@@ -102,6 +104,7 @@ def _view(rule) -> RuleView:
 def load_rules(snakefile: Path, workdir: Path, config: dict[str, Any]) -> dict[str, RuleView]:
     """The rules of the workflow in `snakefile` as loaded with `config`, by name."""
     check_snakemake_version()
+    # lazy: see apply_wildcards
     from snakemake.api import SnakemakeApi
     from snakemake.settings.types import (ConfigSettings, OutputSettings, Quietness, ResourceSettings,
                                           StorageSettings)

@@ -558,7 +558,7 @@ def test_attacks_run_on_the_correct_points_and_a_forged_certificate_still_stops(
     """The attacks see exactly the correctly classified test points (every certified point
     among them); each later attack only the points the earlier ones left robust; a
     certificate on a misclassified point (a forged one) still stops the stage."""
-    from pipeline_src.certify.stage import evaluated_test_split
+    from pipeline_src.data.subsets import evaluated_test_split
     from pipeline_src.data.cifar import load_cache
 
     params, layout, model, method = write_tiny_run(tmp_path, "relu", eps=0.02)

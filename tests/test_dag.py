@@ -12,7 +12,8 @@ import yaml
 from conftest import ROOT
 from pipeline_src.config import load_params
 from pipeline_src.runs import method_runs
-from pipeline_src.dag import dvc_document, dvc_yaml_path, known_profiles, workflow_rules, workflow_stages
+from pipeline_src.config import dvc_yaml_path
+from pipeline_src.dag import dvc_document, known_profiles, workflow_rules, workflow_stages
 
 STAGE_MODULES = {
     "data": "pipeline_src.data.cifar",

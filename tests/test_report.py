@@ -21,7 +21,9 @@ from pipeline_src.runs import control_seed, method_runs, similarity_rank
 from pipeline_src.report import paper
 from pipeline_src.report.collect import ReportError, collect
 from pipeline_src.report.figures import DPI, FIGURES, SIZES, write_figures
-from pipeline_src.report.stage import make_figures, make_report, make_tables
+from pipeline_src.report.document import make_report
+from pipeline_src.report.figures import make_figures
+from pipeline_src.report.tables import make_tables
 from pipeline_src.report.document import similarity_findings
 from pipeline_src.report.tables import REFERENCE_ESTIMATE, summary, table1, table2, table3, to_markdown
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline_src.certify.stage import evaluated_test_split, stratified_test_indices
+from pipeline_src.data.subsets import evaluated_test_split, stratified_test_indices
 
 
 class _Data:

@@ -145,10 +145,13 @@ def test_certify_subset_accuracy_is_measured_on_the_certified_images():
     assert everything == {"images": 500, "accuracy": 10.0}
 
 
-def test_certify_subset_is_the_certify_stages_subset():
-    from pipeline_src.certify import stage
+def test_certify_subset_is_the_certify_and_pgd_stages_subset():
+    from pipeline_src.certify import attack, stage
+    from pipeline_src.data.subsets import evaluated_test_split
+    from pipeline_src.training import vanilla
 
-    assert stage.stratified_test_indices is stratified_test_indices
+    assert stage.evaluated_test_split is attack.evaluated_test_split is vanilla.evaluated_test_split \
+        is evaluated_test_split
 
 
 def test_vanilla_stage_reports_the_subset_and_stops_below_the_threshold(tmp_path):

@@ -11,15 +11,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torchattacks
 
 from ..data.cifar import data_record, load_cache
+from ..data.subsets import evaluated_test_split
 from ..errors import StageError
 from ..io import git_commit, state_dict_sha256, save_json
 from ..paths import RunLayout
 from ..runtime import device_name, resolve_device
 from ..bounds.numerics import fp32_numerics
 from ..models.loading import load_trained
-from .stage import evaluated_test_split
 
 
 class UnsoundCertificateError(StageError, RuntimeError):
@@ -27,8 +28,6 @@ class UnsoundCertificateError(StageError, RuntimeError):
 
 
 def _attacks(model, cfg: dict, eps: float, seed: int):
-    import torchattacks
-
     attacks = []
     for restart in range(cfg["restarts"]):
         pgd = torchattacks.PGDL2(model, eps=eps, alpha=eps * cfg["step_size_factor"], steps=cfg["steps"],

@@ -21,7 +21,7 @@ import torch
 from ..io import git_commit, load_json, save_json, state_dict_sha256
 from ..models import build_model
 from ..paths import RunLayout
-from ..runs import SIMILARITY_CONTROLS, control_rank, control_seed, similarity_rank, similarity_settings
+from ..runs import SIMILARITY_CONTROLS, control_rank, control_seed, method_runs, similarity_rank, similarity_settings
 from ..spectral.similarity import comparison_metrics, layer_svds
 from ..runtime import resolve_device, stage_seed
 from ..bounds.numerics import layer_norms, sound_numerics
@@ -37,8 +37,6 @@ def _summary_line(metrics: dict) -> str:
 
 
 def similarity_metrics(params: dict, method: str, root: Path) -> dict:
-    from ..runs import method_runs
-
     layout = RunLayout.of(params)
     device = resolve_device(params["run"]["device"])
     model = load_trained(root / layout.train(method, "model.pt"), device)

@@ -29,7 +29,7 @@ from ..bounds.bcp import certified_translation
 from ..bounds.local import REFERENCE_POWER_ITERATIONS, REFERENCE_TOLERANCE, local_estimated_state
 from ..data.cifar import data_record, load_cache
 from ..data.loader import DeviceBatches
-from ..data.subsets import stratified_test_indices
+from ..data.subsets import evaluated_test_split
 from ..runs import method_runs
 from ..io import git_commit, state_dict_sha256, save_json, save_torch
 from ..methods import METHODS
@@ -71,12 +71,6 @@ def reference_estimate_certified(model64: CertifiableNet, x: torch.Tensor, y: to
         estimated[index] = margin_certified(exact_logits, certified_translation(model64, state, y[index]),
                                             y[index])
     return estimated
-
-
-def evaluated_test_split(data, certify_cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """The test images certified and attacked (`stratified_test_indices`)."""
-    index = stratified_test_indices(data.test_y, certify_cfg["test_images"])
-    return data.test_x[index], data.test_y[index]
 
 
 def certify_model(params: dict, method: str, root: Path) -> dict:

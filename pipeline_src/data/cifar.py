@@ -17,7 +17,9 @@ part of the one with N = 1,000.
 """
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import os
 import tarfile
 from dataclasses import dataclass
@@ -26,6 +28,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 
 from ..errors import StageError
 from ..io import save_json, save_torch, sha256_file
@@ -92,8 +95,6 @@ def _iter_directory(path: Path) -> Iterator[tuple[PurePosixPath, bytes]]:
 
 
 def _decode(blob: bytes, where: str) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(io.BytesIO(blob)) as img:
             img.load()
@@ -141,8 +142,6 @@ def tree_sha256(path: Path) -> str:
     """sha256 of an archive file, or of a folder's sorted (path, sha256) listing."""
     if path.is_file():
         return sha256_file(path)
-    import hashlib
-
     digest = hashlib.sha256()
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
         digest.update(f"{file.relative_to(path).as_posix()}\0{sha256_file(file)}\n".encode())
@@ -172,6 +171,8 @@ def _load_images(path: Path, expected_sha256: str | None, source: str, shown: st
 
 
 def _load_torchvision(root: Path, shown: str) -> tuple[dict, dict]:
+    # Lazy: torchvision takes 2.9 s to import on two cores (measured, after torch), and only
+    # this source needs it; every stage that loads the cache imports this module.
     import torchvision
 
     splits = {}
@@ -268,9 +269,6 @@ def split_validation(n_train: int, val_size: int, seed: int) -> tuple[torch.Tens
 def data_fingerprint(data_params: dict) -> str:
     """sha256 of the `data` params block (every key, canonical JSON): what a cache was
     built from. With the source's sha256 in the provenance it names the cache's input."""
-    import hashlib
-    import json
-
     return hashlib.sha256(json.dumps(data_params, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -38,3 +38,8 @@ def stratified_test_indices(labels: torch.Tensor, limit: int | None) -> torch.Te
     for every method and every row of the tables."""
     return stratified_indices(labels, limit, TEST_SUBSET_SEED)
 
+
+def evaluated_test_split(data, certify_cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test images certified and attacked (`stratified_test_indices`)."""
+    index = stratified_test_indices(data.test_y, certify_cfg["test_images"])
+    return data.test_x[index], data.test_y[index]

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..bounds.lipschitz import PersistentPowerIteration
 from ..runs import METHOD_FACTS, SCHEMA, MethodFacts
 from ..models.architectures import CertifiableNet, CleanPass
 
@@ -125,8 +126,6 @@ class GlobalNormMethod(CertifiedMethod):
 
     def __init__(self, model, cfg, generator, num_examples, context=None):
         super().__init__(model, cfg, generator, num_examples, context)
-        from ..bounds.lipschitz import PersistentPowerIteration
-
         self.power = PersistentPowerIteration(model.weight_layers(), generator)
 
     def layer_norms(self) -> list[torch.Tensor]:

@@ -37,6 +37,7 @@ import torch
 
 from ..models.loading import load_trained
 from ..spectral.operator_norm import apply_operator
+from ..spectral.svd_export import load_factors
 from ..spectral.rotation import (FactorisedRotation, apply_rotation, factorised_inner, layer_matrix,
                                  resolve_rank, top_rank_rotation)
 from .base import register
@@ -184,7 +185,5 @@ class Duet(SimilarityTerm, BCP):
 
 def load_guide(root: Path, layout, device: torch.device) -> dict:
     """The frozen vanilla model and its offline SVD factors."""
-    from ..spectral.svd_export import load_factors
-
     return {"model": load_trained(root / layout.vanilla_model, device).requires_grad_(False),
             "factors": load_factors(root / layout.svd_factors)}

@@ -4,16 +4,18 @@ Built from the tables the `tables` stage wrote (so the page shows exactly the
 committed numbers) and the metrics files; the figures are linked."""
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
-from ..config import PAPER_PROFILE, PROJECT_ROOT
-from ..dag import dvc_yaml_path
-from ..io import git_commit
+from ..config import PAPER_PROFILE, PROJECT_ROOT, dvc_yaml_path
+from ..io import git_commit, save_text
 from ..paths import RunLayout
 from ..runs import benchmark_archs, control_rank
 from . import paper
-from .collect import INIT_LABELS, METHOD_LABELS, ReportInputs
+from .benchmark_tables import depth_markdown_table, markdown_table
+from .collect import INIT_LABELS, METHOD_LABELS, ReportInputs, collect
+from .format import render_html
 from .figures import FIGURES
 from .tables import (TABLE2_METRICS, TABLES, data_text, eps_text, fmt, fmt_signed, paired_base, paired_differences,
                      same_init_group, standard_error, summary, t_interval)
@@ -307,10 +309,6 @@ def _soundness(inputs: ReportInputs) -> list[str]:
 
 def _benchmark(inputs: ReportInputs, root: Path) -> list[str]:
     """The benchmark stage's tables (one device, every method beside the floor), when it ran."""
-    import json
-
-    from .benchmark_tables import depth_markdown_table, markdown_table
-
     layout = RunLayout.of(inputs.params)
     lines = ["## Cost, measured by the benchmark stage", "",
              "Seconds per epoch (extrapolated from timed steps, data on the device, TF32 off) and peak "
@@ -376,3 +374,13 @@ def build_report(inputs: ReportInputs, layout: RunLayout, root: Path) -> str:
     lines += ["## Soundness", "", *_soundness(inputs), ""]
     return "\n".join(lines)
 
+
+def make_report(params: dict, root: Path) -> Path:
+    """The `report` stage: REPORT.md and its HTML page."""
+    layout = RunLayout.of(params)
+    path = root / layout.report
+    text = build_report(collect(params, root), layout, root)
+    save_text(text, path)
+    save_text(render_html(text, f"Duet reproduction: profile {params['profile']}"), root / layout.report_html)
+    print(f"[report] wrote {layout.report} and {layout.report_html}")
+    return path

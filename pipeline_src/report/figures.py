@@ -34,7 +34,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from ..runs import METHOD_FACTS  # noqa: E402
 from ..io import atomic_path  # noqa: E402
 from ..paths import REPORT_FIGURES, RunLayout  # noqa: E402
-from .collect import ReportInputs, RunResult  # noqa: E402
+from .collect import ReportInputs, RunResult, collect  # noqa: E402
 from .tables import vanilla_clean  # noqa: E402
 
 DPI = 100
@@ -341,4 +341,12 @@ def write_figures(inputs: ReportInputs, layout: RunLayout, root: Path) -> list[P
                 fig.savefig(tmp, format=extension, dpi=DPI)
             written.append(path)
         plt.close(fig)
+    return written
+
+
+def make_figures(params: dict, root: Path) -> list[Path]:
+    """The `figures` stage: the training curves, radius curves, similarity and trade-off figures."""
+    written = write_figures(collect(params, root), RunLayout.of(params), root)
+    print(f"[figures] wrote {len(written)} files under "
+          f"{RunLayout.of(params).figure('x', 'png').rsplit('/', 1)[0]}/")
     return written

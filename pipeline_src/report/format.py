@@ -8,6 +8,7 @@ report, and the training and benchmark code store 0 MB for it
 measured", never "0 MB"."""
 from __future__ import annotations
 
+import html
 import math
 from collections.abc import Iterable, Sequence
 
@@ -51,9 +52,7 @@ def render_html(markdown: str, title: str) -> str:
     """A Markdown page (a table, REPORT.md) as one HTML page, tables and links kept.
     markdown-it-py comes with DVC (through rich); where it is
     not installed (a bare GPU machine) the page holds the Markdown source, saying so."""
-    import html
-
-    try:
+    try:  # optional: the GPU machine's image lacks it
         from markdown_it import MarkdownIt
     except ImportError:
         body = ("<p>(markdown-it-py is not installed here: the Markdown source follows)</p>"

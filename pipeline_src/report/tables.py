@@ -19,7 +19,7 @@ from ..io import save_json, save_text
 from ..paths import REPORT_TABLES, RunLayout
 from ..runs import METHOD_FACTS, control_rank
 from . import paper
-from .collect import INIT_LABELS, METHOD_LABELS, ReportInputs, RunResult
+from .collect import INIT_LABELS, METHOD_LABELS, ReportInputs, RunResult, collect
 from .format import NOT_MEASURED, format_peak_memory, peak_memory_measured, render_html
 
 DASH = "—"
@@ -619,4 +619,11 @@ def write_tables(inputs: ReportInputs, layout: RunLayout, root: Path) -> list[Pa
             path = root / layout.table(table.number, extension)
             save_text(text, path)
             written.append(path)
+    return written
+
+
+def make_tables(params: dict, root: Path) -> list[Path]:
+    """The `tables` stage: Tables 1-3 (md, html, csv, tex) from the runs' metrics files."""
+    written = write_tables(collect(params, root), RunLayout.of(params), root)
+    print(f"[tables] wrote {len(written)} files under {RunLayout.of(params).table(1, 'md').rsplit('/', 1)[0]}/")
     return written

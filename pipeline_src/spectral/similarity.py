@@ -39,6 +39,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
 
 from .rotation import exact_rotation, layer_matrix, resolve_rank, rotation_cosine
 
@@ -139,8 +140,6 @@ def match_hidden_units(model, reference) -> tuple[list[torch.Tensor | None], lis
     linear assignment maximising the summed signed cosine of the units' weight rows,
     each layer's rows taken after its inputs were permuted as the layer before's
     outputs; and the mean cosine (%) of the matched rows. None for the logit layer."""
-    from scipy.optimize import linear_sum_assignment
-
     perms, cosines, previous = [], [], None
     for layer, ref in zip(model.weight_layers(), reference.weight_layers()):
         if layer.activation is None:  # the logits keep their order

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.cifar import data_record
-from ..io import atomic_path, save_torch
+from ..io import atomic_path, git_commit, save_torch
 from ..models import build_model
 from ..runtime import device_name, seed_everything, stage_seed
 
@@ -116,8 +116,6 @@ def run_provenance(history: list[dict], provenance: dict, device: torch.device, 
     """The part of a training metrics file that says where the numbers come from:
     the data (lossy or not), the timing on the named device, the code version.
     Wall-clock numbers differ between identical runs: they stay under `timing`."""
-    from ..io import git_commit
-
     seconds = [row["seconds"] for row in history]
     return {
         "data": data_record(provenance),

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ..data.cifar import load_cache
 from ..data.loader import DeviceBatches
-from ..data.subsets import stratified_test_indices
+from ..data.subsets import evaluated_test_split
 from ..io import save_json, save_torch, state_dict_sha256
 from ..models import build_model
 from ..paths import RunLayout
@@ -28,11 +28,11 @@ from .vanilla_checks import check_vanilla_learned
 
 def certify_subset_accuracy(model: torch.nn.Module, data, params: dict, device: torch.device) -> dict:
     """{"images": n, "accuracy": %} of `model` on the test images that the certify stage
-    certifies and attacks (`certify.test_images`, `stratified_test_indices`): Table 2's
+    certifies and attacks (`certify.test_images`, `evaluated_test_split`): Table 2's
     vanilla row on the same images as the certified rows."""
-    index = stratified_test_indices(data.test_y, params["certify"]["test_images"])
-    batches = DeviceBatches(data.test_x[index], data.test_y[index], params["vanilla"]["eval_batch_size"], device)
-    return {"images": len(index), "accuracy": evaluate(model, batches)["accuracy"]}
+    test_x, test_y = evaluated_test_split(data, params["certify"])
+    batches = DeviceBatches(test_x, test_y, params["vanilla"]["eval_batch_size"], device)
+    return {"images": len(test_y), "accuracy": evaluate(model, batches)["accuracy"]}
 
 
 def make_optimizer(model: torch.nn.Module, params: dict) -> torch.optim.Optimizer:
