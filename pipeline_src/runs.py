@@ -42,6 +42,8 @@ class MethodFacts(NamedTuple):
     similarity_term: bool     # adds Duet's similarity term: reads the vanilla model and its SVD
                               # export, and its block's ranks/lambdas/sim_forms span a grid
     colour: str               # its base run's colour in every figure
+    reads_guide: bool = False  # reads the vanilla model (not its SVD export) as a teacher;
+                               # implied by similarity_term
 
 
 def read_method_facts(schema: dict) -> dict[str, MethodFacts]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .base import METHODS, CertifiedMethod, StepBounds, build_method
-from .duet import load_guide
+from .duet import load_guide, load_guide_model
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
@@ -20,8 +20,11 @@ __all__ = ["METHODS", "CertifiedMethod", "StepBounds", "build_method", "method_c
 def method_context(name: str, root: Path, layout, device: torch.device) -> dict:
     """What a method may read of the run: a method with Duet's similarity term
     (`similarity_term`: Duet, Duet-local) also gets its guide (the vanilla model and
-    its SVD factors)."""
+    its SVD factors); one that `reads_guide` (BCP + distillation) the vanilla model."""
     context = {"root": root, "layout": layout, "device": device}
-    if METHODS[name].facts.similarity_term:
+    facts = METHODS[name].facts
+    if facts.similarity_term:
         context["guide"] = load_guide(root, layout, device)
+    elif facts.reads_guide:
+        context["guide"] = {"model": load_guide_model(root, layout, device)}
     return context

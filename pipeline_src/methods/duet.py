@@ -183,7 +183,11 @@ class Duet(SimilarityTerm, BCP):
     certifier = "bcp"
 
 
+def load_guide_model(root: Path, layout, device: torch.device) -> torch.nn.Module:
+    """The frozen vanilla model."""
+    return load_trained(root / layout.vanilla_model, device).requires_grad_(False)
+
+
 def load_guide(root: Path, layout, device: torch.device) -> dict:
     """The frozen vanilla model and its offline SVD factors."""
-    return {"model": load_trained(root / layout.vanilla_model, device).requires_grad_(False),
-            "factors": load_factors(root / layout.svd_factors)}
+    return {"model": load_guide_model(root, layout, device), "factors": load_factors(root / layout.svd_factors)}

@@ -28,10 +28,13 @@ from pipeline_src.runs import METHOD_FACTS
 
 def train_inputs(wildcards):
     """A method with Duet's similarity term (Duet, Duet-local) also reads the vanilla
-    model and its SVD factors."""
+    model and its SVD factors; one that reads the guide as a teacher, the vanilla model."""
     inputs = {"code": CODE["train"], "cache": LAYOUT.data_cache}
-    if METHOD_FACTS[RUNS[wildcards.method].method].similarity_term:
+    facts = METHOD_FACTS[RUNS[wildcards.method].method]
+    if facts.similarity_term:
         inputs.update(vanilla=LAYOUT.vanilla_model, factors=LAYOUT.svd_factors)
+    elif facts.reads_guide:
+        inputs.update(vanilla=LAYOUT.vanilla_model)
     return inputs
 
 
