@@ -72,7 +72,7 @@ def _grid_value_name(key: str, value) -> str:
 
 
 # How a run that starts from another initialisation than its block's is named.
-INIT_SUFFIX = {"scratch": "scratch", "vanilla_init": "vinit"}
+INIT_SUFFIX = {"scratch": "scratch", "vanilla_init": "vinit", "vanilla_unit_norm": "vunit"}
 
 
 class CertifiedRun(NamedTuple):

@@ -612,6 +612,23 @@ def test_vanilla_init_starts_from_the_vanilla_models_initial_weights(params, gui
     assert any(not torch.equal(scratch.initial[k], captured["vanilla"][k]) for k in weights)
 
 
+def test_vanilla_unit_norm_starts_from_the_rescaled_trained_guide(params, guide_root, tmp_path, monkeypatch):
+    """`init_from: vanilla_unit_norm`: the vanilla model's file, each layer divided by its
+    guaranteed norm (tests/test_unit_norm_init.py), as the certified run's initial weights."""
+    from pipeline_src.models.loading import load_trained
+    from pipeline_src.spectral.operator_norm import unit_norm_rescaled_
+
+    root = run_root(guide_root, params, tmp_path, "vunit")
+    guide = load_trained(root / RunLayout.of(params).vanilla_model, torch.device("cpu"))
+    unit_norm_rescaled_(guide)
+    recorder = Recorder(monkeypatch)
+    metrics = certified_training.train_certified(short_schedule(params, "bcp", epochs=1, init_from="vanilla_unit_norm"),
+                                                 "bcp", root)
+    expected = {k: v for k, v in guide.state_dict().items() if k.endswith(("weight", "bias"))}
+    assert expected and all(torch.equal(recorder.initial[k], v) for k, v in expected.items())
+    assert metrics["config"]["init_from"] == "vanilla_unit_norm"
+
+
 # A few hundred optimizer steps (batch 4 of the 200 images: 50 steps per epoch).
 TRAIN_BATCH = 4
 TRAIN_RUNS = [pytest.param({"rank": 8}, 6, id="paper-normalized-rank8"),

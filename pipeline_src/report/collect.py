@@ -30,12 +30,13 @@ class ReportError(StageError, ValueError):
     """A metrics file is missing or does not match the params; names the file."""
 
 
-INIT_LABELS = {"scratch": "scratch", "vanilla_init": "vanilla init"}
+INIT_LABELS = {"scratch": "scratch", "vanilla_init": "vanilla init", "vanilla_unit_norm": "trained vanilla, unit norm"}
 
 
 def init_from(config: dict) -> str:
-    """How a run was initialised: `scratch` (its own seed; the default) or `vanilla_init`
-    (exactly the vanilla model's initial weights)."""
+    """How a run was initialised: `scratch` (its own seed; the default), `vanilla_init`
+    (exactly the vanilla model's initial weights) or `vanilla_unit_norm` (the trained
+    vanilla model, each layer scaled to operator norm <= 1)."""
     return config.get("init_from", "scratch")
 
 

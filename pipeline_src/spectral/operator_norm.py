@@ -122,3 +122,21 @@ def _polyphase_canvas(layer: WeightLayer) -> int:
     phases_side = -(-padded_side // stride)
     out_side, taps = layer.output_shape[1], -(-kernel // stride)
     return max(phases_side, out_side + taps - 1)
+
+
+def unit_norm_rescaled_(model) -> list[float]:
+    """Scale each weight layer l to operator norm <= 1, in place: W_l / s_l with s_l its
+    guaranteed upper bound (`operator_norm_upper_bound`), and the bias by the running product
+    s_1 ... s_l, so that every pre-activation is the original's divided by s_1 ... s_l. For a
+    positively homogeneous activation (ReLU, MaxMin) the network then computes the original
+    logits divided by prod(s): the same classifier, each layer's norm at most 1 (a clipped
+    ReLU's threshold is not rescaled: there the function changes). Returns the s_l."""
+    scales, running = [], 1.0
+    with torch.no_grad():
+        for layer in model.weight_layers():
+            scale = operator_norm_upper_bound(layer)
+            running *= scale
+            layer.module.weight.div_(scale)
+            layer.module.bias.div_(running)
+            scales.append(scale)
+    return scales

@@ -41,8 +41,9 @@ from ..data.loader import DeviceBatches
 from ..io import save_json, save_torch, state_dict_sha256
 from ..methods import METHODS, StepBounds, build_method, method_context
 from ..models import build_model
-from ..models.loading import copy_weight_layers
+from ..models.loading import copy_weight_layers, load_trained
 from ..paths import RunLayout
+from ..spectral.operator_norm import unit_norm_rescaled_
 from ..runtime import make_generator, resolve_device, seed_everything, stage_seed, use_fp32_numerics
 from .common import (Checkpoint, params_fingerprint, run_provenance, set_learning_rate, vanilla_initial_model,
                      write_history)
@@ -275,6 +276,11 @@ class CertifiedRun:
         model = build_model(model_params)
         if cfg["init_from"] == "vanilla_init":
             copy_weight_layers(vanilla_initial_model(params), model)
+        elif cfg["init_from"] == "vanilla_unit_norm":
+            # Issue 22, candidate 2: the guide's function, with none of its scale.
+            guide = load_trained(root / layout.vanilla_model, torch.device("cpu"))
+            unit_norm_rescaled_(guide)
+            copy_weight_layers(guide, model)
         model = model.to(device)
         generator = make_generator(stage_seed(seed, "train", family, "data"), device)
         method = build_method(method_name, model, cfg, generator, len(data.train_y),

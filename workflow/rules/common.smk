@@ -28,12 +28,14 @@ from pipeline_src.runs import METHOD_FACTS
 
 def train_inputs(wildcards):
     """A method with Duet's similarity term (Duet, Duet-local) also reads the vanilla
-    model and its SVD factors; one that reads the guide as a teacher, the vanilla model."""
+    model and its SVD factors; one that reads the guide as a teacher, or a run that starts
+    from it (`init_from: vanilla_unit_norm`), the vanilla model."""
     inputs = {"code": CODE["train"], "cache": LAYOUT.data_cache}
-    facts = METHOD_FACTS[RUNS[wildcards.method].method]
+    run = RUNS[wildcards.method]
+    facts = METHOD_FACTS[run.method]
     if facts.similarity_term:
         inputs.update(vanilla=LAYOUT.vanilla_model, factors=LAYOUT.svd_factors)
-    elif facts.reads_guide:
+    elif facts.reads_guide or run.config["init_from"] == "vanilla_unit_norm":
         inputs.update(vanilla=LAYOUT.vanilla_model)
     return inputs
 
