@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import platform
 import random
+from pathlib import Path
 
 import torch
 
@@ -29,6 +31,27 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return "cpu"
+
+
+def cpu_model() -> str:
+    """The processor's model name (Linux: /proc/cpuinfo), or platform's guess elsewhere."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_record(device: torch.device) -> dict:
+    """What decides the bits of a training run besides its code, params and seed: the same
+    run on another processor (another vector instruction set) or torch gives other weights.
+    The cpu campaign's vanilla guide, retrained on a later machine from the same code, data
+    and seed, differed from the first epoch on (results/cpu/README.md)."""
+    return {"device": device_name(device), "cpu": cpu_model(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+            "threads": torch.get_num_threads()}
 
 
 def seed_everything(seed: int) -> None:

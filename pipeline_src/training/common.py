@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from ..data.cifar import data_record
 from ..io import atomic_path, git_commit, save_torch
 from ..models import build_model
-from ..runtime import device_name, seed_everything, stage_seed
+from ..runtime import device_name, machine_record, seed_everything, stage_seed
 
 
 def vanilla_initial_model(params: dict):
@@ -124,4 +124,5 @@ def run_provenance(history: list[dict], provenance: dict, device: torch.device, 
                    "seconds_total": sum(seconds),
                    "peak_memory_mb": max(row["peak_memory_mb"] for row in history)},
         "git_commit": git_commit(root),
+        "machine": machine_record(device),
     }
