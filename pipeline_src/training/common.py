@@ -86,6 +86,15 @@ class Checkpoint:
     def __init__(self, path: Path, fingerprint: str):
         self.path, self.fingerprint = Path(path), fingerprint
 
+    @property
+    def shown(self) -> str:
+        """The path as the logs print it: relative to the working directory (the project
+        root, where the stages run) when it lies below it, so no log names a machine's folder."""
+        try:
+            return self.path.resolve().relative_to(Path.cwd().resolve()).as_posix()
+        except ValueError:
+            return str(self.path)
+
     def save(self, *, epoch: int, model, optimizer, generator: torch.Generator, history: list[dict],
              extra: dict | None = None) -> None:
         save_torch({"fingerprint": self.fingerprint, "epoch": epoch, "model": model.state_dict(),
@@ -99,13 +108,13 @@ class Checkpoint:
             return None
         state = torch.load(self.path, map_location="cpu", weights_only=False)
         if state.get("fingerprint") != self.fingerprint:
-            print(f"[resume] {self.path}: made with other params, starting afresh")
+            print(f"[resume] {self.shown}: made with other params, starting afresh")
             return None
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
-        print(f"[resume] {self.path}: continuing after epoch {state['epoch']}")
+        print(f"[resume] {self.shown}: continuing after epoch {state['epoch']}")
         return state["epoch"], state["history"], state["extra"]
 
     def remove(self) -> None:
