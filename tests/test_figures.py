@@ -113,6 +113,27 @@ def test_tradeoff_places_each_row_at_its_mean_with_the_vanilla_line(tmp_path: Pa
     plt.close(fig)
 
 
+def test_tradeoff_joins_a_methods_own_frontier_and_nothing_else(tmp_path: Path):
+    """BCP's rows that move kappa_final only are its frontier, joined by one line through
+    their means in order of certified accuracy; Duet (another method) is not on it."""
+    from test_report import _params, write_fake_runs
+
+    from pipeline_src.report.figures import frontier_groups, tradeoff
+
+    params = _params(seeds=[0], methods=("bcp", "duet"))
+    params["bcp"]["variants"] = {"kappa_0p5": {"kappa_final": 0.5}, "other_lr": {"lr": 0.01}}
+    values = {"bcp-s0": {"clean": 36.0, "certified": 26.0}, "bcp-kappa_0p5-s0": {"clean": 44.0, "certified": 20.0},
+              "bcp-other_lr-s0": {"clean": 30.0, "certified": 22.0}, "duet-s0": {"clean": 30.0, "certified": 18.0}}
+    write_fake_runs(tmp_path, params, values)
+    inputs = collect(params, tmp_path)
+    assert frontier_groups(inputs) == {"bcp": ["bcp", "bcp-kappa_0p5"]}
+    fig = tradeoff(inputs)
+    (ax,) = fig.axes
+    (line,) = [line for line in ax.get_lines() if "frontier" in line.get_label()]
+    assert list(line.get_xdata()) == [20.0, 26.0] and list(line.get_ydata()) == [44.0, 36.0]
+    plt.close(fig)
+
+
 def _texts(fig) -> list[str]:
     return [text.get_text() for ax in fig.axes for text in ax.texts]
 

@@ -295,10 +295,34 @@ def _control_steps(ax, inputs: ReportInputs, rank, x: np.ndarray) -> None:
                 linestyle=linestyle, linewidth=1.2, label=f"control: {name} (matched)")
 
 
+# A method's own trade-off: its variants that move only these keys (issue 22: another point
+# on BCP's frontier is not a win for a guided method).
+FRONTIER_KEYS = {"kappa_final": "κ_final", "eps_train": "ε_train"}
+
+
+def frontier_groups(inputs: ReportInputs) -> dict[str, list[str]]:
+    """{method: its base row and the rows of its variants that differ from it only in
+    FRONTIER_KEYS}, for each method that has such a variant."""
+    out = {}
+    for base in (g for g in inputs.groups if inputs.of_group(g)[0].base):
+        first = inputs.of_group(base)[0]
+        members = [base]
+        for group in inputs.groups:
+            run = inputs.of_group(group)[0]
+            moved = {k for k in (set(first.config) | set(run.config)) - {"variant", "variants"}  # names, not settings
+                     if first.config.get(k) != run.config.get(k)}
+            if group != base and run.method == first.method and moved and moved <= set(FRONTIER_KEYS):
+                members.append(group)
+        if len(members) > 1:
+            out[first.method] = members
+    return out
+
+
 def tradeoff(inputs: ReportInputs):
     """Clean against certified accuracy at ε (each run's own certifier), the mean over
-    seeds with ± one standard deviation in both directions; the vanilla model's clean
-    accuracy on the same test images as a horizontal line."""
+    seeds with ± one standard deviation in both directions; a method's own frontier (its
+    base row and its variants that move κ_final or ε_train only) joined by a line; the
+    vanilla model's clean accuracy on the same test images as a horizontal line."""
     style = _Style(inputs)
     fig, ax = plt.subplots(figsize=SIZES["tradeoff"], dpi=DPI, layout="constrained")
     xs, ys = [], []
@@ -313,6 +337,12 @@ def tradeoff(inputs: ReportInputs):
                     label=f"{runs[0].label} (n = {len(runs)})")
         xs += [certified.mean()] + ([certified.mean() - spread[0], certified.mean() + spread[0]] if spread[0] else [])
         ys += [clean.mean()] + ([clean.mean() - spread[1], clean.mean() + spread[1]] if spread[1] else [])
+    for method, groups in frontier_groups(inputs).items():
+        means = sorted((np.mean([r.certify["headline_certified_accuracy"] for r in inputs.of_group(g)]),
+                        np.mean([r.certify["clean_accuracy"] for r in inputs.of_group(g)])) for g in groups)
+        base = inputs.of_group(groups[0])[0]
+        ax.plot(*zip(*means), color=style(groups[0])["color"], linewidth=1, alpha=0.6,
+                label=f"{base.label} frontier ({', '.join(FRONTIER_KEYS.values())} moved)")
     vanilla = vanilla_clean(inputs)
     ax.axhline(vanilla.accuracy, color="black", linestyle="--", linewidth=1,
                label=f"vanilla model, clean ({vanilla.accuracy:.1f} %)")
