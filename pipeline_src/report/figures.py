@@ -325,11 +325,12 @@ def tradeoff(inputs: ReportInputs):
     vanilla model's clean accuracy on the same test images as a horizontal line."""
     style = _Style(inputs)
     fig, ax = plt.subplots(figsize=SIZES["tradeoff"], dpi=DPI, layout="constrained")
-    xs, ys = [], []
+    xs, ys, means = [], [], {}
     for group in inputs.groups:
         runs = inputs.of_group(group)
         certified = np.array([r.certify["headline_certified_accuracy"] for r in runs])
         clean = np.array([r.certify["clean_accuracy"] for r in runs])
+        means[group] = (certified.mean(), clean.mean())
         spread = (certified.std(ddof=1), clean.std(ddof=1)) if len(runs) > 1 else (None, None)
         s = style(group)
         ax.errorbar(certified.mean(), clean.mean(), xerr=spread[0], yerr=spread[1], marker="o", markersize=6,
@@ -338,10 +339,8 @@ def tradeoff(inputs: ReportInputs):
         xs += [certified.mean()] + ([certified.mean() - spread[0], certified.mean() + spread[0]] if spread[0] else [])
         ys += [clean.mean()] + ([clean.mean() - spread[1], clean.mean() + spread[1]] if spread[1] else [])
     for method, groups in frontier_groups(inputs).items():
-        means = sorted((np.mean([r.certify["headline_certified_accuracy"] for r in inputs.of_group(g)]),
-                        np.mean([r.certify["clean_accuracy"] for r in inputs.of_group(g)])) for g in groups)
         base = inputs.of_group(groups[0])[0]
-        ax.plot(*zip(*means), color=style(groups[0])["color"], linewidth=1, alpha=0.6,
+        ax.plot(*zip(*sorted(means[g] for g in groups)), color=style(groups[0])["color"], linewidth=1, alpha=0.6,
                 label=f"{base.label} frontier ({', '.join(FRONTIER_KEYS.values())} moved)")
     vanilla = vanilla_clean(inputs)
     ax.axhline(vanilla.accuracy, color="black", linestyle="--", linewidth=1,
