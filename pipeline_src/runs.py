@@ -83,6 +83,14 @@ class CertifiedRun(NamedTuple):
     group: str    # the run name without its seed: the row of the tables
 
 
+def trains_with_guide(run: CertifiedRun) -> bool:
+    """Whether the trained vanilla model enters the run's training (its similarity term, a
+    teacher, or its initial weights): then every number of the run depends on which guide it
+    had; otherwise only its rotation similarity does (measured after training)."""
+    facts = METHOD_FACTS[run.method]
+    return facts.similarity_term or facts.reads_guide or run.config.get("init_from") == "vanilla_unit_norm"
+
+
 def seed_run_name(group: str, seed: int) -> str:
     return f"{group}-s{seed}"
 

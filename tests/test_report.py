@@ -25,7 +25,8 @@ from pipeline_src.report.document import make_report
 from pipeline_src.report.figures import make_figures
 from pipeline_src.report.tables import make_tables
 from pipeline_src.report.document import similarity_findings
-from pipeline_src.report.tables import REFERENCE_ESTIMATE, summary, table1, table2, table3, to_markdown
+from pipeline_src.report.tables import (REFERENCE_ESTIMATE, summary, summary_metrics, table1, table2, table3,
+                                         to_markdown)
 
 N_TEST = 500
 PROVENANCE = {"source": "sample", "path": "cifar10-sample.tar.gz", "sha256": "ab" * 32, "lossy_jpeg": True,
@@ -383,6 +384,39 @@ def test_controls_missing_or_against_another_vanilla_model_are_refused(tmp_path:
     params["similarity"] = {"controls": False, "control_seed_offset": 1}
     assert collect(params, tmp_path).controls == {}
     assert "Control" not in " ".join(row[0] for row in table1(collect(params, tmp_path)).rows)
+
+
+def _compare_with_another_guide(root: Path, params: dict, run: str) -> Path:
+    path = root / RunLayout.of(params).similarity(run, "metrics.json")
+    path.write_text(json.dumps({**json.loads(path.read_text()), "vanilla_weights_sha256": "f" * 64,
+                                "similarity_mean": 77.0, "lipschitz_upper": 400.0}))
+    return path
+
+
+def test_a_run_trained_without_the_guide_keeps_all_but_its_rotations_when_compared_with_another(tmp_path: Path):
+    params = _params(seeds=[0, 1], methods=("bcp", "duet"))
+    write_fake_runs(tmp_path, params, {"bcp-s0": {"clean": 60.0}, "bcp-s1": {"clean": 62.0}})
+    _compare_with_another_guide(tmp_path, params, "bcp-s0")
+    inputs = collect(params, tmp_path)
+    assert [r.name for r in inputs.other_guide_runs] == ["bcp-s0"]
+    assert _row(table2(inputs), "BCP")["Clean (%)"] == "61.00 ± 1.41"       # both seeds
+    one = table1(inputs)
+    bcp = _row(one, "BCP")
+    assert bcp["Cosine, r (%)"] == "10.0"                     # bcp-s1 only: 77 is another guide's
+    assert bcp["Lipschitz bound"] == "250 ± 2.1e+02"             # both seeds: 400 and 100
+    assert one.data.set_index("run_group").loc["bcp", "n"] == 1
+    assert any("bcp-s0" in note and "ffffffff" in note for note in one.notes)
+    assert "bcp-s0" not in " ".join(one.notes[:-1])
+    assert summary_metrics(inputs)["bcp"]["similarity"] == 10.0
+    make_figures(params, tmp_path)                                # the per-layer figure skips bcp-s0
+
+
+def test_a_run_trained_with_the_guide_must_be_compared_with_it(tmp_path: Path):
+    params = _params(seeds=[0, 1], methods=("bcp", "duet"))
+    write_fake_runs(tmp_path, params, {})
+    path = _compare_with_another_guide(tmp_path, params, "duet-s1")
+    with pytest.raises(ReportError, match=f"{path}: vanilla_weights_sha256 is"):
+        collect(params, tmp_path)
 
 
 def test_a_grid_runs_similarity_must_be_at_its_own_rank(tmp_path: Path):

@@ -5,7 +5,10 @@ A run's four metrics files (train, certify, pgd, similarity) are tied together
 by the sha256 of the trained weights, and each is checked against the params
 it depends on, so a table never mixes a stale file into a fresh run. The
 similarity files (the runs' and Table 1's control rows') are also tied to the
-vanilla model they were compared with, so every seed of a row shares one guide.
+vanilla model they were compared with, so every seed of a row shares one guide; a run
+whose training did not read the guide (BCP, LMT, LocalBCP) but was compared with another
+one keeps its Table 2 numbers and its Lipschitz constant, not its rotation measures
+(`against_guide`).
 The seeds of a row must also have run the same code in every stage
 (`code_identity`): seeds from different commits are averaged only where the
 files each stage ran are the same at both."""
@@ -20,7 +23,7 @@ import pandas as pd
 from ..errors import StageError
 from ..paths import RunLayout, control_outputs
 from ..runs import (INIT_SUFFIX, METHOD_FACTS, SIMILARITY_CONTROLS, CertifiedRun, control_rank, control_seed,
-                    method_runs, similarity_rank, similarity_settings)
+                    method_runs, similarity_rank, similarity_settings, trains_with_guide)
 from .code_identity import CodeUnknown, code_difference
 
 METHOD_LABELS = {**{name: facts.label for name, facts in METHOD_FACTS.items()}, "vanilla": "Vanilla"}
@@ -123,6 +126,11 @@ class ReportInputs:
         return sorted(found)
 
     @property
+    def other_guide_runs(self) -> list[RunResult]:
+        """The runs whose rotation measures were taken against another guide (`against_guide`)."""
+        return [run for run in self.runs if "other_guide" in run.similarity]
+
+    @property
     def devices(self) -> list[str]:
         return sorted({run.train["timing"]["device"] for run in self.runs})
 
@@ -208,11 +216,11 @@ def collect(params: dict, root: Path) -> ReportInputs:
                  {"eps": eps, "test_images": test_images, "steps": params["pgd"]["steps"],
                   "restarts": params["pgd"]["restarts"]}),
                 ("similarity", root / layout.similarity(name, "metrics.json"),
-                 {"rank": similarity_rank(params, name), "vanilla_weights_sha256": vanilla["weights_sha256"]})):
+                 {"rank": similarity_rank(params, name)})):
             metrics = _read_json(path, stage, name)
             for key, expected in {"method": name, **checks, "weights_sha256": weights}.items():
                 _expect(path, metrics, key, expected)
-            evaluated[stage] = metrics
+            evaluated[stage] = against_guide(metrics, vanilla, run, path) if stage == "similarity" else metrics
         if evaluated["pgd"]["certified_points_broken"]:
             raise ReportError(f"{root / layout.attack(name, 'metrics.json')}: certified points broken by "
                               "the attack: the certificates are unsound")
@@ -227,6 +235,26 @@ def collect(params: dict, root: Path) -> ReportInputs:
     svd = json.loads(svd_path.read_text()) if svd_path.is_file() else {}
     return ReportInputs(params=params, provenance=provenance, vanilla=vanilla, runs=runs, svd=svd,
                         controls=collect_controls(params, root, vanilla), test_images=test_images)
+
+
+# What a similarity file measures of the certified model alone, whichever guide it was compared with.
+GUIDE_FREE_SIMILARITY_KEYS = ("stage", "method", "profile", "init_from", "weights_sha256", "rank",
+                              "lipschitz_upper", "lipschitz_estimate", "git_commit")
+
+
+def against_guide(metrics: dict, vanilla: dict, run: CertifiedRun, path: Path) -> dict:
+    """A run's similarity metrics, checked against the profile's guide (`vanilla`). A run
+    that trained with the guide (`trains_with_guide`) must have been compared with this one.
+    A run that trained without it and was compared with another guide (its seed was measured
+    before the guide was replaced) keeps only GUIDE_FREE_SIMILARITY_KEYS, with `other_guide`
+    naming the guide its rotation measures were taken against: those are left out of Table 1."""
+    expected = vanilla["weights_sha256"]
+    if trains_with_guide(run) or "vanilla_weights_sha256" not in metrics:
+        _expect(path, metrics, "vanilla_weights_sha256", expected)
+    if metrics["vanilla_weights_sha256"] == expected:
+        return metrics
+    return {**{key: metrics[key] for key in GUIDE_FREE_SIMILARITY_KEYS if key in metrics},
+            "other_guide": metrics["vanilla_weights_sha256"]}
 
 
 # The stages whose code a seed's numbers come from, and the RunResult field of each.

@@ -274,6 +274,11 @@ def _provenance(inputs: ReportInputs, root: Path) -> list[str]:
                                      f"{vanilla['certify_subset']['images']:,} test images"
                                      if vanilla.get("certify_subset") else "")
                                   + f" (paper: {paper.TABLE2['vanilla']['clean']}%)"),
+        ("guide weights sha256", f"`{vanilla['weights_sha256']}`: one guide for every seed; the seeds vary the "
+                                 "certified training"
+                                 + (f" (rotation measures of {', '.join(r.name for r in inputs.other_guide_runs)} "
+                                    "were taken against another guide: Table 1's note)"
+                                    if inputs.other_guide_runs else "")),
     ]
     lines = ["| | |", "| --- | --- |"] + [f"| {key} | {value} |" for key, value in rows]
     return lines

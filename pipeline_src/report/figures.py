@@ -243,22 +243,24 @@ def similarity_per_layer(inputs: ReportInputs):
     rank r: a grid point at another r than the profile's is not comparable with the others
     (nor with the controls, measured at `duet.rank`)."""
     style = _Style(inputs)
-    n_layers = len(inputs.runs[0].similarity["similarity_per_layer"])
+    # Runs compared with another guide (collect.against_guide) have no rotation measures here.
+    measured = [r for r in inputs.runs if "similarity_per_layer" in r.similarity]
+    n_layers = len(measured[0].similarity["similarity_per_layer"])
     names = [layer["name"] for layer in inputs.svd.get("layers", [])]
     if len(names) != n_layers:
         names = [f"layer {k + 1}" for k in range(n_layers)]
     # Numbers in order (1, 4, 16), then any named rank (full rank) after them.
-    ranks = sorted({r.similarity["rank"] for r in inputs.runs},
+    ranks = sorted({r.similarity["rank"] for r in measured},
                    key=lambda rank: (not isinstance(rank, (int, float)), rank if isinstance(rank, (int, float))
                                      else 0, str(rank)))
     fig, axes = plt.subplots(len(ranks), 1, figsize=SIZES["similarity_per_layer"], dpi=DPI, layout="constrained",
                              squeeze=False, sharex=True)
     x = np.arange(n_layers)
     for ax, rank in zip(axes[:, 0], ranks):
-        groups = [g for g in inputs.groups if inputs.of_group(g)[0].similarity["rank"] == rank]
+        groups = list(dict.fromkeys(r.group for r in measured if r.similarity["rank"] == rank))
         width = 0.8 / max(len(groups), 1)
         for k, group in enumerate(groups):
-            runs = inputs.of_group(group)
+            runs = [r for r in measured if r.group == group]
             values = np.stack([r.similarity["similarity_per_layer"] for r in runs])
             s = style(group)
             offset = x + (k - (len(groups) - 1) / 2) * width

@@ -274,6 +274,14 @@ def table1(inputs: ReportInputs) -> Table:
         "estimate: product of power-iteration estimates.",
         f"Paper columns: {paper.DUET}, Table 1 (one number per method, its measure unstated).",
     ]
+    if inputs.other_guide_runs:
+        guides = sorted({run.similarity["other_guide"][:8] for run in inputs.other_guide_runs})
+        left_out = ", ".join(run.name for run in inputs.other_guide_runs)
+        notes.append(
+            f"Left out of the rotation columns (not of the Lipschitz ones): {left_out}, "
+            f"compared with another guide ({', '.join(guides)}) than this profile's "
+            f"({inputs.vanilla['weights_sha256'][:8]}); their training did not read the guide, so their other "
+            "numbers stand. The rotation columns' n is the number of the row's seeds compared with this guide.")
     return Table(1, "Rotation similarity to the vanilla model and Lipschitz constant", header, rows,
                  pd.DataFrame(records), notes)
 

@@ -23,7 +23,7 @@ CODE = {name: stage_code(handler.__name__) for name, (handler, _) in {**STAGES, 
 
 
 # Input functions of the rules (`snakemake --lint`: functions live here, rules in their files).
-from pipeline_src.runs import METHOD_FACTS
+from pipeline_src.runs import METHOD_FACTS, trains_with_guide
 
 
 def train_inputs(wildcards):
@@ -32,10 +32,9 @@ def train_inputs(wildcards):
     from it (`init_from: vanilla_unit_norm`), the vanilla model."""
     inputs = {"code": CODE["train"], "cache": LAYOUT.data_cache}
     run = RUNS[wildcards.method]
-    facts = METHOD_FACTS[run.method]
-    if facts.similarity_term:
+    if METHOD_FACTS[run.method].similarity_term:
         inputs.update(vanilla=LAYOUT.vanilla_model, factors=LAYOUT.svd_factors)
-    elif facts.reads_guide or run.config["init_from"] == "vanilla_unit_norm":
+    elif trains_with_guide(run):
         inputs.update(vanilla=LAYOUT.vanilla_model)
     return inputs
 
