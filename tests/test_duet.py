@@ -559,6 +559,27 @@ def test_lambda_zero_is_bcp_bit_for_bit(params, guide_root, tmp_path):
     assert on["weights_sha256"] != bcp["weights_sha256"]
 
 
+def test_a_similarity_term_scheduled_off_is_bcp_bit_for_bit(params, guide_root, tmp_path):
+    """regulariser_schedule (issue 22, candidate 1): until_ramp_end is off after the ramp;
+    with no warm-up and no ramp it is never on and Duet trains BCP's weights; with a ramp
+    it is on there, and the weights differ from BCP's and from the constant term's (both
+    comparisons can fail)."""
+    no_ramp = {"ramp_epochs": 0}
+    bcp = certified_training.train_certified(short_schedule(params, "bcp", **no_ramp), "bcp",
+                                             run_root(guide_root, params, tmp_path, "bcp"))
+    off = certified_training.train_certified(
+        short_schedule(params, "duet", **no_ramp, regulariser_schedule="until_ramp_end"), "duet",
+        run_root(guide_root, params, tmp_path, "duet-until_ramp_end"))
+    assert off["weights_sha256"] == bcp["weights_sha256"]
+    ramp_root = run_root(guide_root, params, tmp_path, "duet-ramp-only")
+    certified_training.train_certified(
+        short_schedule(params, "duet", regulariser_schedule="until_ramp_end"), "duet", ramp_root)
+    # The term's column: on over the ramp (epoch 1), 0 after it.
+    with open(ramp_root / RunLayout.of(params).train("duet", "history.csv")) as fh:
+        term = [float(row["regulariser"]) for row in csv.DictReader(fh)]
+    assert term[0] > 0 and term[1] == 0
+
+
 def test_duet_and_bcp_start_from_the_same_weights_and_batches(params, guide_root, tmp_path, monkeypatch):
     seen = {}
     for method in ("bcp", "duet"):

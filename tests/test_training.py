@@ -140,7 +140,8 @@ def test_cuda_requested_without_gpu_is_a_clear_error(tiny_run, tmp_path: Path):
 
 # ---------------------------------------------------------------- certified training
 from pipeline_src.training import certified as certified_training  # noqa: E402
-from pipeline_src.training.certified import certified_learning_rate, eps_kappa, train_certified  # noqa: E402
+from pipeline_src.training.certified import (certified_learning_rate, eps_kappa, regulariser_weight,  # noqa: E402
+                                             train_certified)
 
 
 def _method_cfg(**overrides) -> dict:
@@ -158,6 +159,20 @@ def test_eps_and_kappa_ramp_per_batch():
     assert eps_kappa(cfg, 2.5)[0] == pytest.approx(0.2 * 0.5 / 8)   # within an epoch, per batch
     assert eps_kappa(cfg, 10.0) == pytest.approx((0.2, 0.0)) and eps_kappa(cfg, 15.0) == pytest.approx((0.2, 0.0))
     assert eps_kappa(_method_cfg(kappa_final=0.5), 50.0)[1] == pytest.approx(0.5)
+
+
+def test_regulariser_weight_schedules():
+    """Warm-up 2 epochs, ramp 8: constant (the default), on until the ramp ends, or faded
+    over the ramp as eps grows."""
+    assert [regulariser_weight(_method_cfg(), t) for t in (0.0, 6.0, 15.0)] == [1.0, 1.0, 1.0]
+    until = _method_cfg(regulariser_schedule="until_ramp_end")
+    assert [regulariser_weight(until, t) for t in (0.0, 9.99, 10.0, 15.0)] == [1.0, 1.0, 0.0, 0.0]
+    fade = _method_cfg(regulariser_schedule="fade_over_ramp")
+    assert [regulariser_weight(fade, t) for t in (1.5, 2.0, 6.0, 10.0, 15.0)] == pytest.approx([1, 1, 0.5, 0, 0])
+    for t in (0.0, 3.3, 7.0, 12.0):   # fading as eps grows: 1 - eps / eps_train
+        assert regulariser_weight(fade, t) == pytest.approx(1 - eps_kappa(fade, t)[0] / fade["eps_train"])
+    with pytest.raises(ValueError, match="regulariser_schedule: 'sometimes'"):
+        regulariser_weight(_method_cfg(regulariser_schedule="sometimes"), 1.0)
 
 
 def test_certified_lr_schedules():

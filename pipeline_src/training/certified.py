@@ -10,8 +10,9 @@ The loss of a step, z the clean logits and z_hat the method's worst-case logits 
     and trades (GloRo's lambda KL, with `loss: trades`) come with the bound
     (`StepBounds`), each with its own weight applied;
   * similarity: Duet's term (`regulariser`, lambda applied), at every step, warm-up
-    included; the history's `regulariser` column is the sum of sparsity, trades and
-    similarity, without (1 - kappa).
+    included, times the weight of the block's optional `regulariser_schedule`
+    (`regulariser_weight`; absent: constant 1); the history's `regulariser` column is
+    the sum of sparsity, trades and similarity, without (1 - kappa).
 Schedule (per method, from its params block), with t = epoch + batch/steps:
   * warm-up, t < warmup_epochs: eps = 0, kappa = 1 (no bound is computed);
   * ramp over ramp_epochs: eps = p * eps_train and kappa = 1 - p * (1 - kappa_final),
@@ -73,14 +74,17 @@ class StepOutcome:
 
 
 def certified_step(method, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-                   index: torch.Tensor, eps: float, kappa: float) -> StepOutcome:
+                   index: torch.Tensor, eps: float, kappa: float, regulariser_weight: float = 1.0) -> StepOutcome:
     """One training step of a certified method, for training and the benchmark alike: the
-    clean pass, Duet's term, the bound at eps while kappa < 1, the loss, backward, the
-    optimizer's step, then the method's `after_step`."""
+    clean pass, Duet's term (times `regulariser_weight`; at 0 it is not computed, and the
+    step is the paired method's), the bound at eps while kappa < 1, the loss, backward,
+    the optimizer's step, then the method's `after_step`."""
     logits = method.forward(x)
     clean_loss = F.cross_entropy(logits, y)
     # Duet's term comes first: its power-iteration step gives the bound its sigmas.
-    similarity = method.regulariser(x, y, logits)
+    similarity = method.regulariser(x, y, logits) if regulariser_weight > 0 else None
+    if similarity is not None and regulariser_weight != 1.0:
+        similarity = regulariser_weight * similarity
     loss, bounds, robust_loss = clean_loss, None, None
     if kappa < 1.0:
         bounds = method.bounds(x, y, logits, eps, index)
@@ -109,7 +113,8 @@ def train_certified(params: dict, run_name: str, root: Path) -> dict:
         set_learning_rate(optimizer, certified_learning_rate(cfg, epoch))
         tally = Tally()
         for progress, (x, y, index) in epochs.steps(epoch):
-            tally_step(tally, certified_step(method, optimizer, x, y, index, *eps_kappa(cfg, progress)), y)
+            tally_step(tally, certified_step(method, optimizer, x, y, index, *eps_kappa(cfg, progress),
+                                             regulariser_weight(cfg, progress)), y)
         validation = sound_certified_accuracy(model, run.val, run.eps_test, method.certifier,
                                               certify=validation_certified(cfg, epoch))
         row = epochs.record(epoch, history_columns(cfg, epoch, len(run.train), tally, validation))
@@ -160,6 +165,29 @@ def eps_kappa(cfg: dict, progress: float) -> tuple[float, float]:
     ramp = (progress - cfg["warmup_epochs"]) / max(cfg["ramp_epochs"], 1e-12)
     ramp = min(max(ramp, 0.0), 1.0)
     return ramp * cfg["eps_train"], 1.0 - ramp * (1.0 - cfg["kappa_final"])
+
+
+# The weight of a method's regulariser (`regulariser`: Duet's similarity term, a
+# distillation) over training, a block's optional `regulariser_schedule` (issue 22,
+# candidate 1: a guide that helps early and leaves the certificate to BCP later):
+#   constant        1 throughout (the default, and what a block without the key does)
+#   until_ramp_end  1 through warm-up and ramp, 0 after
+#   fade_over_ramp  1 through warm-up, 1 - p over the ramp (p as eps's), 0 after
+REGULARISER_SCHEDULES = ("constant", "until_ramp_end", "fade_over_ramp")
+
+
+def regulariser_weight(cfg: dict, progress: float) -> float:
+    """The regulariser's weight at a fractional epoch (REGULARISER_SCHEDULES)."""
+    schedule = cfg.get("regulariser_schedule", "constant")
+    if schedule not in REGULARISER_SCHEDULES:
+        raise ValueError(f"regulariser_schedule: '{schedule}' is not one of {REGULARISER_SCHEDULES}")
+    if schedule == "constant":
+        return 1.0
+    ramp_end = cfg["warmup_epochs"] + cfg["ramp_epochs"]
+    if schedule == "until_ramp_end":
+        return 1.0 if progress < ramp_end else 0.0
+    ramp = (progress - cfg["warmup_epochs"]) / max(cfg["ramp_epochs"], 1e-12)
+    return 1.0 - min(max(ramp, 0.0), 1.0)
 
 
 def certified_learning_rate(cfg: dict, epoch: int) -> float:
