@@ -66,7 +66,8 @@ SAMPLE_ARCHIVE = "pipeline_src/data/sample/cifar10-sample.tar.gz"
 
 def data_inputs(data: dict) -> list[str]:
     """What the data stage reads, as an input of its rule (a DVC dep too): replacing the
-    archive or folder at the same path reruns it. The committed sample for `sample`,
+    archive or folder at the same path reruns it (under Snakemake, unless the params pin its
+    sha256: then its mtime is ignored, workflow/rules/common.smk `data_source`). The committed sample for `sample`,
     `data.path` for `images`; nothing for `torchvision`, whose download torchvision checks
     itself (and which need not exist before the first run)."""
     if data["source"] == "sample":

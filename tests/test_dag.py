@@ -163,6 +163,22 @@ def test_data_stage_depends_on_the_data_it_reads():
     assert not any(d.startswith(("data/", "../")) or d.endswith(".tar.gz") for d in deps["paper"])
 
 
+def test_an_archive_pinned_by_its_hash_is_not_rerun_for_its_mtime():
+    """The cpu profile pins its archive's sha256: Snakemake ignores the archive's mtime
+    (`ancient`; a touched or re-copied archive reran the whole campaign on 2026-12-06).
+    The sample archive (no pinned hash) still reruns the stage when it is newer."""
+    from snakemake.io import is_flagged
+
+    def source(profile):
+        rule = workflow_rules(profile)["data"]
+        return [value for item in rule.inputs if callable(item) for value in item(None)]
+
+    assert load_params("cpu")["data"]["sha256"] and source("cpu") == [load_params("cpu")["data"]["path"]]
+    assert all(is_flagged(path, "ancient") for path in source("cpu"))
+    assert source("smoke") and not any(is_flagged(path, "ancient") for path in source("smoke"))
+    assert load_params("cpu")["data"]["path"] in next(s for s in workflow_stages("cpu") if s.name == "data").deps
+
+
 def test_all_asks_for_every_output_of_every_job():
     """A missing intermediate file (a model.pt) is rebuilt rather than hidden behind
     downstream files that exist."""

@@ -1,13 +1,10 @@
-from pipeline_src.dag import data_inputs
-
-
 rule data:
     """CIFAR-10 as uint8 tensors with the validation split and provenance."""
     conda:
         "../envs/pipeline.yaml"
     input:
         code=CODE["data"],
-        source=lambda wildcards: data_inputs(P["data"]),  # replacing the archive reruns the stage
+        source=data_source,
     output:
         cache=LAYOUT.data_cache,
         provenance=LAYOUT.data_provenance,
