@@ -465,6 +465,27 @@ def test_table2_paired_duet_minus_bcp_over_the_shared_seeds(tmp_path: Path):
     assert data.loc["duet", "paired_n"] == 3 and data.loc["duet", "paired_with"] == "bcp"
 
 
+def test_table2_pairs_a_named_variant_with_its_methods_own_run(tmp_path: Path):
+    """Issue 22: BCP's frontier and guided variants (kappa_final moved, init_from moved) are
+    paired with BCP's own run seed by seed (the same seed family: the same batches)."""
+    params = _params(seeds=[0, 1], methods=("bcp", "duet"))
+    params["bcp"]["variants"] = {"kappa_0p5": {"kappa_final": 0.5}}
+    values = {}
+    for s in range(2):
+        values[f"bcp-s{s}"] = {"clean": 60.0 + s, "certified": 40.0}
+        values[f"bcp-kappa_0p5-s{s}"] = {"clean": 63.0 + 2 * s, "certified": 38.0}
+    write_fake_runs(tmp_path, params, values)
+    two = table2(collect(params, tmp_path))
+    title = "Duet − BCP / variant − its method"
+    variant = _row(two, "BCP kappa_0p5")
+    assert variant[f"{title}, clean (paired)"].startswith("+3.50 ± 0.50")     # +3, +4
+    assert variant[f"{title}, certified (paired)"].startswith("−2.00 ± 0.00") and variant["Paired seeds (n)"] == "2"
+    assert _row(two, "BCP")[f"{title}, clean (paired)"] == "—"
+    data = two.data.set_index("run_group")
+    assert data.loc["bcp-kappa_0p5", "paired_with"] == "bcp"
+    assert data.loc["duet", "paired_with"] == "bcp"
+
+
 def test_table2_paired_difference_with_one_seed_has_no_standard_error(tmp_path: Path):
     params = _params(methods=("bcp", "duet"))
     write_fake_runs(tmp_path, params, {"bcp": {"clean": 60.0}, "duet": {"clean": 64.5}})

@@ -337,11 +337,34 @@ def paired_base(method: str) -> str | None:
     return facts.paired_with if facts else None
 
 
+def is_named_variant(runs: list[RunResult]) -> bool:
+    """A row of a method's named variant (`bcp-kappa_0p25`, `bcp-guide_unit`), not its own run."""
+    return bool(runs[0].config.get("variant"))
+
+
+def paired_group(inputs: ReportInputs, runs: list[RunResult]) -> str | None:
+    """The row a row's seeds are paired with: for a method that is another plus a term, that
+    method's run with the same initialisation (Duet: BCP); for a named variant of a method
+    without such a partner (BCP's `kappa_0p25`, `guide_unit`), the method's own run: for a
+    seed both draw from the same seed family, so they see the same batches (and start from
+    the same weights unless the variant moves `init_from`)."""
+    method = runs[0].method
+    base = paired_base(method)
+    if base:
+        return same_init_group(inputs, base, runs[0].init_from)
+    if is_named_variant(runs) and method in inputs.groups:
+        return method
+    return None
+
+
 def paired_title(inputs: ReportInputs) -> str:
     """The paired columns' name: `Duet − BCP`, and each other pair that has rows
-    (`Duet − BCP / Duet-local − LocalBCP`)."""
+    (`Duet − BCP / Duet-local − LocalBCP / variant − its method`)."""
     methods = dict.fromkeys(inputs.of_group(g)[0].method for g in inputs.groups)
     pairs = [f"{METHOD_LABELS[m]} − {METHOD_LABELS[paired_base(m)]}" for m in methods if paired_base(m)]
+    if any(is_named_variant(inputs.of_group(g)) and not paired_base(inputs.of_group(g)[0].method)
+           and paired_group(inputs, inputs.of_group(g)) for g in inputs.groups):
+        pairs.append("variant − its method")
     return " / ".join(pairs) or "Duet − BCP"
 
 
@@ -433,8 +456,9 @@ def table2(inputs: ReportInputs) -> Table:
             row += [cell, paper_cell, fmt_signed(_diff(mean, paper_value))]
             record.update({f"{name}_mean": mean, f"{name}_std": std, f"{name}_paper": paper_value,
                            f"{name}_diff_paper": _diff(mean, paper_value), "n": n})
-        if bcp_group:
-            seeds, differences = paired_differences(runs, inputs.of_group(bcp_group))
+        pair_group = paired_group(inputs, runs)
+        if pair_group:
+            seeds, differences = paired_differences(runs, inputs.of_group(pair_group))
             row += [fmt_paired(differences[name]) for name in TABLE2_METRICS] + [str(len(seeds))]
             for name in TABLE2_METRICS:
                 mean, se, _ = standard_error(differences[name])
@@ -443,7 +467,7 @@ def table2(inputs: ReportInputs) -> Table:
                                f"{name}_paired_diff_ci95_low": low, f"{name}_paired_diff_ci95_high": high})
                 if base == "bcp":
                     record.update({f"{name}_paired_diff_bcp_mean": mean, f"{name}_paired_diff_bcp_se": se})
-            record.update(paired_n=len(seeds), paired_seeds=" ".join(map(str, seeds)), paired_with=bcp_group)
+            record.update(paired_n=len(seeds), paired_seeds=" ".join(map(str, seeds)), paired_with=pair_group)
         else:
             row += [DASH] * 4
         estimates = _reference_estimates(runs)
@@ -463,8 +487,9 @@ def table2(inputs: ReportInputs) -> Table:
         "Duet's cells show, in brackets, its difference to BCP as the paper prints it (ours: measured BCP with "
         "the same initialisation, difference of the means); Duet-local's, its difference to LocalBCP.",
         f"{pair} (paired): for each seed both have (for a seed, BCP and every Duet run start from the same "
-        "weights and see the same batches; so do LocalBCP and Duet-local), the method's accuracy minus its "
-        "base's; mean ± standard error over the n pairs [its 95 % t-interval, n − 1 degrees of freedom] "
+        "weights and see the same batches; so do LocalBCP and Duet-local, and a named variant of a method and "
+        "the method's own run, which see the same batches), the row's accuracy minus its partner's; mean ± "
+        "standard error over the n pairs [its 95 % t-interval, n − 1 degrees of freedom] "
         "(n/a with one pair). Where the interval contains zero the two are not distinguishable at that n.",
         f"{REFERENCE_ESTIMATE}: for clipped-ReLU (LocalBCP) models, the certified accuracy the LocalBCP "
         "reference's evaluation would report (masked norms by power iteration): an estimate, not a certificate; "
