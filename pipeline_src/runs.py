@@ -86,9 +86,11 @@ class CertifiedRun(NamedTuple):
 def trains_with_guide(run: CertifiedRun) -> bool:
     """Whether the trained vanilla model enters the run's training (its similarity term, a
     teacher, or its initial weights): then every number of the run depends on which guide it
-    had; otherwise only its rotation similarity does (measured after training)."""
+    had; otherwise only its rotation similarity does (measured after training). A similarity
+    term with `guide: untrained` (its no-guide control) does not read it."""
     facts = METHOD_FACTS[run.method]
-    return facts.similarity_term or facts.reads_guide or run.config.get("init_from") == "vanilla_unit_norm"
+    similarity_guided = facts.similarity_term and run.config.get("guide", "trained") == "trained"
+    return similarity_guided or facts.reads_guide or run.config.get("init_from") == "vanilla_unit_norm"
 
 
 def seed_run_name(group: str, seed: int) -> str:

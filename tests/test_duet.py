@@ -37,6 +37,8 @@ from pipeline_src.training import certified as certified_training
 from pipeline_src.training import vanilla as vanilla_training
 from pipeline_src.training.vanilla_checks import check_guide
 from pipeline_src.runtime import seed_everything, stage_seed
+from pipeline_src.runs import method_runs, trains_with_guide
+from pipeline_src.training.common import vanilla_initial_model
 from conftest import save_cut_cache
 
 SEED = 0
@@ -578,6 +580,34 @@ def test_a_similarity_term_scheduled_off_is_bcp_bit_for_bit(params, guide_root, 
     with open(ramp_root / RunLayout.of(params).train("duet", "history.csv")) as fh:
         term = [float(row["regulariser"]) for row in csv.DictReader(fh)]
     assert term[0] > 0 and term[1] == 0
+
+
+def test_the_untrained_guide_control_needs_no_trained_guide(params, guide_root, tmp_path, monkeypatch):
+    """guide: untrained (the similarity term's no-guide control, issue 22): the vanilla
+    model's initial weights and their SVD take the guide's place; no vanilla model or SVD
+    export is read."""
+    layout = RunLayout.of(params)
+    root = tmp_path / "untrained"
+    (root / layout.data_cache).parent.mkdir(parents=True)
+    shutil.copy2(guide_root / layout.data_cache, root / layout.data_cache)   # nothing else
+    handed = {}
+    original = certified_training.untrained_guide
+
+    def spy(model, svd, seed, device):
+        handed["guide"] = original(model, svd, seed, device)
+        return handed["guide"]
+
+    monkeypatch.setattr(certified_training, "untrained_guide", spy)
+    untrained = certified_training.train_certified(short_schedule(params, "duet", guide="untrained"), "duet", root)
+    initial = vanilla_initial_model(params)
+    for layer, factors in zip(initial.weight_layers(), handed["guide"]["factors"]["layers"]):
+        expected = torch.linalg.svdvals(layer_matrix(layer).double()).float()
+        assert torch.allclose(factors["S"], expected, rtol=1e-5)
+    for ours, theirs in zip(handed["guide"]["model"].state_dict().values(), initial.state_dict().values()):
+        assert torch.equal(ours.cpu(), theirs)
+    assert untrained["method"] == "duet"   # (this module's guide is itself untrained: no weight comparison)
+    assert not trains_with_guide(method_runs(short_schedule(params, "duet", guide="untrained"))["duet"])
+    assert trains_with_guide(method_runs(params)["duet"])
 
 
 def test_duet_and_bcp_start_from_the_same_weights_and_batches(params, guide_root, tmp_path, monkeypatch):

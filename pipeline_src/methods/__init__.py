@@ -9,22 +9,23 @@ from pathlib import Path
 import torch
 
 from .base import METHODS, CertifiedMethod, StepBounds, build_method
-from .duet import load_guide, load_guide_model
+from .duet import load_guide, load_guide_model, untrained_guide
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["METHODS", "CertifiedMethod", "StepBounds", "build_method", "method_context"]
+__all__ = ["METHODS", "CertifiedMethod", "StepBounds", "build_method", "method_context", "untrained_guide"]
 
 
-def method_context(name: str, root: Path, layout, device: torch.device) -> dict:
+def method_context(name: str, root: Path, layout, device: torch.device, guide: dict | None = None) -> dict:
     """What a method may read of the run: a method with Duet's similarity term
     (`similarity_term`: Duet, Duet-local) also gets its guide (the vanilla model and
-    its SVD factors); one that `reads_guide` (BCP + distillation) the vanilla model."""
+    its SVD factors, or `guide` when the caller hands another: `duet.untrained_guide`);
+    one that `reads_guide` (BCP + distillation) the vanilla model."""
     context = {"root": root, "layout": layout, "device": device}
     facts = METHODS[name].facts
     if facts.similarity_term:
-        context["guide"] = load_guide(root, layout, device)
+        context["guide"] = guide if guide is not None else load_guide(root, layout, device)
     elif facts.reads_guide:
         context["guide"] = {"model": load_guide_model(root, layout, device)}
     return context

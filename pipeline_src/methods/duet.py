@@ -37,7 +37,7 @@ import torch
 
 from ..models.loading import load_trained
 from ..spectral.operator_norm import apply_operator
-from ..spectral.svd_export import load_factors
+from ..spectral.svd_export import load_factors, svd_factors
 from ..spectral.rotation import (FactorisedRotation, apply_rotation, factorised_inner, layer_matrix,
                                  resolve_rank, top_rank_rotation)
 from .base import register
@@ -191,3 +191,12 @@ def load_guide_model(root: Path, layout, device: torch.device) -> torch.nn.Modul
 def load_guide(root: Path, layout, device: torch.device) -> dict:
     """The frozen vanilla model and its offline SVD factors."""
     return {"model": load_guide_model(root, layout, device), "factors": load_factors(root / layout.svd_factors)}
+
+
+def untrained_guide(model: torch.nn.Module, svd: dict, seed: int, device: torch.device) -> dict:
+    """The no-guide control of the similarity term (`guide: untrained`, issue 22): an
+    untrained network of the guide's architecture (the caller hands the vanilla model's
+    initial weights) in the guide's place, frozen, with its SVD factors computed here as
+    the svd stage computes the guide's (`svd` the params' svd block)."""
+    layers, _ = svd_factors(model, svd, seed)
+    return {"model": model.to(device).requires_grad_(False).eval(), "factors": {"layers": layers}}

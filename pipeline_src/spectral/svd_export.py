@@ -53,9 +53,29 @@ def export_svd(params: dict, root: Path, check_guide: Callable[[Path, str, dict]
         check_guide(metrics_path, state_dict_sha256(model.state_dict()), params)
     else:
         print(f"[svd] {metrics_path} not found: the guide's accuracy is not checked")
-    generator = torch.Generator().manual_seed(params["run"]["seed"])
-    ranks = sorted(cfg["ranks"])
+    layers, summary_layers = svd_factors(model, cfg, params["run"]["seed"])
+    lipschitz_estimate = math.prod(layer["operator_norm_estimate"] for layer in layers)
+    lipschitz_upper = math.prod(layer["operator_norm_upper_bound"] for layer in layers)
+    metadata = {"arch": params["model"]["arch"], "activation": params["model"]["activation"],
+                "ranks": sorted(cfg["ranks"]), "vanilla_weights_sha256": state_dict_sha256(model.state_dict()),
+                "operator_norm_method": {
+                    "estimate": f"power iteration on the operator (up to {cfg['power_iterations']} steps)",
+                    "upper_bound": "exact float64 SVD (dense) / polyphase circular-conv DFT bound (conv)"},
+                "lipschitz_estimate": lipschitz_estimate, "lipschitz_upper_bound": lipschitz_upper}
+    save_torch({"metadata": metadata, "layers": layers}, root / layout.svd_factors)
+    summary = {**metadata, "profile": params["profile"], "layers": summary_layers}
+    save_json(summary, root / layout.svd_summary)
+    print(f"[svd] {len(layers)} layers, Lipschitz bound {lipschitz_upper:.4g} "
+          f"(power-iteration estimate {lipschitz_estimate:.4g})")
+    return summary
 
+
+def svd_factors(model: torch.nn.Module, cfg: dict, seed: int) -> tuple[list[dict], list[dict]]:
+    """(factors, summary) of every weight layer of `model`, `cfg` the params' svd block:
+    the export's layers (U, S, V in full and at each rank, operator-norm estimate and
+    guaranteed bound) and their summary rows."""
+    generator = torch.Generator().manual_seed(seed)
+    ranks = sorted(cfg["ranks"])
     layers, summary_layers = [], []
     for layer in model.weight_layers():
         weight = matrix_view(layer.module).detach().to(torch.float64)
@@ -86,21 +106,7 @@ def export_svd(params: dict, root: Path, check_guide: Callable[[Path, str, dict]
             "operator_norm_upper_bound": upper,
             "upper_bound_over_estimate": upper / estimate,
         })
-
-    lipschitz_estimate = math.prod(layer["operator_norm_estimate"] for layer in layers)
-    lipschitz_upper = math.prod(layer["operator_norm_upper_bound"] for layer in layers)
-    metadata = {"arch": params["model"]["arch"], "activation": params["model"]["activation"],
-                "ranks": ranks, "vanilla_weights_sha256": state_dict_sha256(model.state_dict()),
-                "operator_norm_method": {
-                    "estimate": f"power iteration on the operator (up to {cfg['power_iterations']} steps)",
-                    "upper_bound": "exact float64 SVD (dense) / polyphase circular-conv DFT bound (conv)"},
-                "lipschitz_estimate": lipschitz_estimate, "lipschitz_upper_bound": lipschitz_upper}
-    save_torch({"metadata": metadata, "layers": layers}, root / layout.svd_factors)
-    summary = {**metadata, "profile": params["profile"], "layers": summary_layers}
-    save_json(summary, root / layout.svd_summary)
-    print(f"[svd] {len(layers)} layers, Lipschitz bound {lipschitz_upper:.4g} "
-          f"(power-iteration estimate {lipschitz_estimate:.4g})")
-    return summary
+    return layers, summary_layers
 
 
 def load_factors(path: str | Path) -> dict:

@@ -40,7 +40,7 @@ from ..runs import method_runs
 from ..data.cifar import load_cache
 from ..data.loader import DeviceBatches
 from ..io import save_json, save_torch, state_dict_sha256
-from ..methods import METHODS, StepBounds, build_method, method_context
+from ..methods import METHODS, StepBounds, build_method, method_context, untrained_guide
 from ..models import build_model
 from ..models.loading import copy_weight_layers, load_trained
 from ..paths import RunLayout
@@ -311,8 +311,11 @@ class CertifiedRun:
             copy_weight_layers(guide, model)
         model = model.to(device)
         generator = make_generator(stage_seed(seed, "train", family, "data"), device)
+        # The similarity term's no-guide control: the vanilla model's initial weights as the guide.
+        guide = (untrained_guide(vanilla_initial_model(params), params["svd"], params["run"]["seed"], device)
+                 if cfg.get("guide") == "untrained" else None)
         method = build_method(method_name, model, cfg, generator, len(data.train_y),
-                              method_context(method_name, root, layout, device))
+                              method_context(method_name, root, layout, device, guide))
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
         train = DeviceBatches(data.train_x, data.train_y, cfg["batch_size"], device, shuffle=True,
                               crop_padding=cfg["augment"]["crop_padding"], flip=cfg["augment"]["flip"],

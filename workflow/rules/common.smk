@@ -38,14 +38,14 @@ def data_source(wildcards):
 
 def train_inputs(wildcards):
     """A method with Duet's similarity term (Duet, Duet-local) also reads the vanilla
-    model and its SVD factors; one that reads the guide as a teacher, or a run that starts
-    from it (`init_from: vanilla_unit_norm`), the vanilla model."""
+    model and its SVD factors (not with `guide: untrained`); one that reads the guide as a
+    teacher, or a run that starts from it (`init_from: vanilla_unit_norm`), the vanilla model."""
     inputs = {"code": CODE["train"], "cache": LAYOUT.data_cache}
     run = RUNS[wildcards.method]
-    if METHOD_FACTS[run.method].similarity_term:
-        inputs.update(vanilla=LAYOUT.vanilla_model, factors=LAYOUT.svd_factors)
-    elif trains_with_guide(run):
+    if trains_with_guide(run):
         inputs.update(vanilla=LAYOUT.vanilla_model)
+        if METHOD_FACTS[run.method].similarity_term:
+            inputs.update(factors=LAYOUT.svd_factors)
     return inputs
 
 
