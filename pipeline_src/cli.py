@@ -10,7 +10,7 @@ from pathlib import Path
 from .config import PAPER_PROFILE, PROJECT_ROOT, ParamsError, load_params
 from .dag import record_dvc_stage_for_snakemake
 from .errors import StageError
-from .runs import method_runs
+from .runs import committed_seeds, method_runs
 from .stage_header import stage_header
 
 # Each handler imports its stage's code inside itself, on purpose: a rule's code inputs are
@@ -183,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name in METHOD_STAGES:
             cmd.add_argument("--method", required=True,
                              help="a certified training run: a method (bcp) or a Duet grid point")
+        if name in TORCH_FREE_STAGES:
+            cmd.add_argument("--committed-seeds", action="store_true",
+                             help="only the seeds whose every run is in committed_runs (a campaign's "
+                                  "committed tables while its next seed trains)")
         if name == "export-dvc":
             cmd.add_argument("--profiles", nargs="+", default=None,
                              help="profiles to export (default: paper and every config/*/params.yaml)")
@@ -287,6 +291,12 @@ def main(argv: list[str] | None = None) -> int:
     except ParamsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if getattr(args, "committed_seeds", False):
+        params["seeds"] = committed_seeds(params)
+        if not params["seeds"]:
+            print(f"error: --committed-seeds: no seed of profile {args.profile} has every run in committed_runs",
+                  file=sys.stderr)
+            return 2
     if getattr(args, "method", None) and args.method not in method_runs(params):
         print(f"error: --method {args.method}: not a run of this profile "
               f"({', '.join(method_runs(params))})", file=sys.stderr)

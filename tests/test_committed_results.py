@@ -13,7 +13,7 @@ import pytest
 
 from conftest import ROOT
 from pipeline_src.config import load_params
-from pipeline_src.runs import method_runs, trains_with_guide
+from pipeline_src.runs import committed_seeds, method_runs, trains_with_guide
 from pipeline_src.paths import RunLayout
 from pipeline_src.report.collect import collect
 from pipeline_src.report.tables import table2
@@ -23,12 +23,9 @@ PROFILE = "cpu"
 
 def committed_seeds_params(profile: str) -> dict:
     """The profile's params with `seeds` cut to the seeds whose every run is committed:
-    the seeds the committed tables were made from (the next seed may be half trained)."""
+    the seeds the committed tables were made from (`--committed-seeds` of the report stages)."""
     params = load_params(profile)
-    committed = set(params["committed_runs"] or [])
-    runs = method_runs(params)
-    params["seeds"] = [seed for seed in params["seeds"]
-                       if all(name in committed for name, run in runs.items() if run.seed == seed)]
+    params["seeds"] = committed_seeds(params)
     return params
 
 

@@ -13,7 +13,8 @@ import yaml
 
 from conftest import ROOT, copy_project, run
 from pipeline_src.config import ParamsError, load_params
-from pipeline_src.runs import method_runs, runs_to_train
+from pipeline_src.cli import main
+from pipeline_src.runs import committed_seeds, method_runs, runs_to_train
 from pipeline_src.schedule_fit import concurrency_slowdown, scaled_schedule, window_plan, write_window_plan
 
 
@@ -55,6 +56,17 @@ def test_committed_runs_must_be_runs_of_the_profile(tmp_path: Path):
     assert list(method_runs(params)) == ["bcp-s0", "bcp-s1", "duet-s0", "duet-s1"]
     assert list(runs_to_train(params)) == ["bcp-s1", "duet-s1"]
 
+
+
+def test_committed_seeds_are_those_with_every_run_committed(tmp_path: Path, capsys):
+    project = copy_project(tmp_path / "project")
+    _add_profile(project, "tinywin", {**TINY, "seeds": [0, 1, 2], "committed_runs": ["bcp-s0", "duet-s0", "bcp-s2"]})
+    assert committed_seeds(load_params("tinywin", project)) == [0]
+    _add_profile(project, "tinywin", {**TINY, "seeds": [0, 1, 2], "committed_runs": ["bcp-s1", "duet-s2"]})
+    assert committed_seeds(load_params("tinywin", project)) == []
+    # The smoke profile commits no run: the report stages refuse to run on no seed.
+    assert main(["tables", "--profile", "smoke", "--committed-seeds"]) == 2
+    assert "--committed-seeds: no seed of profile smoke" in capsys.readouterr().err
 
 def test_committed_runs_have_no_stage_but_the_report_reads_them(tmp_path: Path):
     from pipeline_src.dag import workflow_rules, workflow_stages
