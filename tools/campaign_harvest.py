@@ -1,0 +1,115 @@
+"""Copy finished runs of a campaign clone into this checkout's committed results.
+
+    python tools/campaign_harvest.py --clone /path/to/campaign_clone --profile cpu RUN [RUN ...] [--controls]
+
+A campaign trains in a clone at the campaign's code (results/cpu/README.md); its
+finished runs are committed here, without weights. For each RUN this copies the
+metrics files and history of its four stages, its benchmark files and logs (the
+clone's absolute path stripped from the logs: tests/test_no_machine_paths.py), and
+adds RUN to `committed_runs` in config/<profile>/params.yaml; `--controls` copies
+Table 1's control rows too. It refuses a run whose chain is unfinished, one with a
+certified point the attack broke, and one compared with a guide other than the one
+committed in results/<profile>/vanilla/. It prints the `git add -f` to run next
+(results/ is git-ignored) and leaves `export-dvc` and the README's list to you.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline_src.config import load_params  # noqa: E402  (the project on sys.path first)
+from pipeline_src.paths import RunLayout  # noqa: E402
+from pipeline_src.runs import SIMILARITY_CONTROLS, method_runs  # noqa: E402
+
+STAGES = ("train", "certify", "pgd", "similarity")
+
+
+def run_files(layout: RunLayout, run: str) -> list[str]:
+    """The committed files of one run (no weights), relative to the project root."""
+    files = [layout.train(run, "metrics.json"), layout.train(run, "history.csv"),
+             layout.certify(run, "metrics.json"), layout.attack(run, "metrics.json"),
+             layout.similarity(run, "metrics.json")]
+    files += [layout.benchmark(f"{stage}_{run}") for stage in STAGES]
+    files += [layout.log(f"{stage}_{run}") for stage in STAGES]
+    return files
+
+
+def control_files(layout: RunLayout) -> list[str]:
+    """Table 1's control rows: their similarity files, the control vanilla model's metrics."""
+    files = [layout.similarity_control(control) for control in SIMILARITY_CONTROLS]
+    files += [layout.vanilla_control(name) for name in ("metrics.json", "history.csv")]
+    files += [path for stage in ("vanilla_control", "similarity_control")
+              for path in (layout.benchmark(stage), layout.log(stage))]
+    return files
+
+
+def check_run(clone: Path, layout: RunLayout, run: str, guide_sha: str) -> None:
+    """Refuse an unfinished, broken or other-guide run (SystemExit with the reason)."""
+    missing = [f for f in run_files(layout, run) if not (clone / f).is_file()]
+    if missing:
+        raise SystemExit(f"{run}: unfinished in {clone} (missing {', '.join(missing)})")
+    attack = json.loads((clone / layout.attack(run, "metrics.json")).read_text())
+    if attack["certified_points_broken"] != 0:
+        raise SystemExit(f"{run}: {attack['certified_points_broken']} certified points broken by the attack")
+    compared = json.loads((clone / layout.similarity(run, "metrics.json")).read_text())
+    if compared["vanilla_weights_sha256"] != guide_sha:
+        raise SystemExit(f"{run}: compared with guide {compared['vanilla_weights_sha256']}, "
+                         f"not the committed {guide_sha}")
+
+
+def copy_stripped(source: Path, target: Path, clone: Path) -> None:
+    """Copy a file; a log loses the clone's absolute path (no machine paths are committed)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.suffix == ".log":
+        target.write_text(source.read_text().replace(f"{clone}/", ""))
+    else:
+        shutil.copyfile(source, target)
+
+
+def add_committed_runs(params_file: Path, runs: list[str]) -> None:
+    """Append runs to the one-line `committed_runs: [...]` list, keeping the file's comments."""
+    text = params_file.read_text()
+    match = re.search(r"^committed_runs: \[(.*)\]$", text, flags=re.M)
+    if not match:
+        raise SystemExit(f"{params_file}: no one-line `committed_runs: [...]` to extend")
+    have = [name.strip() for name in match.group(1).split(",") if name.strip()]
+    names = have + [run for run in runs if run not in have]
+    params_file.write_text(text[:match.start()] + f"committed_runs: [{', '.join(names)}]" + text[match.end():])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clone", type=Path, required=True, help="the campaign clone's project root")
+    parser.add_argument("--profile", default="cpu")
+    parser.add_argument("--controls", action="store_true", help="also copy Table 1's control rows")
+    parser.add_argument("runs", nargs="*")
+    args = parser.parse_args(argv)
+    clone = args.clone.resolve()
+    params = load_params(args.profile, ROOT)
+    layout = RunLayout.of(params)
+    unknown = [run for run in args.runs if run not in method_runs(params)]
+    if unknown:
+        raise SystemExit(f"not runs of profile {args.profile}: {', '.join(unknown)}")
+    guide_sha = json.loads((ROOT / layout.vanilla_metrics).read_text())["weights_sha256"]
+    for run in args.runs:
+        check_run(clone, layout, run, guide_sha)
+    files = [f for run in args.runs for f in run_files(layout, run)]
+    if args.controls:
+        files += control_files(layout)
+    for name in files:
+        copy_stripped(clone / name, ROOT / name, clone)
+    if args.runs:
+        add_committed_runs(ROOT / "config" / args.profile / "params.yaml", args.runs)
+    print(f"copied {len(files)} files; next: git add -f {' '.join(files)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
