@@ -44,6 +44,8 @@ class MethodFacts(NamedTuple):
     colour: str               # its base run's colour in every figure
     reads_guide: bool = False  # reads the vanilla model (not its SVD export) as a teacher;
                                # implied by similarity_term
+    no_guide_controls: dict | None = None  # {block key: values} that make a run of the method its
+                                           # no-guide control: the same term, without the trained guide
 
 
 def read_method_facts(schema: dict) -> dict[str, MethodFacts]:
@@ -91,6 +93,14 @@ def trains_with_guide(run: CertifiedRun) -> bool:
     facts = METHOD_FACTS[run.method]
     similarity_guided = facts.similarity_term and run.config.get("guide", "trained") == "trained"
     return similarity_guided or facts.reads_guide or run.config.get("init_from") == "vanilla_unit_norm"
+
+
+def is_no_guide_control(run: CertifiedRun) -> bool:
+    """Whether the run is its method's no-guide control (`no_guide_controls` of its facts):
+    the method's extra term with an untrained network or the labels in the guide's place,
+    there to tell the guide's gain from the term's (issue 22)."""
+    controls = METHOD_FACTS[run.method].no_guide_controls or {}
+    return any(run.config.get(key) in values for key, values in controls.items())
 
 
 def seed_run_name(group: str, seed: int) -> str:

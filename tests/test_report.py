@@ -81,7 +81,8 @@ def write_fake_controls(root: Path, params: dict, values: dict | None = None) ->
 
 def write_fake_runs(root: Path, params: dict, values: dict) -> None:
     """Metrics files as the stages write them. values[run name] = dict of clean, pgd,
-    certified, similarity (and the other measures of SIMILARITY_KEYS), seconds, device, memory
+    certified, val_clean and val_certified (default: clean, certified), similarity (and the
+    other measures of SIMILARITY_KEYS), seconds, device, memory
     (peak MB), reference (LocalBCP's reference estimate) (missing: defaults); values["_controls"]
     for the controls; values["_vanilla"]: keys added to the vanilla metrics (`certify_subset`)."""
     layout = RunLayout.of(params)
@@ -113,11 +114,12 @@ def write_fake_runs(root: Path, params: dict, values: dict) -> None:
         with open(history, "w", newline="") as fh:
             writer = csv.writer(fh)
             writer.writerow(["epoch", "clean_loss", "clean_accuracy", "robust_loss", "certified_accuracy",
-                             "val_certified_accuracy", "eps", "kappa"])
+                             "val_clean_accuracy", "val_certified_accuracy", "eps", "kappa"])
             for epoch in range(1, epochs + 1):
                 warm = epoch <= run.config["warmup_epochs"]
                 writer.writerow([epoch, 2.0 / epoch, 10.0 * epoch, "nan" if warm else 3.0, "nan" if warm else 5.0,
-                                 v["certified"], 0.0 if warm else eps, 1.0 if warm else 0.0])
+                                 v.get("val_clean", v["clean"]), v.get("val_certified", v["certified"]),
+                                 0.0 if warm else eps, 1.0 if warm else 0.0])
         radii = [0.0, eps, 2 * eps]
         save_json({"stage": "certify", "method": name, "eps": eps, "test_images": n_test,
                    "weights_sha256": weights, "clean_accuracy": v["clean"],
@@ -485,6 +487,43 @@ def test_table2_pairs_a_named_variant_with_its_methods_own_run(tmp_path: Path):
     assert data.loc["bcp-kappa_0p5", "paired_with"] == "bcp"
     assert data.loc["duet", "paired_with"] == "bcp"
 
+
+
+def _validation_section(report: str) -> list[str]:
+    start = report.index("## Settings chosen on the validation split")
+    return report[start:].split("\n## ")[0].splitlines()
+
+
+@pytest.mark.parametrize("close", [True, False])
+def test_report_chooses_a_guided_setting_on_the_validation_split(tmp_path: Path, close: bool):
+    """Issue 22: among a guided method's settings whose validation certified accuracy is within
+    0.5 points of BCP's, the highest validation clean accuracy; none that close: the highest
+    validation certified accuracy. The test numbers (clean, certified) never choose, nor does
+    the no-guide control, however well it scores."""
+    params = _params(seeds=[0, 1], methods=("bcp", "duet"))
+    params["duet"]["variants"] = {"lam": {"lambda": 0.01}, "polar": {"sim_form": "cosine"},
+                                  "ctrl": {"guide": "untrained"}}
+    drop = 0.0 if close else 1.0
+    values = {}
+    for s in range(2):
+        values[f"bcp-s{s}"] = {"val_clean": 50.0, "val_certified": 30.0}
+        values[f"duet-s{s}"] = {"val_clean": 55.0, "val_certified": 29.8 - drop, "clean": 90.0}
+        values[f"duet-lam-s{s}"] = {"val_clean": 60.0, "val_certified": 29.0 - drop + s * 0.4}
+        values[f"duet-polar-s{s}"] = {"val_clean": 58.0, "val_certified": 29.6 - drop}
+        values[f"duet-ctrl-s{s}"] = {"val_clean": 70.0, "val_certified": 35.0}
+    write_fake_runs(tmp_path, params, values)
+    make_tables(params, tmp_path)
+    make_figures(params, tmp_path)
+    lines = _validation_section(make_report(params, tmp_path).read_text())
+    rows = {line.split(" | ")[1]: line for line in lines if line.startswith("| Duet |")}
+    assert sorted(rows) == ["Duet", "Duet lam", "Duet polar"]          # the control is no candidate
+    assert rows["Duet lam"].split(" | ")[4:7] == ["60.0", (f"{29.2 - drop:.1f}").replace("-", "−"),
+                                                  f"−{0.8 + drop:.1f}"]
+    chosen = [label for label, line in rows.items() if "**chosen**" in line]
+    if close:
+        assert chosen == ["Duet polar"] and "none within" not in rows["Duet polar"]
+    else:
+        assert chosen == ["Duet"] and "(none within 0.5 points)" in rows["Duet"]
 
 def test_table2_paired_difference_with_one_seed_has_no_standard_error(tmp_path: Path):
     params = _params(methods=("bcp", "duet"))

@@ -17,6 +17,7 @@ from .benchmark_tables import depth_markdown_table, markdown_table
 from .collect import INIT_LABELS, METHOD_LABELS, ReportInputs, collect
 from .format import render_html
 from .figures import FIGURES
+from .selection import validation_choice
 from .tables import (TABLE2_METRICS, TABLES, data_text, eps_text, fmt, fmt_signed, paired_base, paired_differences,
                      same_init_group, standard_error, summary, t_interval)
 
@@ -369,7 +370,7 @@ def build_report(inputs: ReportInputs, layout: RunLayout, root: Path) -> str:
     for number in TABLES:
         text = (root / layout.table(number, "md")).read_text()
         lines += [text, ""]
-    lines += [*paired_findings(inputs), *similarity_findings(inputs), ""]
+    lines += [*paired_findings(inputs), *validation_choice(inputs), *similarity_findings(inputs), ""]
     lines += ["## Figures", ""]
     for name in FIGURES:
         lines += [f"![{name}]({rel(layout.figure(name, 'png'))})", "",
