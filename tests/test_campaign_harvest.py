@@ -1,16 +1,19 @@
-"""tools/campaign_harvest.py: a campaign clone's finished run is committed here with its
-metrics, history, benchmark files and logs (no machine paths), and joins committed_runs;
-an unfinished run, a broken certificate or another guide is refused."""
+"""The campaign tools. tools/campaign_run.sh trains runs in a clone at the campaign's commit
+against the committed guide, never retraining it; tools/campaign_harvest.py brings a finished
+run back with its metrics, history, benchmark files and logs (no machine paths), and adds it to
+committed_runs; an unfinished run, a broken certificate or another guide is refused."""
 from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
 from conftest import copy_project, run
+from test_window import TINY, _add_profile
 from tools.campaign_harvest import run_files
 from pipeline_src.paths import RunLayout
 
@@ -27,7 +30,9 @@ def _clone_with_run(project: Path, clone: Path) -> None:
     log = clone / LAYOUT.log(f"train_{RUN}")
     log.write_text(log.read_text() + f"wrote {clone}/results/cpu/train/{RUN}/model.pt\n")
     params = project / "config/cpu/params.yaml"
-    params.write_text(params.read_text().replace(f", {RUN}]", "]"))
+    text = params.read_text()
+    assert f", {RUN}," in text or f", {RUN}]" in text
+    params.write_text(text.replace(f", {RUN},", ",").replace(f", {RUN}]", "]"))
 
 
 def _committed_runs(project: Path) -> list[str]:
@@ -42,7 +47,7 @@ def test_a_finished_run_is_copied_without_machine_paths_and_committed(tmp_path: 
     assert all((project / name).is_file() for name in run_files(LAYOUT, RUN))
     log = (project / LAYOUT.log(f"train_{RUN}")).read_text()
     assert str(clone) not in log and f"wrote results/cpu/train/{RUN}/model.pt" in log
-    assert _committed_runs(project)[-1] == RUN
+    assert _committed_runs(project).count(RUN) == 1
     assert "# " in (project / "config/cpu/params.yaml").read_text()   # the file's comments kept
     assert f"git add -f {LAYOUT.train(RUN, 'metrics.json')}" in done.stdout
 
@@ -69,3 +74,40 @@ def test_unfinished_broken_or_other_guide_runs_are_refused(tmp_path: Path):
     refused_name = run([sys.executable, "tools/campaign_harvest.py", "--clone", str(clone), "lmt-s9"],
                        cwd=project, check=False)
     assert refused_name.returncode != 0 and "not runs of profile cpu: lmt-s9" in refused_name.stderr
+
+
+def _git(project: Path, *args: str) -> str:
+    return subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", *args], cwd=project,
+                          check=True, capture_output=True, text=True).stdout.strip()
+
+
+def test_campaign_run_trains_against_the_committed_guide_without_retraining_it(tmp_path: Path):
+    """The campaign's commit predates the guide's: the script copies the committed guide into
+    its clone, marks it up to date, trains a run's chain against it; a committed guide whose
+    recorded hash differs from the weights stops it before any training."""
+    project, clone = copy_project(tmp_path / "project"), tmp_path / "clone"
+    _add_profile(project, "tinycamp", {**TINY, "run": {**TINY["run"], "name": "tinycamp"}})
+    _git(project, "add", "-A")
+    _git(project, "commit", "-qm", "the campaign's code and params")
+    campaign_commit = _git(project, "rev-parse", "HEAD")
+    run(["snakemake", "--cores", "1", "results/tinycamp/vanilla/metrics.json", "--config", "profile=tinycamp"],
+        project)
+    guide = project / "results/tinycamp/vanilla"
+    _git(project, "add", "-f", *(str(guide / name) for name in ("model.pt", "metrics.json", "history.csv")))
+    _git(project, "commit", "-qm", "the committed guide")
+    sha = json.loads((guide / "metrics.json").read_text())["weights_sha256"]
+
+    done = run(["bash", "tools/campaign_run.sh", str(clone), campaign_commit, "tinycamp", "bcp-s0"], project)
+    assert "bcp-s0 done" in done.stdout, done.stdout[-2000:]
+    assert _git(clone, "rev-parse", "HEAD") == campaign_commit
+    assert json.loads((clone / "results/tinycamp/vanilla/metrics.json").read_text())["weights_sha256"] == sha
+    assert not (clone / "results/tinycamp/logs/vanilla.log").exists(), "the guide was retrained"
+    attack = json.loads((clone / "results/tinycamp/pgd/bcp-s0/metrics.json").read_text())
+    assert attack["certified_points_broken"] == 0
+
+    recorded = json.loads((guide / "metrics.json").read_text())
+    (guide / "metrics.json").write_text(json.dumps({**recorded, "weights_sha256": "0" * 64}))
+    stopped = run(["bash", "tools/campaign_run.sh", str(clone), campaign_commit, "tinycamp", "duet-s0"], project,
+                  check=False)
+    assert stopped.returncode == 1 and f"GUIDE MISMATCH: {sha}, not {'0' * 64}" in stopped.stderr
+    assert not (clone / "results/tinycamp/train/duet-s0").exists()
