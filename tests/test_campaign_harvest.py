@@ -82,10 +82,12 @@ def _git(project: Path, *args: str) -> str:
 
 
 def test_campaign_run_trains_against_the_committed_guide_without_retraining_it(tmp_path: Path):
-    """The campaign's commit predates the guide's: the script copies the committed guide into
-    its clone, marks it up to date, trains a run's chain against it; a committed guide whose
-    recorded hash differs from the weights stops it before any training."""
-    project, clone = copy_project(tmp_path / "project"), tmp_path / "clone"
+    """The campaign's commit predates the guide's metrics: the script copies the guide's weights
+    (on disk, not committed) into its clone, marks them up to date, trains a run's chain against
+    them; without the weights it trains the vanilla stage at the campaign's commit and gets the
+    pinned hash (the same machine); a pinned hash the weights do not have stops it before any
+    training."""
+    project = copy_project(tmp_path / "project")
     _add_profile(project, "tinycamp", {**TINY, "run": {**TINY["run"], "name": "tinycamp"}})
     _git(project, "add", "-A")
     _git(project, "commit", "-qm", "the campaign's code and params")
@@ -93,10 +95,11 @@ def test_campaign_run_trains_against_the_committed_guide_without_retraining_it(t
     run(["snakemake", "--cores", "1", "results/tinycamp/vanilla/metrics.json", "--config", "profile=tinycamp"],
         project)
     guide = project / "results/tinycamp/vanilla"
-    _git(project, "add", "-f", *(str(guide / name) for name in ("model.pt", "metrics.json", "history.csv")))
-    _git(project, "commit", "-qm", "the committed guide")
+    _git(project, "add", "-f", str(guide / "metrics.json"), str(guide / "history.csv"))   # no weights in git
+    _git(project, "commit", "-qm", "the campaign's guide, pinned")
     sha = json.loads((guide / "metrics.json").read_text())["weights_sha256"]
 
+    clone = tmp_path / "clone"
     done = run(["bash", "tools/campaign_run.sh", str(clone), campaign_commit, "tinycamp", "bcp-s0"], project)
     assert "bcp-s0 done" in done.stdout, done.stdout[-2000:]
     assert _git(clone, "rev-parse", "HEAD") == campaign_commit
@@ -104,6 +107,12 @@ def test_campaign_run_trains_against_the_committed_guide_without_retraining_it(t
     assert not (clone / "results/tinycamp/logs/vanilla.log").exists(), "the guide was retrained"
     attack = json.loads((clone / "results/tinycamp/pgd/bcp-s0/metrics.json").read_text())
     assert attack["certified_points_broken"] == 0
+
+    (guide / "model.pt").unlink()   # a fresh machine: the weights are gone, the pinned hash is not
+    rebuilt = tmp_path / "rebuilt"
+    done = run(["bash", "tools/campaign_run.sh", str(rebuilt), campaign_commit, "tinycamp"], project)
+    assert "training the vanilla stage" in done.stdout and (rebuilt / "results/tinycamp/logs/vanilla.log").exists()
+    assert json.loads((rebuilt / "results/tinycamp/vanilla/metrics.json").read_text())["weights_sha256"] == sha
 
     recorded = json.loads((guide / "metrics.json").read_text())
     (guide / "metrics.json").write_text(json.dumps({**recorded, "weights_sha256": "0" * 64}))

@@ -9,7 +9,7 @@ clone's absolute path stripped from the logs: tests/test_no_machine_paths.py), a
 adds RUN to `committed_runs` in config/<profile>/params.yaml; `--controls` copies
 Table 1's control rows too. It refuses a run whose chain is unfinished, one with a
 certified point the attack broke, and one compared with a guide other than the one
-committed in results/<profile>/vanilla/. It prints the `git add -f` to run next
+pinned by results/<profile>/vanilla/metrics.json. It prints the `git add -f` to run next
 (results/ is git-ignored) and leaves `export-dvc` and the README's list to you.
 """
 from __future__ import annotations
