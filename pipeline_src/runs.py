@@ -167,7 +167,6 @@ def runs_to_train(params: dict) -> dict[str, CertifiedRun]:
     return {name: run for name, run in method_runs(params).items() if name not in committed}
 
 
-
 def committed_seeds(params: dict) -> list[int]:
     """The seeds of `seeds` whose every run is in `committed_runs`: the seeds the committed
     tables of a campaign are made from (the next seed may be half trained); none without
@@ -176,6 +175,7 @@ def committed_seeds(params: dict) -> list[int]:
     runs = method_runs(params)
     return [seed for seed in params.get("seeds") or []
             if all(name in committed for name, run in runs.items() if run.seed == seed)]
+
 
 # Table 1's control rows: what an unrelated network scores against the vanilla model.
 #   vanilla_control: a second vanilla model, trained like the first from another seed;
