@@ -207,7 +207,7 @@ def method_step(model, optimizer, generator, method_name: str, cfg: dict, n_trai
         # recompilations of the same function towards dynamo's limit.
         torch._dynamo.reset()
     method = build_method(method_name, model, cfg, generator, n_train,
-                          method_context(method_name, guide_root, layout, device))
+                          method_context(method_name, cfg, guide_root, layout, device))
 
     def step(x, y, index):
         certified_step(method, optimizer, x, y, index, cfg["eps_train"], cfg["kappa_final"])

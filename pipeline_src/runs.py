@@ -85,22 +85,33 @@ class CertifiedRun(NamedTuple):
     group: str    # the run name without its seed: the row of the tables
 
 
+def reads_guide_model(method: str, cfg: dict) -> bool:
+    """Whether a run of `method` with this params block reads the trained vanilla model for
+    its extra term (Duet's similarity term, a teacher): not when the block makes it the
+    method's no-guide control (`guide: untrained`, `distill_teacher: labels`, ...)."""
+    facts = METHOD_FACTS[method]
+    return (facts.similarity_term or facts.reads_guide) and not is_no_guide_config(method, cfg)
+
+
 def trains_with_guide(run: CertifiedRun) -> bool:
     """Whether the trained vanilla model enters the run's training (its similarity term, a
     teacher, or its initial weights): then every number of the run depends on which guide it
-    had; otherwise only its rotation similarity does (measured after training). A similarity
-    term with `guide: untrained` (its no-guide control) does not read it."""
-    facts = METHOD_FACTS[run.method]
-    similarity_guided = facts.similarity_term and run.config.get("guide", "trained") == "trained"
-    return similarity_guided or facts.reads_guide or run.config.get("init_from") == "vanilla_unit_norm"
+    had; otherwise only its rotation similarity does (measured after training). A no-guide
+    control (`guide: untrained`, an untrained or the labels' teacher) does not read it."""
+    return reads_guide_model(run.method, run.config) or run.config.get("init_from") == "vanilla_unit_norm"
+
+
+def is_no_guide_config(method: str, cfg: dict) -> bool:
+    """Whether this params block makes a run of `method` its no-guide control
+    (`no_guide_controls` of its facts): the method's extra term with an untrained network
+    or the labels in the guide's place, there to tell the guide's gain from the term's
+    (issue 22)."""
+    controls = METHOD_FACTS[method].no_guide_controls or {}
+    return any(cfg.get(key) in values for key, values in controls.items())
 
 
 def is_no_guide_control(run: CertifiedRun) -> bool:
-    """Whether the run is its method's no-guide control (`no_guide_controls` of its facts):
-    the method's extra term with an untrained network or the labels in the guide's place,
-    there to tell the guide's gain from the term's (issue 22)."""
-    controls = METHOD_FACTS[run.method].no_guide_controls or {}
-    return any(run.config.get(key) in values for key, values in controls.items())
+    return is_no_guide_config(run.method, run.config)
 
 
 def seed_run_name(group: str, seed: int) -> str:

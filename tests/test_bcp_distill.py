@@ -14,7 +14,7 @@ from pipeline_src.methods import build_method, method_context
 from pipeline_src.methods.bcp_distill import distillation_loss
 from pipeline_src.models import build_model
 from pipeline_src.paths import RunLayout
-from pipeline_src.runs import METHOD_FACTS
+from pipeline_src.runs import METHOD_FACTS, CertifiedRun, is_no_guide_control, trains_with_guide
 from pipeline_src.training.certified import certified_step
 from tiny_nets import single_thread  # noqa: F401  (autouse fixture: one thread)
 
@@ -100,7 +100,23 @@ def test_the_vanilla_teacher_needs_the_guide_and_reads_no_svd_export(params, tmp
     (tmp_path / layout.vanilla_model).parent.mkdir(parents=True)
     torch.save({"state_dict": vanilla.state_dict(), "model": params["model"], "data_sha256": "x"},
                tmp_path / layout.vanilla_model)
-    context = method_context("bcp_distill", tmp_path, layout, torch.device("cpu"))   # no SVD export here
+    # no SVD export here
+    context = method_context("bcp_distill", params["bcp_distill"], tmp_path, layout, torch.device("cpu"))
     assert set(context["guide"]) == {"model"}
     assert all(torch.equal(a, b) for a, b in zip(context["guide"]["model"].state_dict().values(),
                                                  vanilla.state_dict().values()))
+
+
+@pytest.mark.parametrize("teacher", ["untrained", "labels"])
+def test_the_no_guide_teachers_read_no_vanilla_model(params, tmp_path, teacher):
+    """Their runs are the guide's controls: neither the DAG (`trains_with_guide`, which gives
+    the train rule the vanilla model as an input) nor the method's context reads the guide,
+    so a guide that changes does not retrain them and none need exist."""
+    cfg = {**params["bcp_distill"], "distill_teacher": teacher}
+    run = CertifiedRun("bcp_distill", cfg, 0, "bcp_distill-" + teacher)
+    assert is_no_guide_control(run) and not trains_with_guide(run)
+    assert trains_with_guide(run._replace(config=params["bcp_distill"]))
+    context = method_context("bcp_distill", cfg, tmp_path, RunLayout.of(params), torch.device("cpu"))
+    assert "guide" not in context   # tmp_path holds no vanilla model: nothing was read
+    method = build_method("bcp_distill", _model(params), cfg, torch.Generator().manual_seed(1), 100, context)
+    assert (method.teacher is None) == (teacher == "labels")

@@ -315,7 +315,7 @@ class CertifiedRun:
         guide = (untrained_guide(vanilla_initial_model(params), params["svd"], params["run"]["seed"], device)
                  if cfg.get("guide") == "untrained" else None)
         method = build_method(method_name, model, cfg, generator, len(data.train_y),
-                              method_context(method_name, root, layout, device, guide))
+                              method_context(method_name, cfg, root, layout, device, guide))
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
         train = DeviceBatches(data.train_x, data.train_y, cfg["batch_size"], device, shuffle=True,
                               crop_padding=cfg["augment"]["crop_padding"], flip=cfg["augment"]["flip"],
