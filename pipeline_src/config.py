@@ -194,10 +194,11 @@ def load_params(profile: str = PAPER_PROFILE, root: Path = PROJECT_ROOT,
         validate_params(params, source, root, (override_params, str(override.relative_to(root))))
     else:
         validate_params(params, source, root)
-    unknown = sorted(set(params.get("committed_runs") or []) - set(method_runs(params)))
-    if unknown:
-        raise ParamsError(f"{source}: key 'committed_runs': {', '.join(unknown)} not runs of this profile "
-                          f"({', '.join(method_runs(params))})")
+    for key in ("committed_runs", "timed_runs"):
+        unknown = sorted(set(params.get(key) or []) - set(method_runs(params)))
+        if unknown:
+            raise ParamsError(f"{source}: key '{key}': {', '.join(unknown)} not runs of this profile "
+                              f"({', '.join(method_runs(params))})")
     check_schedules(params, source)
     check_variants(params, source)
     check_run_name(profile, params, root, source)

@@ -60,6 +60,8 @@ def _edit(root: Path, path: str, change) -> None:
     (lambda p: p["vanilla"]["augment"].update(flip="yes"), "vanilla.augment.flip"),
     (lambda p: p["data"].update(sha256="abc"), "data.sha256"),
     (lambda p: p["run"].pop("seed"), "run"),
+    (lambda p: p.update(committed_runs=["bcp-s9"]), "committed_runs"),
+    (lambda p: p.update(timed_runs=["bcp", "no-such-run"]), "timed_runs"),
 ])
 def test_bad_params_name_the_key(params_root: Path, change, key: str):
     _edit(params_root, "params.yaml", change)

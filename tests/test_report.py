@@ -184,6 +184,24 @@ def test_several_seeds_give_mean_and_sample_std(tmp_path: Path):
     assert data.loc["bcp", "n"] == 3 and data.loc["bcp", "clean_std"] == pytest.approx(2.0)
 
 
+def test_table3_reports_the_times_of_timed_runs_only(tmp_path: Path):
+    """A run retrained later (another day, another machine, beside other work) keeps its
+    accuracies in Table 2 but not its time in Table 3: `timed_runs` names the runs whose
+    times are a measurement."""
+    params = _params(seeds=[0, 1], methods=("bcp", "duet"))
+    write_fake_runs(tmp_path, params, {"bcp-s0": {"seconds": 2.0}, "bcp-s1": {"seconds": 9.0},
+                                       "duet-s0": {"seconds": 3.0}, "duet-s1": {"seconds": 30.0}})
+    everything = table3(collect(params, tmp_path))
+    assert _row(everything, "BCP")["Time per epoch (s)"] == f"5.50 ± {49 ** 0.5 / 2 ** 0.5:.2f}"
+    assert not any("timed_runs" in note for note in everything.notes)
+    three = table3(collect({**params, "timed_runs": ["bcp-s0", "duet-s0"]}, tmp_path))
+    assert _row(three, "BCP")["Time per epoch (s)"] == "2.00" and _row(three, "Duet")["× BCP"] == "1.50"
+    assert any("Not reported: bcp-s1, duet-s1" in note for note in three.notes)
+    untimed_duet = table3(collect({**params, "timed_runs": ["bcp-s0"]}, tmp_path))
+    assert _row(untimed_duet, "Duet")["Time per epoch (s)"] == "—" == _row(untimed_duet, "Duet")["× BCP"]
+    assert _row(table2(collect({**params, "timed_runs": []}, tmp_path)), "Duet")["Clean (%)"] != "—"
+
+
 def test_summary_is_mean_and_sample_std():
     mean, std, n = summary([1.0, 2.0, 6.0])
     assert (mean, n) == (3.0, 3) and std == pytest.approx(((4 + 1 + 9) / 2) ** 0.5)

@@ -526,10 +526,19 @@ def vanilla_note(inputs: ReportInputs, vanilla: VanillaClean) -> str:
             "predates the subset's accuracy (`certify_subset`); rerun the vanilla stage to measure it there.")
 
 
+def timed_runs(inputs: ReportInputs) -> dict[str, list]:
+    """{run group: its runs whose training time is a measurement}: those named in
+    `timed_runs`, or every run where the params leave it unset."""
+    names = inputs.params.get("timed_runs")
+    return {group: [r for r in inputs.of_group(group) if names is None or r.name in names]
+            for group in inputs.groups}
+
+
 def table3(inputs: ReportInputs) -> Table:
     header = ["Method", "Time per epoch (s)", "Time, paper (s)", "× BCP", "× BCP, paper",
               "Peak GPU memory (GB)", "Memory, paper (GB)", "Device"]
-    seconds = {g: [r.train["timing"]["seconds_per_epoch_mean"] for r in inputs.of_group(g)] for g in inputs.groups}
+    timed = timed_runs(inputs)
+    seconds = {g: [r.train["timing"]["seconds_per_epoch_mean"] for r in timed[g]] for g in inputs.groups}
     bcp_seconds = summary(seconds["bcp"])[0] if "bcp" in seconds else math.nan
     paper_bcp = paper.TABLE3["bcp"]["seconds"]
     rows, records = [], []
@@ -537,7 +546,7 @@ def table3(inputs: ReportInputs) -> Table:
         runs = inputs.of_group(group)
         method = runs[0].method
         devices = sorted({r.train["timing"]["device"] for r in runs})
-        memory_mb = [r.train["timing"]["peak_memory_mb"] for r in runs]
+        memory_mb = [r.train["timing"]["peak_memory_mb"] for r in timed[group]]
         measured = peak_memory_measured(memory_mb, devices)  # a GPU's name, as the train stage recorded it
         mean, std, n = summary(seconds[group])
         paper_seconds = _paper_value(paper.TABLE3, runs, "seconds")
@@ -560,6 +569,13 @@ def table3(inputs: ReportInputs) -> Table:
         "compare the ratios to BCP rather than the seconds.",
         "A controlled measurement of every method on one device: `python -m pipeline_src benchmark`.",
     ]
+    timed_names = {r.name for runs in timed.values() for r in runs}
+    untimed = [r.name for r in inputs.runs if r.name not in timed_names]
+    if untimed:
+        notes.append(f"Times of the runs in `timed_runs` only ({', '.join(inputs.params['timed_runs']) or 'none'}): "
+                     "those trained with nothing else on the machine on the day the profile's times were taken. "
+                     f"Not reported: {', '.join(untimed)} (retrained later or beside other work; their times "
+                     "measure that day, not the method); a row without a timed run shows —.")
     return Table(3, "Computation cost of certified training", header, rows, pd.DataFrame(records), notes)
 
 

@@ -44,7 +44,8 @@ REPORT_PARAMS = dict(run=P["run"], methods=P["methods"], seeds=P["seeds"], model
                      benchmark=P["benchmark"],
                      certify=P["certify"], pgd=P["pgd"], **{name: P[name] for name in METHOD_BLOCKS},
                      vanilla=P["vanilla"],
-                     **({"similarity": P["similarity"]} if "similarity" in P else {}))
+                     **({"similarity": P["similarity"]} if "similarity" in P else {}),
+                     **({"timed_runs": P["timed_runs"]} if P.get("timed_runs") is not None else {}))
 
 
 rule tables:
