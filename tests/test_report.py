@@ -431,6 +431,19 @@ def test_a_run_trained_without_the_guide_keeps_all_but_its_rotations_when_compar
     make_figures(params, tmp_path)                                # the per-layer figure skips bcp-s0
 
 
+def test_table1_reading_needs_two_methods_compared_with_this_guide(tmp_path: Path):
+    """The cpu campaign's seed 0: only Duet's rows have rotation measures against the pinned
+    guide; no ordering (and no "closest levels") can be read from one method."""
+    params = _params(methods=("bcp", "duet"))
+    write_fake_runs(tmp_path, params, {})
+    _compare_with_another_guide(tmp_path, params, "bcp")
+    text = "\n".join(similarity_findings(collect(params, tmp_path)))
+    assert "| scratch | plain cosine at r | Duet 10.0 | one method only |" in text
+    assert ("**Reading:** none: only Duet has rotation measures against this vanilla model, and the paper's "
+            "ordering needs two of its methods (bcp: compared with another guide, Table 1's note).") in text
+    assert "closest levels" not in text
+
+
 def test_a_run_trained_with_the_guide_must_be_compared_with_it(tmp_path: Path):
     params = _params(seeds=[0, 1], methods=("bcp", "duet"))
     write_fake_runs(tmp_path, params, {})

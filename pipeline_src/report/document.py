@@ -97,7 +97,7 @@ def similarity_findings(inputs: ReportInputs) -> list[str]:
              "are from the paper's (mean and largest |ours − paper|, percentage points).", "",
              "| init | measure | ours, highest first | paper's ordering | mean \\|Δ\\| | largest \\|Δ\\| |",
              "| --- | --- | --- | --- | ---: | ---: |"]
-    verdicts, absent_inits = [], []
+    verdicts, absent_inits, compared = [], [], set()
     for init in INITS:
         means = _group_means(inputs, init)
         if not means:
@@ -109,6 +109,7 @@ def similarity_findings(inputs: ReportInputs) -> list[str]:
             if not values:
                 continue
             in_order = [m for m in PAPER_ORDER if m in values]
+            compared.update(in_order)
             ordered = all(values[a] > values[b] for a, b in zip(in_order, in_order[1:]))
             gaps = [abs(values[m] - published[m]) for m in in_order]
             complete = len(in_order) == len(PAPER_ORDER)
@@ -131,7 +132,12 @@ def similarity_findings(inputs: ReportInputs) -> list[str]:
     lines.append("")
     reproduced = [v for v in verdicts if v[2]]
     silent = _why_no_reading(inputs, init_means={init: _group_means(inputs, init) for init in INITS})
-    if silent and verdicts:
+    if verdicts and len(compared) < 2:
+        others = ", ".join(r.name for r in inputs.other_guide_runs)
+        lines.append(f"**Reading:** none: only {', '.join(METHOD_LABELS[m] for m in compared)} has rotation "
+                     "measures against this vanilla model, and the paper's ordering needs two of its methods"
+                     + (f" ({others}: compared with another guide, Table 1's note)." if others else "."))
+    elif silent and verdicts:
         lines.append(f"**Reading:** none: {silent}.")
     elif reproduced:
         init, key, _, gap = min(reproduced, key=lambda v: v[3])
