@@ -5,16 +5,19 @@ committed_runs; an unfinished run, a broken certificate or another guide is refu
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import torch
 import yaml
 
 from conftest import copy_project, run
 from test_window import TINY, _add_profile
 from tools.campaign_harvest import run_files
+from pipeline_src.io import state_dict_sha256
 from pipeline_src.paths import RunLayout
 
 RUN = "lmt-s1"   # a committed run of the cpu profile: its files stand in for a clone's
@@ -81,14 +84,17 @@ def _git(project: Path, *args: str) -> str:
                           check=True, capture_output=True, text=True).stdout.strip()
 
 
-def test_campaign_run_trains_against_the_committed_guide_without_retraining_it(tmp_path: Path):
+def test_campaign_run_trains_against_the_committed_guide_without_retraining_it(tmp_path: Path, monkeypatch):
     """The campaign's commit predates the guide's metrics: the script copies the guide's weights
-    (on disk, not committed) into its clone, marks them up to date, trains a run's chain against
-    them; without the weights it trains the vanilla stage at the campaign's commit and gets the
-    pinned hash (the same machine); a pinned hash the weights do not have stops it before any
-    training."""
+    (on disk, not committed) into its clone, marks them up to date, trains runs' chains against
+    them, two at once with CAMPAIGN_JOBS=2 (one thread each); a params-only commit of the
+    campaign branch leaves finished stages standing; without the weights it trains the vanilla
+    stage at the commit the guide's metrics record, gets the pinned hash (the same machine) and
+    keeps the weights; a pinned hash the weights do not have stops it before any training, and
+    more jobs than the cores hold threads stop it too."""
     project = copy_project(tmp_path / "project")
-    _add_profile(project, "tinycamp", {**TINY, "run": {**TINY["run"], "name": "tinycamp"}})
+    _add_profile(project, "tinycamp", {**TINY, "run": {**TINY["run"], "name": "tinycamp", "cpu_threads": 1},
+                                       "seeds": [0, 1]})
     _git(project, "add", "-A")
     _git(project, "commit", "-qm", "the campaign's code and params")
     campaign_commit = _git(project, "rev-parse", "HEAD")
@@ -100,23 +106,45 @@ def test_campaign_run_trains_against_the_committed_guide_without_retraining_it(t
     sha = json.loads((guide / "metrics.json").read_text())["weights_sha256"]
 
     clone = tmp_path / "clone"
-    done = run(["bash", "tools/campaign_run.sh", str(clone), campaign_commit, "tinycamp", "bcp-s0"], project)
-    assert "bcp-s0 done" in done.stdout, done.stdout[-2000:]
+    monkeypatch.setenv("CAMPAIGN_JOBS", "2")
+    done = run(["bash", "tools/campaign_run.sh", str(clone), campaign_commit, "tinycamp", "bcp-s0", "bcp-s1"],
+               project)
+    assert "bcp-s0 bcp-s1 (2 at once, bcp-s0 first)" in done.stdout and "bcp-s0 bcp-s1 done" in done.stdout, \
+        done.stdout[-2000:]
     assert _git(clone, "rev-parse", "HEAD") == campaign_commit
     assert json.loads((clone / "results/tinycamp/vanilla/metrics.json").read_text())["weights_sha256"] == sha
     assert not (clone / "results/tinycamp/logs/vanilla.log").exists(), "the guide was retrained"
-    attack = json.loads((clone / "results/tinycamp/pgd/bcp-s0/metrics.json").read_text())
-    assert attack["certified_points_broken"] == 0
+    for seed in (0, 1):
+        attack = json.loads((clone / f"results/tinycamp/pgd/bcp-s{seed}/metrics.json").read_text())
+        assert attack["certified_points_broken"] == 0
+
+    params = clone / "config/tinycamp/params.yaml"   # a campaign branch's params-only commit
+    params.write_text(params.read_text().replace("cpu_threads: 1", "cpu_threads: 2"))
+    _git(clone, "commit", "-qam", "params only: one run at a time at two threads")
+    trained = (clone / "results/tinycamp/train/bcp-s0/model.pt").stat().st_mtime_ns
+    monkeypatch.setenv("CAMPAIGN_JOBS", "1")
+    run(["bash", "tools/campaign_run.sh", str(clone), _git(clone, "rev-parse", "HEAD"), "tinycamp", "bcp-s0"], project)
+    assert (clone / "results/tinycamp/train/bcp-s0/model.pt").stat().st_mtime_ns == trained, "bcp-s0 was retrained"
+    assert not (clone / "results/tinycamp/logs/vanilla.log").exists(), "the guide was retrained"
+    monkeypatch.setenv("CAMPAIGN_JOBS", str(os.cpu_count() + 1))
+    crowded = run(["bash", "tools/campaign_run.sh", str(clone), _git(clone, "rev-parse", "HEAD"), "tinycamp"],
+                  project, check=False)
+    assert crowded.returncode == 2 and "cores" in crowded.stderr, crowded.stderr
+    monkeypatch.setenv("CAMPAIGN_JOBS", "1")
 
     (guide / "model.pt").unlink()   # a fresh machine: the weights are gone, the pinned hash is not
     rebuilt = tmp_path / "rebuilt"
     done = run(["bash", "tools/campaign_run.sh", str(rebuilt), campaign_commit, "tinycamp"], project)
-    assert "training the vanilla stage" in done.stdout and (rebuilt / "results/tinycamp/logs/vanilla.log").exists()
+    assert "training the vanilla stage at " + campaign_commit in done.stdout
+    assert (tmp_path / "rebuilt.guide/results/tinycamp/logs/vanilla.log").exists()
+    assert not (rebuilt / "results/tinycamp/logs/vanilla.log").exists()
     assert json.loads((rebuilt / "results/tinycamp/vanilla/metrics.json").read_text())["weights_sha256"] == sha
+    kept = torch.load(guide / "model.pt", map_location="cpu", weights_only=False)["state_dict"]
+    assert state_dict_sha256(kept) == sha, "the rebuilt weights are not kept in the checkout"
 
     recorded = json.loads((guide / "metrics.json").read_text())
     (guide / "metrics.json").write_text(json.dumps({**recorded, "weights_sha256": "0" * 64}))
-    stopped = run(["bash", "tools/campaign_run.sh", str(clone), campaign_commit, "tinycamp", "duet-s0"], project,
+    stopped = run(["bash", "tools/campaign_run.sh", str(rebuilt), campaign_commit, "tinycamp", "duet-s0"], project,
                   check=False)
     assert stopped.returncode == 1 and f"GUIDE MISMATCH: {sha}, not {'0' * 64}" in stopped.stderr
-    assert not (clone / "results/tinycamp/train/duet-s0").exists()
+    assert not (rebuilt / "results/tinycamp/train/duet-s0").exists()
