@@ -19,14 +19,17 @@
 #      control rows instead.
 # CAMPAIGN_JOBS=N (default 1) runs N jobs at once instead, all RUNs in one Snakemake invocation,
 # the first RUN's chain first (`--prioritize`: give it the longest run). It needs
-# N x run.cpu_threads of the clone's params <= the processor's cores: on two cores one run at two
-# threads does about three quarters of the work of two runs at one thread each (BCP, `benchmark`,
-# 2026-12-07: 114 s an epoch alone at two threads, 166 and 178 s side by side at one), and two runs
-# at two threads each fight for the cores (4.3 times slower each). A campaign branch may change
-# params that decide no result (run.cpu_threads, seeds, committed_runs) in a commit of its own:
-# Snakemake reruns jobs on changed inputs, code and mtimes here, not on changed params, so such
-# a commit leaves finished stages (the guide above all) standing; a training's checkpoint still
-# starts afresh where its method's params changed (its fingerprint).
+# N x run.cpu_threads of the clone's params <= the processor's cores. On two cores two runs at one
+# thread each did 1.1 to 1.3 times the work of one run at two threads (`benchmark`, nothing else
+# running, 2026-12-07: BCP 114 s an epoch alone at two threads, 166 and 178 s side by side at one;
+# measured again, BCP 113 s against 205 and 200 s, Duet 138 s against 261 and 252 s), each run
+# taking about twice as long: worth it only where the machine outlives the runs (a run unfinished
+# when a session ends is lost with the machine). Two runs at two threads each fight for the cores
+# (4.3 times slower each). A campaign branch may change params that decide no result
+# (run.cpu_threads, seeds, committed_runs) in a commit of its own: Snakemake reruns jobs on
+# changed inputs, code and mtimes here, not on changed params, so such a commit leaves finished
+# stages (the guide above all) standing; a training's checkpoint still starts afresh where its
+# method's params changed (its fingerprint).
 # Run it in the background with its output in a log, e.g.
 #   (setsid nohup bash tools/campaign_run.sh ../campaign 9d9d3d3 cpu duet-s1 > ../campaign.log 2>&1 &)
 # and bring each finished run back with tools/campaign_harvest.py.
