@@ -77,7 +77,7 @@ main() {
 
   checkout "$clone" "$commit" "campaign-$profile"
   cd "$clone"
-  threads=$(python -c "import yaml; print(yaml.safe_load(open('config/$profile/params.yaml'))['run']['cpu_threads'])")
+  threads=$(python -c "from pipeline_src.config import load_params; print(load_params('$profile')['run']['cpu_threads'])")
   [ $((jobs * threads)) -le "$(nproc)" ] || {
     echo "CAMPAIGN_JOBS=$jobs x run.cpu_threads $threads of config/$profile/params.yaml > $(nproc) cores" >&2; exit 2; }
   sm --unlock >/dev/null 2>&1 || true
