@@ -138,3 +138,47 @@ def test_on_a_linear_model_the_worst_point_of_the_ball_is_reached_and_still_cert
         assert sound.sum() >= 20, "vacuous: too few certified points"
         assert survives(x)[sound].all()
         assert not survives(x)[forgetful].all(), "the worst points should break the forgetful certificate"
+
+
+class _FixedGuide(torch.nn.Module):
+    """A guide answering from a table of logits, one row per point (in the order given)."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.logits, self.seen = logits, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.logits[self.seen:self.seen + len(x)]
+        self.seen += len(x)
+        return out
+
+
+def test_composite_curve_measures_the_tau_grid(case):
+    """The compose measurement: at tau = 0 the certified model and GloRo; along the grid the
+    certified accuracy and the share g answers only fall, and clean accuracy rises with a
+    guide that is always right (falls with one always wrong); batches change nothing."""
+    from pipeline_src.certify.compose import composite_curve
+
+    model, model64, x, y, exact, weight, norms = case
+    taus = [0.0, 0.01, 0.02, 0.04, 0.08]
+    right = torch.nn.functional.one_hot(y, exact.shape[1]).float()
+    wrong = torch.nn.functional.one_hot((y + 1) % exact.shape[1], exact.shape[1]).float()
+    curve = composite_curve(model, _FixedGuide(right), x, y, EPS, taus, norms)
+    again = composite_curve(model, _FixedGuide(right), x, y, EPS, taus, norms, batch_size=7)
+    assert curve == again
+    with sound_numerics(model):
+        gloro = gloro_certified(model, exact, y, EPS, norms).float().mean().item() * 100
+        gloro_2eps = gloro_certified(model, exact, y, 2 * EPS, norms).float().mean().item() * 100
+    first = curve[0]
+    assert first["clean_accuracy"] == pytest.approx(100 * (exact.argmax(1) == y).float().mean().item())
+    assert (first["certified_accuracy"], first["certified_accuracy_2eps"]) == (pytest.approx(gloro),
+                                                                               pytest.approx(gloro_2eps))
+    assert first["certified_model_answers"] == 100.0
+    for before, after in zip(curve, curve[1:]):
+        for key in ("certified_accuracy", "certified_accuracy_2eps", "certified_model_answers"):
+            assert after[key] <= before[key]
+        assert after["clean_accuracy"] >= before["clean_accuracy"]
+    assert curve[-1]["clean_accuracy"] > first["clean_accuracy"] and curve[-1]["certified_model_answers"] < 100
+    worse = composite_curve(model, _FixedGuide(wrong), x, y, EPS, taus, norms)
+    assert all(a["clean_accuracy"] >= b["clean_accuracy"] for a, b in zip(worse, worse[1:]))
+    assert [c["certified_accuracy"] for c in worse] == [c["certified_accuracy"] for c in curve]
