@@ -17,10 +17,15 @@ The certificate. f keeps the label y on the l2 ball B(x, eps) if, at x, for ever
     t_i = (eps + tau) K_yi + 2 MARGIN_RTOL eps (||w_y|| + ||w_i||) K_sub      (tau > 0).
 
 Proof. For x' in the ball each margin z_y - z_i falls by at most eps K_yi, so at x' it still
-exceeds tau K_yi by the right-hand side above: y is g's prediction and the selector's rule
-holds at x', since each logit z_j(x') lies within ||w_j|| K_sub eps of z_j(x) and the second
-term of t_i pays twice for the larger magnitudes in the rule's right-hand side. So f = g = y on
-the whole ball. With tau = 0 the selector always chooses g: the certificate is GloRo's at eps.
+exceeds tau K_yi by the right-hand side above (every margin stays positive: y is g's unique
+prediction at x'). The selector's rule at x' compares with MARGIN_RTOL (|z_y(x')| + |z_i(x')| +
+tau K_yi), and each logit moves by at most ||w_j|| K_sub eps (z_j = w_j . phi + b_j, phi
+K_sub-Lipschitz; the bias cancels): one copy of the second term of t_i covers that in exact
+arithmetic, the second copy (with the (1 + 1e-9) widening of the GloRo shift) is the room for
+float64 round-off, thinner than the other certifiers' since the rule's slack at x is spent on
+the selector at x'. So f = g = y on the whole ball. With tau = 0 the selector always chooses
+g: the certificate is GloRo's at eps. tau < 0 is refused (the proof needs tau >= 0). The
+composite is deployed with g in float64, as the certificate reads it.
 
 This is an inference-time composition, not a training method: h is evaluated wherever g is
 not robust at tau, and h's predictions are never certified. tau trades the two: larger tau hands
@@ -29,8 +34,19 @@ from __future__ import annotations
 
 import torch
 
+import math
+
 from .certifiers import MARGIN_RTOL, margin_certified
 from .gloro import certified_margin_shift
+
+
+def _checked(tau: float) -> float:
+    """tau as a float; a negative or non-finite tau is refused (with tau < 0 the selector would
+    choose g where it is not even robust at 0, and the certificate's proof fails)."""
+    tau = float(tau)
+    if not math.isfinite(tau) or tau < 0:
+        raise ValueError(f"tau must be a finite radius >= 0, not {tau}")
+    return tau
 
 
 def selects_certified(logits: torch.Tensor, weight: torch.Tensor, sub_lipschitz_upper: float,
@@ -38,7 +54,7 @@ def selects_certified(logits: torch.Tensor, weight: torch.Tensor, sub_lipschitz_
     """Per example: whether the selector hands x to g (rho(x) >= tau under the relative-margin
     rule); `logits` g's float64 logits at x, `weight` g's last layer."""
     predicted = logits.argmax(1)
-    if tau == 0:
+    if _checked(tau) == 0:
         return torch.ones_like(predicted, dtype=torch.bool)
     return margin_certified(logits, certified_margin_shift(weight, predicted, sub_lipschitz_upper, tau),
                             predicted)
@@ -55,7 +71,7 @@ def composite_predictions(logits: torch.Tensor, guide_logits: torch.Tensor, weig
 def composite_shift(weight: torch.Tensor, y: torch.Tensor, sub_lipschitz_upper: float, eps: float,
                     tau: float) -> torch.Tensor:
     """t_i of the module's certificate, (B, C), float64."""
-    shift = certified_margin_shift(weight, y, sub_lipschitz_upper, eps + tau)
+    shift = certified_margin_shift(weight, y, sub_lipschitz_upper, eps + _checked(tau))
     if tau == 0:
         return shift
     rows = weight.double().norm(dim=1)
