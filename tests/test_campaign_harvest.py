@@ -53,6 +53,29 @@ def test_a_finished_run_is_copied_without_machine_paths_and_committed(tmp_path: 
     assert _committed_runs(project).count(RUN) == 1
     assert "# " in (project / "config/cpu/params.yaml").read_text()   # the file's comments kept
     assert f"git add -f {LAYOUT.train(RUN, 'metrics.json')}" in done.stdout
+    certify = json.loads((project / LAYOUT.certify(RUN, "metrics.json")).read_text())
+    assert f"{RUN}: {certify['clean_accuracy']:.2f} / " in done.stdout   # its summary line
+
+
+def test_the_summary_line_gives_the_paired_differences():
+    """A Duet run's line ends with its differences against BCP of the same seed, from the files."""
+    from pipeline_src.config import load_params
+    from tools.campaign_harvest import ROOT, summary
+
+    def read(run: str, stage: str) -> dict:
+        path = {"certify": LAYOUT.certify, "pgd": LAYOUT.attack}[stage](run, "metrics.json")
+        return json.loads((ROOT / path).read_text())
+
+    duet, bcp = "duet-lambda_0p01-s1", "bcp-s1"
+    line = summary(ROOT, LAYOUT, load_params("cpu"), duet)
+    clean = read(duet, "certify")["clean_accuracy"] - read(bcp, "certify")["clean_accuracy"]
+    pgd = read(duet, "pgd")["pgd_accuracy"] - read(bcp, "pgd")["pgd_accuracy"]
+    certified = (read(duet, "certify")["headline_certified_accuracy"]
+                 - read(bcp, "certify")["headline_certified_accuracy"])
+    assert line.startswith(f"{duet}: ")
+    assert line.endswith(f"against {bcp}: {clean:+.2f} / {pgd:+.2f} / {certified:+.2f}")
+    assert f"none of {read(duet, 'pgd')['certified_points']} certified points broken" in line
+    assert "against" not in summary(ROOT, LAYOUT, load_params("cpu"), "lmt-s1")   # LMT is paired with nothing
 
 
 def test_unfinished_broken_or_other_guide_runs_are_refused(tmp_path: Path):

@@ -9,8 +9,10 @@ clone's absolute path stripped from the logs: tests/test_no_machine_paths.py), a
 adds RUN to `committed_runs` in config/<profile>/params.yaml; `--controls` copies
 Table 1's control rows too. It refuses a run whose chain is unfinished, one with a
 certified point the attack broke, and one compared with a guide other than the one
-pinned by results/<profile>/vanilla/metrics.json. It prints the `git add -f` to run next
-(results/ is git-ignored) and leaves `export-dvc` and the README's list to you.
+pinned by results/<profile>/vanilla/metrics.json. It prints one line per run for the results'
+README (accuracies, selection, certified points, the paired differences where the paired run of
+the same seed is committed), then the `git add -f` to run next (results/ is git-ignored); it
+leaves `export-dvc` and the README's list to you.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline_src.config import load_params  # noqa: E402  (the project on sys.path first)
 from pipeline_src.paths import RunLayout  # noqa: E402
-from pipeline_src.runs import SIMILARITY_CONTROLS, method_runs  # noqa: E402
+from pipeline_src.runs import METHOD_FACTS, SIMILARITY_CONTROLS, method_runs, seed_run_name  # noqa: E402
 
 STAGES = ("train", "certify", "pgd", "similarity")
 
@@ -73,6 +75,39 @@ def copy_stripped(source: Path, target: Path, clone: Path) -> None:
         shutil.copyfile(source, target)
 
 
+def _accuracies(root: Path, layout: RunLayout, run: str) -> tuple[float, float, float] | None:
+    """(clean, PGD, certified) of a run in `root`, None where its files are not there."""
+    certify, attack = root / layout.certify(run, "metrics.json"), root / layout.attack(run, "metrics.json")
+    if not (certify.is_file() and attack.is_file()):
+        return None
+    certified = json.loads(certify.read_text())
+    return (certified["clean_accuracy"], json.loads(attack.read_text())["pgd_accuracy"],
+            certified["headline_certified_accuracy"])
+
+
+def summary(root: Path, layout: RunLayout, params: dict, run: str) -> str:
+    """One line for the results' README: the run's accuracies, its selection, its certified
+    points (all attacked, none broken: `check_run`) and, where this checkout holds the run it is
+    paired with at the same seed (Duet with BCP), the paired differences."""
+    planned = method_runs(params)[run]
+    clean, pgd, certified = _accuracies(root, layout, run)
+    certify = json.loads((root / layout.certify(run, "metrics.json")).read_text())
+    train = json.loads((root / layout.train(run, "metrics.json")).read_text())
+    attack = json.loads((root / layout.attack(run, "metrics.json")).read_text())
+    line = (f"{run}: {clean:.2f} / {pgd:.2f} / {certified:.2f} % clean / PGD / certified "
+            f"({certify['headline_certifier']}), selected epoch {train['selected_epoch']} at "
+            f"{train['val_certified_accuracy']:.1f} % validation certified, none of "
+            f"{attack['certified_points']} certified points broken")
+    base = METHOD_FACTS[planned.method].paired_with
+    if base:
+        paired = seed_run_name(base, planned.seed)
+        theirs = _accuracies(root, layout, paired)
+        if theirs:
+            line += "; against {}: {:+.2f} / {:+.2f} / {:+.2f}".format(
+                paired, *(mine - other for mine, other in zip((clean, pgd, certified), theirs)))
+    return line
+
+
 def add_committed_runs(params_file: Path, runs: list[str]) -> None:
     """Append runs to the one-line `committed_runs: [...]` list, keeping the file's comments."""
     text = params_file.read_text()
@@ -107,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         copy_stripped(clone / name, ROOT / name, clone)
     if args.runs:
         add_committed_runs(ROOT / "config" / args.profile / "params.yaml", args.runs)
+    for run in args.runs:
+        print(summary(ROOT, layout, params, run))
     print(f"copied {len(files)} files; next: git add -f {' '.join(files)}")
     return 0
 
