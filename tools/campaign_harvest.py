@@ -75,14 +75,16 @@ def copy_stripped(source: Path, target: Path, clone: Path) -> None:
         shutil.copyfile(source, target)
 
 
-def _accuracies(root: Path, layout: RunLayout, run: str) -> tuple[float, float, float] | None:
-    """(clean, PGD, certified) of a run in `root`, None where its files are not there."""
+def _read(root: Path, layout: RunLayout, run: str) -> tuple[dict, dict] | None:
+    """A run's certify and PGD metrics in `root`, None where they are not there."""
     certify, attack = root / layout.certify(run, "metrics.json"), root / layout.attack(run, "metrics.json")
     if not (certify.is_file() and attack.is_file()):
         return None
-    certified = json.loads(certify.read_text())
-    return (certified["clean_accuracy"], json.loads(attack.read_text())["pgd_accuracy"],
-            certified["headline_certified_accuracy"])
+    return json.loads(certify.read_text()), json.loads(attack.read_text())
+
+
+def _accuracies(certify: dict, attack: dict) -> tuple[float, float, float]:
+    return certify["clean_accuracy"], attack["pgd_accuracy"], certify["headline_certified_accuracy"]
 
 
 def summary(root: Path, layout: RunLayout, params: dict, run: str) -> str:
@@ -90,21 +92,18 @@ def summary(root: Path, layout: RunLayout, params: dict, run: str) -> str:
     points (all attacked, none broken: `check_run`) and, where this checkout holds the run it is
     paired with at the same seed (Duet with BCP), the paired differences."""
     planned = method_runs(params)[run]
-    clean, pgd, certified = _accuracies(root, layout, run)
-    certify = json.loads((root / layout.certify(run, "metrics.json")).read_text())
+    certify, attack = _read(root, layout, run)
     train = json.loads((root / layout.train(run, "metrics.json")).read_text())
-    attack = json.loads((root / layout.attack(run, "metrics.json")).read_text())
-    line = (f"{run}: {clean:.2f} / {pgd:.2f} / {certified:.2f} % clean / PGD / certified "
-            f"({certify['headline_certifier']}), selected epoch {train['selected_epoch']} at "
+    mine = _accuracies(certify, attack)
+    line = ("{}: {:.2f} / {:.2f} / {:.2f} % clean / PGD / certified ".format(run, *mine)
+            + f"({certify['headline_certifier']}), selected epoch {train['selected_epoch']} at "
             f"{train['val_certified_accuracy']:.1f} % validation certified, none of "
             f"{attack['certified_points']} certified points broken")
     base = METHOD_FACTS[planned.method].paired_with
-    if base:
-        paired = seed_run_name(base, planned.seed)
-        theirs = _accuracies(root, layout, paired)
-        if theirs:
-            line += "; against {}: {:+.2f} / {:+.2f} / {:+.2f}".format(
-                paired, *(mine - other for mine, other in zip((clean, pgd, certified), theirs)))
+    theirs = _read(root, layout, seed_run_name(base, planned.seed)) if base else None
+    if theirs:
+        line += "; against {}: {:+.2f} / {:+.2f} / {:+.2f}".format(
+            seed_run_name(base, planned.seed), *(a - b for a, b in zip(mine, _accuracies(*theirs))))
     return line
 
 

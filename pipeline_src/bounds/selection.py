@@ -32,9 +32,9 @@ not robust at tau, and h's predictions are never certified. tau trades the two: 
 more points to h (clean accuracy up) and certifies only where g is robust at eps + tau."""
 from __future__ import annotations
 
-import torch
-
 import math
+
+import torch
 
 from .certifiers import MARGIN_RTOL, margin_certified
 from .gloro import certified_margin_shift
