@@ -53,6 +53,7 @@ include: "workflow/rules/vanilla.smk"
 include: "workflow/rules/svd.smk"
 include: "workflow/rules/certified.smk"
 include: "workflow/rules/controls.smk"
+include: "workflow/rules/compose.smk"
 include: "workflow/rules/report.smk"
 
 
@@ -66,6 +67,7 @@ rule all:
         rules.svd.output,
         *(expand(rule.output, method=TRAIN_RUNS) for rule in (rules.train, rules.certify, rules.pgd,
                                                               rules.similarity)),
+        expand(rules.compose.output, method=COMPOSE_RUNS),
         *([rules.vanilla_control.output] if CONTROLS else []),
         list(CONTROLS.values()),  # Table 1's control rows (similarity.controls)
         BENCHMARK_OUTPUTS,

@@ -78,6 +78,12 @@ def _benchmark(params: dict, root: Path, args) -> None:
         benchmark(params, root, methods, archs[0], warmup, steps, args.duet_ranks, args.compile)
 
 
+def _stage_compose(params: dict, root: Path, args) -> None:
+    from .certify.compose import compose_run
+
+    compose_run(params, args.method, root)
+
+
 def _stage_similarity(params: dict, root: Path, args) -> None:
     from .certify.similarity import similarity_metrics
 
@@ -147,6 +153,7 @@ STAGES = {
     "train": (_stage_train, "certified training of one method (--method)"),
     "certify": (_stage_certify, "certify the test set of one trained method (--method)"),
     "pgd": (_stage_pgd, "attack one trained method and cross-check its certificates (--method)"),
+    "compose": (_stage_compose, "certify or predict: one trained run composed with the vanilla guide (--method)"),
     "similarity": (_stage_similarity, "rotation similarity of one trained method to the vanilla model"),
     "vanilla_control": (_stage_vanilla_control,
                         "Table 1's control: a second vanilla model, the same recipe from another seed"),
@@ -157,7 +164,7 @@ STAGES = {
     "figures": (_stage_figures, "Figures 2-3, the radius curve and per-layer similarity"),
     "report": (_stage_report, "REPORT.md: the tables, figures and provenance of the run"),
 }
-METHOD_STAGES = ("train", "certify", "pgd", "similarity")
+METHOD_STAGES = ("train", "certify", "pgd", "compose", "similarity")
 # Stages that read metrics files only (pandas, matplotlib) and run without torch, whose
 # import alone takes 2.8 s on two cores (measured): no torch numerics to set for them.
 # tests/test_imports.py checks that their code imports no torch.

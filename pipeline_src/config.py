@@ -17,7 +17,7 @@ import jsonschema
 import yaml
 
 from .errors import StageError
-from .runs import DUET_GRID, INIT_SUFFIX, SCHEMA, method_runs, read_method_facts
+from .runs import DUET_GRID, INIT_SUFFIX, METHOD_FACTS, SCHEMA, method_runs, read_method_facts
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 BASE_PARAMS = "params.yaml"
@@ -201,6 +201,7 @@ def load_params(profile: str = PAPER_PROFILE, root: Path = PROJECT_ROOT,
                               f"({', '.join(method_runs(params))})")
     check_schedules(params, source)
     check_variants(params, source)
+    check_compose(params, source)
     check_run_name(profile, params, root, source)
     params["profile"] = profile
     return params
@@ -251,6 +252,33 @@ def check_variants(params: dict, source: str) -> None:
                     hint = f" (did you mean '{method}.variants.{name}.{close[0]}'?)" if close else ""
                     raise ParamsError(f"{where}.{key}': not a key of the {method} block{hint}")
             check_schedules({f"{method}.variants.{name}": {**cfg, **overrides}}, source)
+
+
+def check_compose(params: dict, source: str) -> None:
+    """The compose stage (certify or predict) composes the runs of the methods in both
+    `compose.methods` and `methods` (a profile that trains a subset of its methods composes
+    what it trains), with the guide among its h's, chooses tau on a validation split against a
+    method the profile trains, and has tau = 0 (the run alone) in its grid; its second vanilla
+    model is Table 1's control, which `similarity.controls` must build."""
+    cfg = params["compose"]
+    where = f"{source}: key 'compose"
+    unknown = [method for method in cfg["methods"] if method not in METHOD_FACTS]
+    if unknown:
+        raise ParamsError(f"{where}.methods': {', '.join(unknown)} not certified methods "
+                          f"({', '.join(METHOD_FACTS)})")
+    if not any(method in params["methods"] for method in cfg["methods"]):
+        return
+    if cfg["reference"] not in params["methods"]:
+        raise ParamsError(f"{where}.reference': {cfg['reference']} not in methods ({', '.join(params['methods'])})")
+    if "vanilla" not in cfg["guides"]:
+        raise ParamsError(f"{where}.guides': must hold vanilla (the guide; the others are its controls)")
+    if 0 not in cfg["taus"]:
+        raise ParamsError(f"{where}.taus': must hold 0 (the certified run alone, the curve's start)")
+    if "vanilla_control" in cfg["guides"] and not (params.get("similarity") or {}).get("controls", True):
+        raise ParamsError(f"{where}.guides': vanilla_control needs similarity.controls: true (its stage builds "
+                          "it), or drop it from the list")
+    if params["data"]["val_size"] == 0:
+        raise ParamsError(f"{where}': tau is chosen on the validation split, and data.val_size is 0")
 
 
 def check_schedules(params: dict, source: str) -> None:

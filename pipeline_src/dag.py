@@ -27,7 +27,7 @@ import yaml
 
 from .snakemake_adapter import RuleView, apply_wildcards, load_rules
 from .config import BASE_PARAMS, PAPER_PROFILE, PROJECT_ROOT, dvc_yaml_path, load_params, profile_override_path
-from .runs import method_runs, runs_to_train
+from .runs import compose_runs, method_runs, runs_to_train
 
 HEADER = ("# Generated from the Snakemake workflow by `python -m pipeline_src export-dvc`;\n"
           "# do not edit: change workflow/rules/*.smk and regenerate.\n")
@@ -85,6 +85,10 @@ def workflow_rules(profile: str = PAPER_PROFILE, root: Path = PROJECT_ROOT) -> d
 # Where a wildcard's values come from: the DAG runs one job per value.
 # A committed run (`committed_runs`) has no stage: its metrics files are plain deps of the report.
 WILDCARD_VALUES = {"method": lambda params: list(runs_to_train(params))}
+# A rule that runs for some of a wildcard's values only (as its Snakemake file selects them).
+RULE_WILDCARD_VALUES = {
+    "compose": {"method": lambda params: [name for name in compose_runs(params) if name in runs_to_train(params)]},
+}
 
 
 def stage_name(rule: str, wildcards: dict) -> str:
@@ -105,8 +109,9 @@ def workflow_stages(profile: str = PAPER_PROFILE, root: Path = PROJECT_ROOT) -> 
         if unknown:
             raise NotImplementedError(f"rule {rule.name}: wildcard(s) {unknown} have no values in "
                                       f"pipeline_src/dag.py WILDCARD_VALUES")
+        values_of = {**WILDCARD_VALUES, **RULE_WILDCARD_VALUES.get(rule.name, {})}
         combos = [{}] if not names else [
-            dict(zip(names, values)) for values in product(*(WILDCARD_VALUES[n](params) for n in names))]
+            dict(zip(names, values)) for values in product(*(values_of[n](params) for n in names))]
         for wildcards in combos:
             log = [apply_wildcards(f, wildcards) for f in rule.log]
             stages.append(Stage(

@@ -79,6 +79,10 @@ class RunLayout:
         """metrics.json (PGD accuracy and the cross-check)"""
         return self._at("pgd", method, name)
 
+    def compose(self, method: str, name: str) -> str:
+        """metrics.json of certify or predict (the run composed with the guide at every tau)"""
+        return self._at("compose", method, name)
+
     def similarity(self, method: str, name: str) -> str:
         """metrics.json (rotation similarity to the vanilla model, Lipschitz product)"""
         return self._at("similarity", method, name)

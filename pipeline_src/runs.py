@@ -188,6 +188,20 @@ def committed_seeds(params: dict) -> list[int]:
             if all(name in committed for name, run in runs.items() if run.seed == seed)]
 
 
+def compose_runs(params: dict) -> list[str]:
+    """The runs the compose stage composes with the guide (certify or predict, issue 22): every
+    run (committed ones included) of a method in `compose.methods`."""
+    methods = set(params["compose"]["methods"])
+    return [name for name, run in method_runs(params).items() if run.method in methods]
+
+
+def compose_reference_run(params: dict, run_name: str) -> str:
+    """The run a composed run's tau is chosen against: `compose.reference`'s run of the same seed."""
+    run = method_runs(params)[run_name]
+    reference = params["compose"]["reference"]
+    return seed_run_name(reference, run.seed) if params.get("seeds") is not None else reference
+
+
 # Table 1's control rows: what an unrelated network scores against the vanilla model.
 #   vanilla_control: a second vanilla model, trained like the first from another seed;
 #   random: the certified architecture at initialisation, from its own seed.

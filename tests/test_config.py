@@ -62,6 +62,12 @@ def _edit(root: Path, path: str, change) -> None:
     (lambda p: p["run"].pop("seed"), "run"),
     (lambda p: p.update(committed_runs=["bcp-s9"]), "committed_runs"),
     (lambda p: p.update(timed_runs=["bcp", "no-such-run"]), "timed_runs"),
+    (lambda p: p["compose"].update(methods=["lmtt"]), "compose.methods"),
+    (lambda p: p["compose"].update(methods=["lmt"], reference="gloro"), "compose.reference"),
+    (lambda p: p["compose"].update(methods=["lmt"], guides=["untrained"]), "compose.guides"),
+    (lambda p: p["compose"].update(methods=["lmt"], taus=[0.1, 0.2]), "compose.taus"),
+    (lambda p: p["compose"].update(taus=[-0.1]), "compose.taus.0"),
+    (lambda p: (p["compose"].update(methods=["lmt"]), p["data"].update(val_size=0)), "compose"),
 ])
 def test_bad_params_name_the_key(params_root: Path, change, key: str):
     _edit(params_root, "params.yaml", change)

@@ -11,7 +11,7 @@ import yaml
 
 from conftest import ROOT
 from pipeline_src.config import load_params
-from pipeline_src.runs import method_runs
+from pipeline_src.runs import compose_runs, method_runs
 from pipeline_src.config import dvc_yaml_path
 from pipeline_src.dag import dvc_document, known_profiles, workflow_rules, workflow_stages
 
@@ -23,6 +23,7 @@ STAGE_MODULES = {
     "certify": "pipeline_src.certify.stage",
     "pgd": "pipeline_src.certify.attack",
     "similarity": "pipeline_src.certify.similarity",
+    "compose": "pipeline_src.certify.compose",   # the runs of compose.methods only
     # Table 1's control rows (similarity.controls, on in the smoke profile)
     "vanilla_control": "pipeline_src.training.vanilla",
     "similarity_control": "pipeline_src.certify.similarity",
@@ -47,8 +48,8 @@ def test_dvc_stages_mirror_rules():
     stages = {s.name: s for s in workflow_stages("smoke")}
     document = yaml.safe_load(dvc_yaml_path("smoke").read_text())["stages"]
     methods = list(method_runs(load_params("smoke")))
-    expected = {n for n in STAGE_MODULES if n not in PER_METHOD} | {
-        f"{n}_{m}" for n in PER_METHOD for m in methods}
+    expected = {n for n in STAGE_MODULES if n not in (*PER_METHOD, "compose")} | {
+        f"{n}_{m}" for n in PER_METHOD for m in methods} | {f"compose_{m}" for m in compose_runs(load_params("smoke"))}
     assert set(stages) == set(document) == expected
     for name, stage in stages.items():
         entry = document[name]
@@ -132,7 +133,8 @@ def test_control_stages_follow_similarity_controls(tmp_path: Path):
 
     project = copy_project(tmp_path / "project")
     override = project / "config/smoke/params.yaml"
-    override.write_text(override.read_text() + "\nsimilarity: {controls: false}\n")
+    override.write_text(override.read_text().replace("compose:\n", "compose:\n  guides: [vanilla, untrained]\n")
+                        + "\nsimilarity: {controls: false}\n")
     off = {s.name for s in workflow_stages("smoke", project)}
     assert not controls & off and "similarity_bcp" in off
 

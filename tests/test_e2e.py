@@ -13,7 +13,7 @@ import yaml
 
 from conftest import run
 from pipeline_src.config import load_params
-from pipeline_src.runs import method_runs
+from pipeline_src.runs import compose_runs, method_runs
 
 SMOKE = Path("results/smoke")
 
@@ -57,6 +57,8 @@ def _check_smoke_outputs(project: Path) -> None:
         torch.testing.assert_close(rebuilt, matrix, atol=1e-4, rtol=1e-4)
     for method in load_params("smoke", project)["methods"]:
         _check_method_outputs(run_dir, method)
+    for composed in compose_runs(params):
+        _check_compose_outputs(run_dir, composed, params)
     for stage in ("data", "vanilla", "svd", "benchmark", "tables", "figures", "report"):
         assert (run_dir / "logs" / f"{stage}.log").stat().st_size > 0
     # Each stage's log opens with what it will do (conftest.TEST_STAGE_THREADS: one thread).
@@ -94,6 +96,27 @@ def _check_report_outputs(run_dir: Path, params: dict) -> None:
             assert image.size == tuple(round(side * DPI) for side in SIZES[name])
         assert (run_dir / "figures" / f"{name}.pdf").stat().st_size > 0
         assert f"figures/{name}.png" in report
+
+
+def _check_compose_outputs(run_dir: Path, run: str, params: dict) -> None:
+    """Certify or predict: the curve starts at the run alone (tau = 0 is GloRo's certificate,
+    the same number the certify stage reports), tau was chosen from the grid on validation,
+    and the composite's PGD accuracy lies between its certified and clean accuracy."""
+    compose = json.loads((run_dir / "compose" / run / "metrics.json").read_text())
+    certify = json.loads((run_dir / "certify" / run / "metrics.json").read_text())
+    train = json.loads((run_dir / "train" / run / "metrics.json").read_text())
+    assert compose["weights_sha256"] == train["weights_sha256"] == certify["weights_sha256"]
+    alone = compose["certified_model_alone"]
+    assert alone["certified_accuracy"] == pytest.approx(certify["certified_accuracy"]["gloro"])
+    assert alone["certified_model_answers"] == 100.0
+    assert set(compose["curves"]) == set(params["compose"]["guides"])
+    assert [p["tau"] for p in compose["curves"]["vanilla"]["val"]] == pytest.approx(
+        [t * params["certify"]["eps"] for t in params["compose"]["taus"]])
+    assert compose["chosen"]["tau_over_eps"] in params["compose"]["taus"]
+    chosen = compose["chosen"]["test"]
+    assert chosen["certified_accuracy"] - 1e-9 <= compose["attack"]["pgd_accuracy"] <= chosen["clean_accuracy"] + 1e-9
+    assert compose["attack"]["certified_points_broken"] == 0
+    assert "## Certify or predict" in (run_dir / "REPORT.md").read_text()
 
 
 def _check_method_outputs(run_dir: Path, method: str) -> None:

@@ -17,7 +17,7 @@ from pipeline_src.cli import main
 from pipeline_src.config import load_params
 from pipeline_src.io import save_json
 from pipeline_src.paths import RunLayout, control_outputs
-from pipeline_src.runs import control_seed, method_runs, similarity_rank
+from pipeline_src.runs import compose_reference_run, compose_runs, control_seed, method_runs, similarity_rank
 from pipeline_src.report import paper
 from pipeline_src.report.collect import ReportError, collect
 from pipeline_src.report.figures import DPI, FIGURES, SIZES, write_figures
@@ -40,6 +40,8 @@ def _params(seeds=None, methods=("lmt", "bcp", "localbcp", "duet"), grid=None) -
     params["methods"] = list(methods)
     params["duet"]["ranks"] = grid
     params["benchmark"]["enabled"] = False
+    # Certify or predict composes LMT against BCP of the seed: only where both are trained.
+    params["compose"]["methods"] = ["lmt"] if {"lmt", "bcp"} <= set(methods) else []
     return params
 
 
@@ -139,6 +141,31 @@ def write_fake_runs(root: Path, params: dict, values: dict) -> None:
                    "vanilla_weights_sha256": VANILLA_WEIGHTS, **_similarity_measures(v),
                    "lipschitz_upper": 100.0, "lipschitz_estimate": 90.0,
                    "git_commit": "c0ffee"}, root / layout.similarity(name, "metrics.json"))
+    write_fake_compositions(root, params, values)
+
+
+def write_fake_compositions(root: Path, params: dict, values: dict) -> None:
+    """The compose stage's metrics of every composed run: values[run name]["compose"] = dict of
+    clean, pgd, certified (the composite at the chosen tau), broken (default: none)."""
+    layout = RunLayout.of(params)
+    point = lambda clean, certified: {"clean_accuracy": clean, "certified_accuracy": certified,  # noqa: E731
+                                      "certified_accuracy_2eps": certified / 2, "certified_model_answers": 80.0}
+    for name in compose_runs(params):
+        v = {"clean": 55.0, "pgd": 45.0, "certified": 29.0, "broken": 0,
+             **values.get(name, {}).get("compose", {})}
+        alone = values.get(name, {})
+        save_json({"stage": "compose", "method": name, "eps": params["certify"]["eps"],
+                   "test_images": min(params["certify"]["test_images"] or N_TEST, N_TEST),
+                   "weights_sha256": _weights(name), "taus_over_eps": params["compose"]["taus"],
+                   "reference": {"run": compose_reference_run(params, name), "val_certified_accuracy": 30.0,
+                                 "certified_slack": params["compose"]["certified_slack"]},
+                   "chosen": {"tau": 0.2, "tau_over_eps": 0.2, "meets_reference": True,
+                              "test": point(v["clean"], v["certified"])},
+                   "certified_model_alone": point(alone.get("clean", 50.0), alone.get("certified", 30.0)),
+                   "controls_at_chosen_tau": {"vanilla_control": point(54.0, v["certified"]),
+                                              "untrained": point(44.0, v["certified"])},
+                   "attack": {"pgd_accuracy": v["pgd"], "certified_points": 9, "certified_points_broken": v["broken"]},
+                   "git_commit": "c0ffee"}, root / layout.compose(name, "metrics.json"))
 
 
 def _row(table, label: str) -> dict:
@@ -845,4 +872,46 @@ def test_a_base_run_recorded_with_other_sibling_variants_is_still_its_run(tmp_pa
     metrics["config"]["lambda"] = 0.5                   # a setting the run trains with is still checked
     path.write_text(json.dumps(metrics))
     with pytest.raises(ReportError, match="another configuration"):
+        collect(params, tmp_path)
+
+
+# ---------------------------------------------------------------- certify or predict
+def test_report_shows_each_composed_run_beside_its_reference_with_paired_differences(tmp_path: Path):
+    """The compose section: a row per composed LMT run (alone, composite, reference BCP of its
+    seed, the controls' clean accuracy), and composite − BCP paired by seed with its verdict."""
+    params = _params(seeds=[0, 1, 2], methods=("lmt", "bcp"))
+    values = {}
+    for s in range(3):
+        values[f"bcp-s{s}"] = {"clean": 40.0 + s, "pgd": 35.0, "certified": 25.0}
+        # Composite clean +6, +6.5, +6 over BCP; certified −0.2, +0.2, 0 (not distinguishable).
+        values[f"lmt-s{s}"] = {"clean": 42.0, "certified": 27.0,
+                               "compose": {"clean": 46.0 + s + (0.5 if s == 1 else 0.0), "pgd": 38.0,
+                                           "certified": 25.0 + (-0.2, 0.2, 0.0)[s]}}
+    write_fake_runs(tmp_path, params, values)
+    make_tables(params, tmp_path)
+    make_figures(params, tmp_path)
+    text = make_report(params, tmp_path).read_text()
+    section = text.split("## Certify or predict")[1].split("\n## ")[0]
+    assert "| lmt-s1 | 0.2 | 42.00 / 27.00 | 47.50 / 38.00 / 25.20 / 12.60 | 80.0 | bcp-s1: 41.00 / 35.00 / 25.00 | " \
+           "54.00 / 44.00 |" in section
+    assert "clean **higher**, +6.17 [" in section
+    assert "certified not distinguishable at n = 3, +0.00 [" in section
+    assert "What the guide adds to LMT alone: clean +5.17 points" in section
+    assert "27 points certified by a composite attacked" in text
+
+
+def test_a_composite_whose_certificate_an_attack_broke_is_refused(tmp_path: Path):
+    params = _params(methods=("lmt", "bcp"))
+    write_fake_runs(tmp_path, params, {"lmt": {"compose": {"broken": 2}}})
+    with pytest.raises(ReportError, match="handed to the guide or broken"):
+        collect(params, tmp_path)
+
+
+def test_a_composite_of_other_weights_is_refused(tmp_path: Path):
+    params = _params(methods=("lmt", "bcp"))
+    write_fake_runs(tmp_path, params, {})
+    path = tmp_path / RunLayout.of(params).compose("lmt", "metrics.json")
+    metrics = json.loads(path.read_text())
+    save_json({**metrics, "weights_sha256": "0" * 64}, path)
+    with pytest.raises(ReportError, match="compose/lmt/metrics.json: weights_sha256"):
         collect(params, tmp_path)

@@ -22,8 +22,8 @@ import pandas as pd
 
 from ..errors import StageError
 from ..paths import RunLayout, control_outputs
-from ..runs import (INIT_SUFFIX, METHOD_FACTS, SIMILARITY_CONTROLS, CertifiedRun, control_rank, control_seed,
-                    method_runs, similarity_rank, similarity_settings, trains_with_guide)
+from ..runs import (INIT_SUFFIX, METHOD_FACTS, SIMILARITY_CONTROLS, CertifiedRun, compose_reference_run, compose_runs,
+                    control_rank, control_seed, method_runs, similarity_rank, similarity_settings, trains_with_guide)
 from .code_identity import CodeUnknown, code_difference
 
 METHOD_LABELS = {**{name: facts.label for name, facts in METHOD_FACTS.items()}, "vanilla": "Vanilla"}
@@ -103,6 +103,8 @@ class ReportInputs:
     test_images: int = 0
     # Table 1's control rows against the vanilla model (similarity.controls): {control: metrics}
     controls: dict = field(default_factory=dict)
+    # The compose stage's metrics of every composed run (certify or predict; report.composition)
+    compositions: list = field(default_factory=list)
 
     @property
     def groups(self) -> list[str]:
@@ -234,7 +236,30 @@ def collect(params: dict, root: Path) -> ReportInputs:
     svd_path = root / layout.svd_summary
     svd = json.loads(svd_path.read_text()) if svd_path.is_file() else {}
     return ReportInputs(params=params, provenance=provenance, vanilla=vanilla, runs=runs, svd=svd,
-                        controls=collect_controls(params, root, vanilla), test_images=test_images)
+                        controls=collect_controls(params, root, vanilla), test_images=test_images,
+                        compositions=collect_compositions(params, root, runs))
+
+
+def collect_compositions(params: dict, root: Path, runs: list) -> list[dict]:
+    """The compose stage's metrics of every composed run, checked against its trained run (the
+    same weights), the params and its attack (no certified point handed to h or broken)."""
+    layout = RunLayout.of(params)
+    trained = {run.name: run for run in runs}
+    found = []
+    for name in compose_runs(params):
+        path = root / layout.compose(name, "metrics.json")
+        metrics = _read_json(path, "compose", name)
+        reference = compose_reference_run(params, name)
+        for key, expected in (("method", name), ("eps", params["certify"]["eps"]),
+                              ("weights_sha256", trained[name].train["weights_sha256"]),
+                              ("taus_over_eps", params["compose"]["taus"]), ("reference.run", reference),
+                              ("test_images", trained[name].certify["test_images"])):
+            _expect(path, metrics, key, expected)
+        if metrics["attack"]["certified_points_broken"]:
+            raise ReportError(f"{path}: certified points handed to the guide or broken: the certificate is unsound")
+        found.append({**metrics, "seed": trained[name].seed, "group": trained[name].group,
+                      "label": trained[name].label, "reference_result": trained[reference]})
+    return found
 
 
 # What a similarity file measures of the certified model alone, whichever guide it was compared with.

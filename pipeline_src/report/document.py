@@ -15,11 +15,12 @@ from ..runs import benchmark_archs, control_rank
 from . import paper
 from .benchmark_tables import depth_markdown_table, markdown_table
 from .collect import INIT_LABELS, METHOD_LABELS, ReportInputs, collect
+from .composition import composition_section
 from .format import render_html
 from .figures import FIGURES
 from .selection import validation_choice
-from .tables import (TABLE2_METRICS, TABLES, data_text, eps_text, fmt, fmt_signed, paired_base, paired_differences,
-                     same_init_group, standard_error, summary, t_interval)
+from .tables import (TABLE2_METRICS, TABLES, data_text, eps_text, fmt, paired_base, paired_differences, paired_verdict,
+                     same_init_group, summary)
 
 FIGURE_CAPTIONS = {
     "fig2_clean": "Figure 2 (the paper's): clean loss and clean accuracy per epoch, with the ε and κ schedules.",
@@ -211,21 +212,6 @@ def banner(inputs: ReportInputs) -> list[str]:
             "compare: no reading below draws a conclusion from them.", ""]
 
 
-def _verdict(values: list[float]) -> str:
-    """What a paired difference says: higher or lower where its 95 % t-interval excludes
-    zero, "not distinguishable" where it contains zero, nothing with one pair."""
-    mean, _, n = standard_error(values)
-    if n < 2:
-        return f"{fmt_signed(mean)} (one seed: no reading)"
-    low, high = t_interval(values)
-    interval = f"{fmt_signed(mean)} [{fmt_signed(low)}, {fmt_signed(high)}]"
-    if low > 0:
-        return f"**higher**, {interval}"
-    if high < 0:
-        return f"**lower**, {interval}"
-    return f"not distinguishable at n = {n}, {interval}"
-
-
 def paired_findings(inputs: ReportInputs) -> list[str]:
     """REPORT.md's reading of Table 2's paired differences, computed from the runs: for each
     row paired with a base (Duet with BCP, Duet-local with LocalBCP), whether its clean, PGD
@@ -253,7 +239,7 @@ def paired_findings(inputs: ReportInputs) -> list[str]:
                           f"{fmt(band, 1)} %)")
             cells = ["no reading"] * len(TABLE2_METRICS)
         else:
-            cells = [_verdict(differences[name]) for name in TABLE2_METRICS]
+            cells = [paired_verdict(differences[name]) for name in TABLE2_METRICS]
         lines.append(f"| {runs[0].label} | {base_runs[0].label} | {len(seeds)} | " + " | ".join(cells) + " |")
         paired += 1
     if not paired:
@@ -316,6 +302,10 @@ def _soundness(inputs: ReportInputs) -> list[str]:
         "power-iteration estimates.",
         f"- Attack cross-check: {certified:,} certified (run, test point) pairs attacked with {attacks} "
         f"({inputs.params['pgd']['steps']} steps); broken: {broken}. A broken certificate stops the pipeline.",
+        *([f"- Certify or predict: {sum(c['attack']['certified_points'] for c in inputs.compositions):,} points "
+           "certified by a composite attacked at the chosen τ; handed to the guide or broken: "
+           f"{sum(c['attack']['certified_points_broken'] for c in inputs.compositions)}."]
+          if inputs.compositions else []),
     ]
 
 
@@ -376,7 +366,8 @@ def build_report(inputs: ReportInputs, layout: RunLayout, root: Path) -> str:
     for number in TABLES:
         text = (root / layout.table(number, "md")).read_text()
         lines += [text, ""]
-    lines += [*paired_findings(inputs), *validation_choice(inputs), *similarity_findings(inputs), ""]
+    lines += [*paired_findings(inputs), *validation_choice(inputs), *similarity_findings(inputs), "",
+              *composition_section(inputs.compositions)]
     lines += ["## Figures", ""]
     for name in FIGURES:
         lines += [f"![{name}]({rel(layout.figure(name, 'png'))})", "",

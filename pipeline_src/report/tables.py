@@ -98,6 +98,21 @@ def fmt_paired(values: list[float], digits: int = 2) -> str:
     return f"{fmt_signed(mean, digits)} ± {se:.{digits}f} [{fmt_signed(low, digits)}, {fmt_signed(high, digits)}]"
 
 
+def paired_verdict(values: list[float]) -> str:
+    """What a paired difference says: higher or lower where its 95 % t-interval excludes
+    zero, "not distinguishable" where it contains zero, nothing with one pair."""
+    mean, _, n = standard_error(values)
+    if n < 2:
+        return f"{fmt_signed(mean)} (one seed: no reading)"
+    low, high = t_interval(values)
+    interval = f"{fmt_signed(mean)} [{fmt_signed(low)}, {fmt_signed(high)}]"
+    if low > 0:
+        return f"**higher**, {interval}"
+    if high < 0:
+        return f"**lower**, {interval}"
+    return f"not distinguishable at n = {n}, {interval}"
+
+
 def fmt_sig(value: float | None, digits: int = 3) -> str:
     if value is None or not math.isfinite(value):
         return DASH

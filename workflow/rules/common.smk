@@ -24,7 +24,7 @@ CODE = {name: stage_code(handler.__name__) for name, (handler, _) in {**STAGES, 
 
 # Input functions of the rules (`snakemake --lint`: functions live here, rules in their files).
 from pipeline_src.dag import data_inputs
-from pipeline_src.runs import METHOD_FACTS, trains_with_guide
+from pipeline_src.runs import METHOD_FACTS, compose_reference_run, compose_runs, trains_with_guide
 
 
 def data_source(wildcards):
@@ -49,6 +49,16 @@ def train_inputs(wildcards):
     return inputs
 
 
+def compose_inputs(wildcards):
+    """The run's weights, the guide and the controls in h's place, and the reference run's
+    training metrics (its validation certified accuracy, committed or trained)."""
+    guides = {"vanilla": LAYOUT.vanilla_model, "vanilla_control": LAYOUT.vanilla_control("model.pt")}
+    return {"code": CODE["compose"], "cache": LAYOUT.data_cache,
+            "model": LAYOUT.train(wildcards.method, "model.pt"),
+            **{name: guides[name] for name in P["compose"]["guides"] if name in guides},
+            "reference": LAYOUT.train(compose_reference_run(P, wildcards.method), "metrics.json")}
+
+
 def run_metrics(wildcards):
     """The metrics files of every run, and what the tables' context comes from."""
     per_run = lambda name: expand(name, method=RUNS)  # noqa: E731
@@ -61,6 +71,7 @@ def run_metrics(wildcards):
         "certify": per_run(LAYOUT.certify("{method}", "metrics.json")),
         "pgd": per_run(LAYOUT.attack("{method}", "metrics.json")),
         "similarity": per_run(LAYOUT.similarity("{method}", "metrics.json")),
+        "compose": [LAYOUT.compose(name, "metrics.json") for name in compose_runs(P)],
         "controls": list(CONTROLS.values()),
         "timing": BENCHMARK_OUTPUTS,
     }
