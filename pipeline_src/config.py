@@ -266,14 +266,14 @@ def check_compose(params: dict, source: str) -> None:
     if unknown:
         raise ParamsError(f"{where}.methods': {', '.join(unknown)} not certified methods "
                           f"({', '.join(METHOD_FACTS)})")
-    if not any(method in params["methods"] for method in cfg["methods"]):
-        return
-    if cfg["reference"] not in params["methods"]:
-        raise ParamsError(f"{where}.reference': {cfg['reference']} not in methods ({', '.join(params['methods'])})")
     if "vanilla" not in cfg["guides"]:
         raise ParamsError(f"{where}.guides': must hold vanilla (the guide; the others are its controls)")
     if 0 not in cfg["taus"]:
         raise ParamsError(f"{where}.taus': must hold 0 (the certified run alone, the curve's start)")
+    if not any(method in params["methods"] for method in cfg["methods"]):
+        return
+    if cfg["reference"] not in params["methods"]:
+        raise ParamsError(f"{where}.reference': {cfg['reference']} not in methods ({', '.join(params['methods'])})")
     if "vanilla_control" in cfg["guides"] and not (params.get("similarity") or {}).get("controls", True):
         raise ParamsError(f"{where}.guides': vanilla_control needs similarity.controls: true (its stage builds "
                           "it), or drop it from the list")

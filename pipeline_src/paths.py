@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .runs import SIMILARITY_CONTROLS, benchmark_archs, similarity_settings
+from .runs import SIMILARITY_CONTROLS, benchmark_archs, compose_runs, similarity_settings
 
 
 # What the report stages write (rules and stages both read these).
@@ -144,3 +144,21 @@ def control_outputs(params: dict) -> dict[str, str]:
         return {}
     layout = RunLayout.of(params)
     return {control: layout.similarity_control(control) for control in SIMILARITY_CONTROLS}
+
+
+# The per-run stages every run goes through; `compose` too for the runs of compose.methods.
+RUN_STAGES = ("train", "certify", "pgd", "similarity")
+
+
+def run_stages(params: dict, run: str) -> tuple[str, ...]:
+    return RUN_STAGES + (("compose",) if run in compose_runs(params) else ())
+
+
+def committed_run_files(params: dict, run: str) -> list[str]:
+    """What a committed run keeps in git (a campaign's or a GPU window's): the metrics file of
+    each of its stages and its history, no weights."""
+    layout = RunLayout.of(params)
+    metrics = {"certify": layout.certify, "pgd": layout.attack, "similarity": layout.similarity,
+               "compose": layout.compose}
+    return [layout.train(run, "metrics.json"), layout.train(run, "history.csv"),
+            *(metrics[stage](run, "metrics.json") for stage in run_stages(params, run) if stage != "train")]

@@ -11,23 +11,27 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
 from conftest import copy_project, run
 from test_window import TINY, _add_profile
 from tools.campaign_harvest import run_files
+from pipeline_src.config import load_params
 from pipeline_src.io import state_dict_sha256
 from pipeline_src.paths import RunLayout
 
+ROOT_DIR = Path(__file__).resolve().parents[1]
 RUN = "lmt-s1"   # a committed run of the cpu profile: its files stand in for a clone's
 LAYOUT = RunLayout("results/cpu")
+PARAMS = load_params("cpu")
 
 
 def _clone_with_run(project: Path, clone: Path) -> None:
     """A stand-in campaign clone holding RUN's files (taken from the project, which then loses
     them), one log naming the clone's absolute path as Snakemake's logs do."""
-    for name in run_files(LAYOUT, RUN):
+    for name in run_files(PARAMS, RUN):
         (clone / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.move(project / name, clone / name)
     log = clone / LAYOUT.log(f"train_{RUN}")
@@ -47,7 +51,7 @@ def test_a_finished_run_is_copied_without_machine_paths_and_committed(tmp_path: 
     _clone_with_run(project, clone)
     assert RUN not in _committed_runs(project)
     done = run([sys.executable, "tools/campaign_harvest.py", "--clone", str(clone), RUN], cwd=project)
-    assert all((project / name).is_file() for name in run_files(LAYOUT, RUN))
+    assert all((project / name).is_file() for name in run_files(PARAMS, RUN))
     log = (project / LAYOUT.log(f"train_{RUN}")).read_text()
     assert str(clone) not in log and f"wrote results/cpu/train/{RUN}/model.pt" in log
     assert _committed_runs(project).count(RUN) == 1
@@ -59,7 +63,6 @@ def test_a_finished_run_is_copied_without_machine_paths_and_committed(tmp_path: 
 
 def test_the_summary_line_gives_the_paired_differences():
     """A Duet run's line ends with its differences against BCP of the same seed, from the files."""
-    from pipeline_src.config import load_params
     from tools.campaign_harvest import ROOT, summary
 
     def read(run: str, stage: str) -> dict:
@@ -100,6 +103,29 @@ def test_unfinished_broken_or_other_guide_runs_are_refused(tmp_path: Path):
     refused_name = run([sys.executable, "tools/campaign_harvest.py", "--clone", str(clone), "lmt-s9"],
                        cwd=project, check=False)
     assert refused_name.returncode != 0 and "not runs of profile cpu: lmt-s9" in refused_name.stderr
+
+
+def test_a_composed_run_brings_its_compose_stage_and_is_refused_if_that_attack_broke_a_point(tmp_path: Path):
+    """A run of compose.methods keeps its compose metrics, benchmark file and log too; a
+    composite certificate its attack broke is refused like any other."""
+    from tools.campaign_harvest import check_run
+
+    params = {**PARAMS, "compose": {**PARAMS["compose"], "methods": ["lmt"]}}
+    files = run_files(params, RUN)
+    assert {LAYOUT.compose(RUN, "metrics.json"), LAYOUT.benchmark(f"compose_{RUN}"), LAYOUT.log(f"compose_{RUN}")
+            } <= set(files) and set(run_files(PARAMS, RUN)) < set(files)
+    for name in files:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        if name.endswith("metrics.json") and "/compose/" in name:
+            (tmp_path / name).write_text(json.dumps({"attack": {"certified_points_broken": 2}}))
+        elif (ROOT_DIR / name).is_file():
+            shutil.copyfile(ROOT_DIR / name, tmp_path / name)
+        else:
+            (tmp_path / name).write_text("")
+    guide = json.loads((tmp_path / LAYOUT.similarity(RUN, "metrics.json")).read_text())["vanilla_weights_sha256"]
+    composed = LAYOUT.compose(RUN, "metrics.json")
+    with pytest.raises(SystemExit, match=f"2 certified points broken by the attack \\({composed}"):
+        check_run(tmp_path, params, RUN, guide)
 
 
 def _git(project: Path, *args: str) -> str:

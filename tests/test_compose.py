@@ -3,7 +3,6 @@ rule, the attacks on the composite reach the worst point of a linear model, and 
 catches a certificate that forgets tau while passing the sound one."""
 from __future__ import annotations
 
-import math
 from unittest import mock
 
 import pytest
@@ -86,31 +85,37 @@ def test_the_cross_check_catches_a_certificate_that_forgets_tau(linear_case, sou
             certified = margin_certified(logits, certified_margin_shift(weight64, y, 1.0, eps), y)
             radius = label_radius(logits, y, weight64, 1.0)
             assert ((radius > eps + 0.01) & (radius < eps + tau - 0.01)).sum() >= 5, "vacuous case"
-    robust, violated = attack_composite(model, model64, _guide(), x, y, certified, eps, tau, 1.0, 1.0, PGD,
+    robust, violated = attack_composite(model, model64, _guide(), x, y, certified, eps, tau, 1.0, PGD,
                                         torch.Generator().manual_seed(2))
     assert certified.any()
     if sound:
         assert not violated.any() and robust[certified].all()
     else:
-        # Every point the forgetful certificate wrongly promises with room to spare is caught.
+        # Every point the forgetful certificate wrongly promises with room to spare is caught,
+        # among them some the selector keeps at x itself: only the attack can catch those.
         radius = label_radius(logits, y, weight64, 1.0)
-        assert violated[certified & (radius < eps + tau - 0.01)].all()
+        wrong = certified & (radius < eps + tau - 0.01)
+        assert violated[wrong].all()
+        assert (wrong & (radius > tau + 0.01)).sum() >= 3, "vacuous: no wrong promise needs the attack"
 
 
-def test_attacks_find_the_guides_mistakes_inside_the_ball():
-    """Where the selector hands every point to h (tau above every radius), the composite is h:
-    the attacks break points h answers correctly at x (here h is g itself, so the labels are
-    its own answers but for four)."""
-    model, x, y, _, norms = certification_case("relu")
+@pytest.mark.parametrize("attack", ["guide", "joint"])
+def test_the_attacks_on_the_guide_break_its_points_where_it_answers(attack):
+    """With tau above every radius h answers everywhere, so the composite is h (a network other
+    than g, the labels its own answers): each attack that targets h breaks some of its points,
+    the radius attack alone (which only moves g) none."""
+    model, x, _, _, norms = certification_case("relu")
     with sound_numerics(model):
         model64 = float64_model(model)
-    guide, tau = model, 10.0
-    certified = torch.zeros(len(y), dtype=torch.bool)
-    robust, violated = attack_composite(model, model64, guide, x, y, certified, 0.3, tau,
-                                        norms.sub_lipschitz_upper, math.prod(norms.estimate[:-1]), PGD,
-                                        torch.Generator().manual_seed(0))
+    guide = tiny_net("tiny_conv", "relu", seed=7)
     with torch.no_grad():
-        guide_correct = guide(x).argmax(1) == y
-    assert not violated.any()
-    assert not (robust & ~guide_correct).any()
-    assert guide_correct.sum() >= 20 and robust.sum() < guide_correct.sum(), "the attack broke nothing"
+        y = guide(x).argmax(1)
+    certified = torch.zeros(len(y), dtype=torch.bool)
+
+    def robust_after(attacks):
+        robust, violated = attack_composite(model, model64, guide, x, y, certified, 1.0, 10.0,
+                                            norms.sub_lipschitz_upper, PGD, torch.Generator().manual_seed(0), attacks)
+        assert not violated.any()
+        return int(robust.sum())
+
+    assert robust_after((attack,)) < len(y) == robust_after(("radius",))

@@ -108,6 +108,7 @@ def write_fake_runs(root: Path, params: dict, values: dict) -> None:
                    "config": run.config, "seed": run.seed, "arch": model["arch"],
                    "activation": model["activation"], "epochs": epochs, "eps_test": eps,
                    "selected_epoch": epochs, "weights_sha256": weights,
+                   "val_certified_accuracy": v.get("val_certified", v["certified"]),
                    "data": {"sha256": PROVENANCE["sha256"]},
                    "timing": {"device": v["device"], "seconds_per_epoch_mean": v["seconds"],
                               "peak_memory_mb": v["memory"]},
@@ -146,7 +147,8 @@ def write_fake_runs(root: Path, params: dict, values: dict) -> None:
 
 def write_fake_compositions(root: Path, params: dict, values: dict) -> None:
     """The compose stage's metrics of every composed run: values[run name]["compose"] = dict of
-    clean, pgd, certified (the composite at the chosen tau), broken (default: none)."""
+    clean, pgd (its attacked accuracy), certified (the composite at the chosen tau), broken
+    (default: none)."""
     layout = RunLayout.of(params)
     point = lambda clean, certified: {"clean_accuracy": clean, "certified_accuracy": certified,  # noqa: E731
                                       "certified_accuracy_2eps": certified / 2, "certified_model_answers": 80.0}
@@ -154,17 +156,23 @@ def write_fake_compositions(root: Path, params: dict, values: dict) -> None:
         v = {"clean": 55.0, "pgd": 45.0, "certified": 29.0, "broken": 0,
              **values.get(name, {}).get("compose", {})}
         alone = values.get(name, {})
+        reference = compose_reference_run(params, name)
+        reference_values = {"certified": 30.0, **values.get(reference, {})}
         save_json({"stage": "compose", "method": name, "eps": params["certify"]["eps"],
                    "test_images": min(params["certify"]["test_images"] or N_TEST, N_TEST),
                    "weights_sha256": _weights(name), "taus_over_eps": params["compose"]["taus"],
-                   "reference": {"run": compose_reference_run(params, name), "val_certified_accuracy": 30.0,
-                                 "certified_slack": params["compose"]["certified_slack"]},
+                   "reference": {"run": reference, "certified_slack": params["compose"]["certified_slack"],
+                                 "val_certified_accuracy": reference_values.get("val_certified",
+                                                                                reference_values["certified"])},
+                   "guide_weights_sha256": {"vanilla": VANILLA_WEIGHTS, "untrained": "e" * 64},
                    "chosen": {"tau": 0.2, "tau_over_eps": 0.2, "meets_reference": True,
                               "test": point(v["clean"], v["certified"])},
                    "certified_model_alone": point(alone.get("clean", 50.0), alone.get("certified", 30.0)),
                    "controls_at_chosen_tau": {"vanilla_control": point(54.0, v["certified"]),
                                               "untrained": point(44.0, v["certified"])},
-                   "attack": {"pgd_accuracy": v["pgd"], "certified_points": 9, "certified_points_broken": v["broken"]},
+                   "attack": {"robust_accuracy": v["pgd"], "certified_points": 9,
+                              "certified_points_broken": v["broken"], "steps": params["pgd"]["steps"],
+                              "restarts": params["pgd"]["restarts"]},
                    "git_commit": "c0ffee"}, root / layout.compose(name, "metrics.json"))
 
 
@@ -892,6 +900,8 @@ def test_report_shows_each_composed_run_beside_its_reference_with_paired_differe
     make_figures(params, tmp_path)
     text = make_report(params, tmp_path).read_text()
     section = text.split("## Certify or predict")[1].split("\n## ")[0]
+    verdicts = [line for line in section.splitlines() if line.startswith("- ")]
+    assert verdicts and not any("PGD" in line for line in verdicts), "not the pgd stage's attacks: no PGD verdict"
     assert "| lmt-s1 | 0.2 | 42.00 / 27.00 | 47.50 / 38.00 / 25.20 / 12.60 | 80.0 | bcp-s1: 41.00 / 35.00 / 25.00 | " \
            "54.00 / 44.00 |" in section
     assert "clean **higher**, +6.17 [" in section
@@ -907,11 +917,18 @@ def test_a_composite_whose_certificate_an_attack_broke_is_refused(tmp_path: Path
         collect(params, tmp_path)
 
 
-def test_a_composite_of_other_weights_is_refused(tmp_path: Path):
+@pytest.mark.parametrize("key, value", [
+    ("weights_sha256", "0" * 64),                                    # another model's
+    ("reference", {"run": "bcp", "certified_slack": 0.5, "val_certified_accuracy": 12.0}),  # a stale reference
+    ("guide_weights_sha256", {"vanilla": "0" * 64}),                 # another guide
+    ("attack", {"robust_accuracy": 40.0, "certified_points": 9, "certified_points_broken": 0, "steps": 1,
+                "restarts": 1}),                                     # a weaker attack
+])
+def test_a_composite_of_other_weights_guide_reference_or_attack_is_refused(tmp_path: Path, key: str, value):
     params = _params(methods=("lmt", "bcp"))
     write_fake_runs(tmp_path, params, {})
     path = tmp_path / RunLayout.of(params).compose("lmt", "metrics.json")
     metrics = json.loads(path.read_text())
-    save_json({**metrics, "weights_sha256": "0" * 64}, path)
-    with pytest.raises(ReportError, match="compose/lmt/metrics.json: weights_sha256"):
+    save_json({**metrics, key: value}, path)
+    with pytest.raises(ReportError, match=f"compose/lmt/metrics.json: {key}"):
         collect(params, tmp_path)

@@ -27,20 +27,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline_src.config import load_params  # noqa: E402  (the project on sys.path first)
-from pipeline_src.paths import RunLayout  # noqa: E402
+from pipeline_src.paths import RunLayout, committed_run_files, run_stages  # noqa: E402
 from pipeline_src.runs import METHOD_FACTS, SIMILARITY_CONTROLS, method_runs, seed_run_name  # noqa: E402
 
-STAGES = ("train", "certify", "pgd", "similarity")
-
-
-def run_files(layout: RunLayout, run: str) -> list[str]:
-    """The committed files of one run (no weights), relative to the project root."""
-    files = [layout.train(run, "metrics.json"), layout.train(run, "history.csv"),
-             layout.certify(run, "metrics.json"), layout.attack(run, "metrics.json"),
-             layout.similarity(run, "metrics.json")]
-    files += [layout.benchmark(f"{stage}_{run}") for stage in STAGES]
-    files += [layout.log(f"{stage}_{run}") for stage in STAGES]
-    return files
+def run_files(params: dict, run: str) -> list[str]:
+    """The committed files of one run (no weights), relative to the project root: its metrics and
+    history, and each of its stages' benchmark file and log (`compose` too for a composed run)."""
+    layout = RunLayout.of(params)
+    stages = run_stages(params, run)
+    return (committed_run_files(params, run) + [layout.benchmark(f"{stage}_{run}") for stage in stages]
+            + [layout.log(f"{stage}_{run}") for stage in stages])
 
 
 def control_files(layout: RunLayout) -> list[str]:
@@ -52,14 +48,20 @@ def control_files(layout: RunLayout) -> list[str]:
     return files
 
 
-def check_run(clone: Path, layout: RunLayout, run: str, guide_sha: str) -> None:
+def check_run(clone: Path, params: dict, run: str, guide_sha: str) -> None:
     """Refuse an unfinished, broken or other-guide run (SystemExit with the reason)."""
-    missing = [f for f in run_files(layout, run) if not (clone / f).is_file()]
+    layout = RunLayout.of(params)
+    missing = [f for f in run_files(params, run) if not (clone / f).is_file()]
     if missing:
         raise SystemExit(f"{run}: unfinished in {clone} (missing {', '.join(missing)})")
-    attack = json.loads((clone / layout.attack(run, "metrics.json")).read_text())
-    if attack["certified_points_broken"] != 0:
-        raise SystemExit(f"{run}: {attack['certified_points_broken']} certified points broken by the attack")
+    broken = {layout.attack(run, "metrics.json"):
+              json.loads((clone / layout.attack(run, "metrics.json")).read_text())["certified_points_broken"]}
+    if "compose" in run_stages(params, run):
+        composed = json.loads((clone / layout.compose(run, "metrics.json")).read_text())
+        broken[layout.compose(run, "metrics.json")] = composed["attack"]["certified_points_broken"]
+    for path, count in broken.items():
+        if count != 0:
+            raise SystemExit(f"{run}: {count} certified points broken by the attack ({path})")
     compared = json.loads((clone / layout.similarity(run, "metrics.json")).read_text())
     if compared["vanilla_weights_sha256"] != guide_sha:
         raise SystemExit(f"{run}: compared with guide {compared['vanilla_weights_sha256']}, "
@@ -133,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"not runs of profile {args.profile}: {', '.join(unknown)}")
     guide_sha = json.loads((ROOT / layout.vanilla_metrics).read_text())["weights_sha256"]
     for run in args.runs:
-        check_run(clone, layout, run, guide_sha)
-    files = [f for run in args.runs for f in run_files(layout, run)]
+        check_run(clone, params, run, guide_sha)
+    files = [f for run in args.runs for f in run_files(params, run)]
     if args.controls:
         files += control_files(layout)
     for name in files:

@@ -29,19 +29,12 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline_src.config import load_params, profile_override_path  # noqa: E402
 from pipeline_src.runs import method_runs, runs_to_train, seed_run_name  # noqa: E402
-from pipeline_src.paths import RunLayout  # noqa: E402
-
-
-def run_files(layout: RunLayout, name: str) -> list[str]:
-    """What a committed run keeps in git: its metrics files and history (no weights)."""
-    return [layout.train(name, "metrics.json"), layout.train(name, "history.csv"),
-            layout.certify(name, "metrics.json"), layout.attack(name, "metrics.json"),
-            layout.similarity(name, "metrics.json")]
+from pipeline_src.paths import RunLayout, committed_run_files  # noqa: E402
 
 
 def complete_runs(params: dict, root: Path) -> list[str]:
-    layout = RunLayout.of(params)
-    return [name for name in method_runs(params) if all((root / f).is_file() for f in run_files(layout, name))]
+    return [name for name in method_runs(params)
+            if all((root / f).is_file() for f in committed_run_files(params, name))]
 
 
 def _set_top_level(text: str, key: str, value: str) -> str:
@@ -98,7 +91,7 @@ def record(profile: str, out: Path, machine: str, status: int, started: float | 
     params = load_params(profile, root)
     layout = RunLayout.of(params)
     trained = list(runs_to_train(params))
-    finished = [n for n in trained if all((root / f).is_file() for f in run_files(layout, n))]
+    finished = [n for n in trained if all((root / f).is_file() for f in committed_run_files(params, n))]
     provenance_path = root / layout.data_provenance
     data = json.loads(provenance_path.read_text()) if provenance_path.is_file() else {}
     vanilla_path = root / layout.vanilla_metrics

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from ..bounds.numerics import LayerNorms, float64_model, fp32_numerics, layer_norms, sound_numerics
 from ..bounds.selection import composite_certified, composite_predictions
 from ..config import ParamsError
+from ..errors import StageError
 from ..data.cifar import data_record, load_cache
 from ..data.subsets import evaluated_test_split
 from ..io import git_commit, load_json, save_json, state_dict_sha256
@@ -111,7 +112,11 @@ def compose_run(params: dict, run: str, root: Path) -> dict:
         norms = layer_norms(model, params["certify"]["power_iterations"], seed)
         curves = {name: {split: composite_curve(model, guide, x.to(device), y.to(device), eps, taus, norms)
                          for split, (x, y) in splits.items()} for name, guide in guides.items()}
-    chosen = choose_tau(curves["vanilla"]["val"], reference["val_certified_accuracy"], cfg["certified_slack"])
+    target = reference.get("val_certified_accuracy")
+    if not isinstance(target, (int, float)) or not math.isfinite(target):
+        raise StageError(f"{reference_run}: its validation certified accuracy is {target}; tau cannot be chosen "
+                         "against it")
+    chosen = choose_tau(curves["vanilla"]["val"], target, cfg["certified_slack"])
     k = taus.index(chosen["tau"])
 
     test_x, test_y = splits["test"]
@@ -128,12 +133,13 @@ def compose_run(params: dict, run: str, root: Path) -> dict:
                                                 chosen["tau"])
             certified_points += int(certified.sum())
             kept, broken = attack_composite(model, model64, guides["vanilla"], x, y, certified, eps, chosen["tau"],
-                                            norms.sub_lipschitz_upper, math.prod(norms.estimate[:-1]), pgd,
-                                            generator)
+                                            norms.sub_lipschitz_upper, pgd, generator)
             robust.append(kept.cpu())
             violated.append(broken.cpu())
     robust, violated = torch.cat(robust), torch.cat(violated)
     test_point = curves["vanilla"]["test"][k]
+    # The attacked points are the curve's certified points (two passes over the same certificate).
+    assert certified_points == round(test_point["certified_accuracy"] * len(test_y) / 100.0), "certificates differ"
     metrics = {
         "stage": "compose", "method": run, "profile": params["profile"], "eps": eps,
         "taus_over_eps": list(cfg["taus"]), "guides": list(guides),
@@ -146,7 +152,7 @@ def compose_run(params: dict, run: str, root: Path) -> dict:
         "curves": curves,
         "controls_at_chosen_tau": {name: curves[name]["test"][k] for name in guides if name != "vanilla"},
         "attack": {"attacks": list(ATTACKS), "steps": pgd["steps"], "step_size": eps * pgd["step_size_factor"],
-                   "restarts": pgd["restarts"], "pgd_accuracy": 100.0 * robust.float().mean().item(),
+                   "restarts": pgd["restarts"], "robust_accuracy": 100.0 * robust.float().mean().item(),
                    "certified_points": certified_points,
                    "certified_points_broken": int(violated.sum())},
         "test_images": len(test_y), "val_images": len(splits["val"][1]),
@@ -167,7 +173,7 @@ def compose_run(params: dict, run: str, root: Path) -> dict:
     print(f"[compose] {run}: tau {cfg['taus'][k]:g} eps ({'meets' if chosen['meets_reference'] else 'misses'} "
           f"{reference_run}'s val certified {reference['val_certified_accuracy']:.2f} - {cfg['certified_slack']:g}) | "
           f"test clean {test_point['clean_accuracy']:.2f}% certified {test_point['certified_accuracy']:.2f}% "
-          f"PGD {metrics['attack']['pgd_accuracy']:.2f}% | g alone "
+          f"attacked {metrics['attack']['robust_accuracy']:.2f}% | g alone "
           + (f"{metrics['certified_model_alone']['clean_accuracy']:.2f} / "
              f"{metrics['certified_model_alone']['certified_accuracy']:.2f}%" if metrics["certified_model_alone"]
              else "not in the grid")

@@ -10,8 +10,11 @@ ways a point can fall:
            to h while h is attacked.
 
 A point is robust if f answers its label at x and at the end of every attack (each of
-`pgd.restarts` restarts). The gradients are the float32 models' (K from the power-iteration
-estimates of g's norms: any K steers as well); f itself is evaluated as deployed, g in float64.
+`pgd.restarts` restarts). The gradients are the float32 models', with the selector's own
+guaranteed K_sub (the joint attack's clamp at tau must sit where the selector switches); f itself
+is evaluated as deployed, g in float64. These are the composite's own attacks: its robust
+accuracy is not comparable point for point with the pgd stage's (torchattacks' PGD and APGD on
+one network).
 
 The cross-check: the composite's certificate promises, for every point it certifies, that the
 selector keeps the point with g and g answers the label everywhere in the ball. At x and at
@@ -89,7 +92,7 @@ def composite_outcome(model64: CertifiableNet, guide: torch.nn.Module, x: torch.
 
 def attack_composite(model: CertifiableNet, model64: CertifiableNet, guide: torch.nn.Module, x: torch.Tensor,
                      y: torch.Tensor, certified: torch.Tensor, eps: float, tau: float, sub_lipschitz_upper: float,
-                     sub_lipschitz_estimate: float, cfg: dict, generator: torch.Generator
+                     cfg: dict, generator: torch.Generator, attacks: tuple[str, ...] = ATTACKS
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """(robust, certified points the attacks handed to h or flipped), per example of one batch
     (`x` in [0, 1]). Attacks run on the points still robust; every certified point is
@@ -97,11 +100,11 @@ def attack_composite(model: CertifiableNet, model64: CertifiableNet, guide: torc
     robust, kept = composite_outcome(model64, guide, x, y, sub_lipschitz_upper, tau)
     violated = certified & ~kept
     for _ in range(cfg["restarts"]):
-        for name in ATTACKS:
+        for name in attacks:
             alive = torch.nonzero(robust | certified).flatten()
             if len(alive) == 0:
                 return robust, violated
-            objective = attack_objectives(model, guide, y[alive], sub_lipschitz_estimate, tau, eps)[name]
+            objective = attack_objectives(model, guide, y[alive], sub_lipschitz_upper, tau, eps)[name]
             adversarial = l2_pgd(objective, x[alive], eps, cfg["steps"], eps * cfg["step_size_factor"], generator)
             assert ((adversarial - x[alive]).flatten(1).norm(dim=1) <= eps * (1 + 1e-5)).all(), "left the ball"
             correct, kept = composite_outcome(model64, guide, adversarial, y[alive], sub_lipschitz_upper, tau)

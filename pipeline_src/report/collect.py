@@ -237,10 +237,10 @@ def collect(params: dict, root: Path) -> ReportInputs:
     svd = json.loads(svd_path.read_text()) if svd_path.is_file() else {}
     return ReportInputs(params=params, provenance=provenance, vanilla=vanilla, runs=runs, svd=svd,
                         controls=collect_controls(params, root, vanilla), test_images=test_images,
-                        compositions=collect_compositions(params, root, runs))
+                        compositions=collect_compositions(params, root, runs, vanilla))
 
 
-def collect_compositions(params: dict, root: Path, runs: list) -> list[dict]:
+def collect_compositions(params: dict, root: Path, runs: list, vanilla: dict) -> list[dict]:
     """The compose stage's metrics of every composed run, checked against its trained run (the
     same weights), the params and its attack (no certified point handed to h or broken)."""
     layout = RunLayout.of(params)
@@ -253,6 +253,10 @@ def collect_compositions(params: dict, root: Path, runs: list) -> list[dict]:
         for key, expected in (("method", name), ("eps", params["certify"]["eps"]),
                               ("weights_sha256", trained[name].train["weights_sha256"]),
                               ("taus_over_eps", params["compose"]["taus"]), ("reference.run", reference),
+                              ("reference.val_certified_accuracy", trained[reference].train["val_certified_accuracy"]),
+                              ("reference.certified_slack", params["compose"]["certified_slack"]),
+                              ("guide_weights_sha256.vanilla", vanilla["weights_sha256"]),
+                              ("attack.steps", params["pgd"]["steps"]), ("attack.restarts", params["pgd"]["restarts"]),
                               ("test_images", trained[name].certify["test_images"])):
             _expect(path, metrics, key, expected)
         if metrics["attack"]["certified_points_broken"]:
