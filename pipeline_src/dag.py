@@ -27,7 +27,7 @@ import yaml
 
 from .snakemake_adapter import RuleView, apply_wildcards, load_rules
 from .config import BASE_PARAMS, PAPER_PROFILE, PROJECT_ROOT, dvc_yaml_path, load_params, profile_override_path
-from .runs import compose_runs, method_runs, runs_to_train
+from .runs import compose_runs_to_train, method_runs, runs_to_train
 
 HEADER = ("# Generated from the Snakemake workflow by `python -m pipeline_src export-dvc`;\n"
           "# do not edit: change workflow/rules/*.smk and regenerate.\n")
@@ -87,7 +87,7 @@ def workflow_rules(profile: str = PAPER_PROFILE, root: Path = PROJECT_ROOT) -> d
 WILDCARD_VALUES = {"method": lambda params: list(runs_to_train(params))}
 # A rule that runs for some of a wildcard's values only (as its Snakemake file selects them).
 RULE_WILDCARD_VALUES = {
-    "compose": {"method": lambda params: [name for name in compose_runs(params) if name in runs_to_train(params)]},
+    "compose": {"method": compose_runs_to_train},
 }
 
 

@@ -195,6 +195,12 @@ def compose_runs(params: dict) -> list[str]:
     return [name for name, run in method_runs(params).items() if run.method in methods]
 
 
+def compose_runs_to_train(params: dict) -> list[str]:
+    """The composed runs that have a compose job (committed ones keep their committed file)."""
+    trained = runs_to_train(params)
+    return [name for name in compose_runs(params) if name in trained]
+
+
 def compose_reference_run(params: dict, run_name: str) -> str:
     """The run a composed run's tau is chosen against: `compose.reference`'s run of the same seed."""
     run = method_runs(params)[run_name]

@@ -147,8 +147,8 @@ def compose_run(params: dict, run: str, root: Path) -> dict:
                       "certified_slack": cfg["certified_slack"]},
         "chosen": {**chosen, "tau_over_eps": cfg["taus"][k], "val": curves["vanilla"]["val"][k],
                    "test": test_point},
-        # tau = 0: the selector always keeps g, the certificate is GloRo's: the run alone.
-        "certified_model_alone": curves["vanilla"]["test"][taus.index(0.0)] if 0.0 in taus else None,
+        # tau = 0 (always in the grid): the selector keeps g, the certificate is GloRo's: the run alone.
+        "certified_model_alone": curves["vanilla"]["test"][taus.index(0.0)],
         "curves": curves,
         "controls_at_chosen_tau": {name: curves[name]["test"][k] for name in guides if name != "vanilla"},
         "attack": {"attacks": list(ATTACKS), "steps": pgd["steps"], "step_size": eps * pgd["step_size_factor"],
@@ -174,8 +174,7 @@ def compose_run(params: dict, run: str, root: Path) -> dict:
           f"{reference_run}'s val certified {reference['val_certified_accuracy']:.2f} - {cfg['certified_slack']:g}) | "
           f"test clean {test_point['clean_accuracy']:.2f}% certified {test_point['certified_accuracy']:.2f}% "
           f"attacked {metrics['attack']['robust_accuracy']:.2f}% | g alone "
-          + (f"{metrics['certified_model_alone']['clean_accuracy']:.2f} / "
-             f"{metrics['certified_model_alone']['certified_accuracy']:.2f}%" if metrics["certified_model_alone"]
-             else "not in the grid")
-          + f" | {metrics['attack']['certified_points']} certified points, none handed to h or broken")
+          f"{metrics['certified_model_alone']['clean_accuracy']:.2f} / "
+          f"{metrics['certified_model_alone']['certified_accuracy']:.2f}% | "
+          f"{metrics['attack']['certified_points']} certified points, none handed to h or broken")
     return metrics

@@ -24,7 +24,8 @@ CODE = {name: stage_code(handler.__name__) for name, (handler, _) in {**STAGES, 
 
 # Input functions of the rules (`snakemake --lint`: functions live here, rules in their files).
 from pipeline_src.dag import data_inputs
-from pipeline_src.runs import METHOD_FACTS, compose_reference_run, compose_runs, trains_with_guide
+from pipeline_src.runs import (METHOD_FACTS, compose_reference_run, compose_runs, compose_runs_to_train,
+                               trains_with_guide)
 
 
 def data_source(wildcards):

@@ -3,7 +3,7 @@
 # its place, tau chosen on validation against the reference run of the same seed; the
 # composite attacked and every certified point cross-checked (pipeline_src/certify/compose.py).
 
-COMPOSE_RUNS = [name for name in compose_runs(P) if name in TRAIN_RUNS]
+COMPOSE_RUNS = compose_runs_to_train(P)
 
 
 rule compose:
